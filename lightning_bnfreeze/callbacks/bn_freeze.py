@@ -1,0 +1,123 @@
+r"""
+BatchNorm Freeze
+================
+
+Keeps frozen norm layers in inference mode, with untouched statistics, in every training forward.
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_bnfreeze.freezer import NormFreezer, RequiresGradFollower, norm_layer_names
+from lightning_bnfreeze.names import as_name_list, resolve_names
+from lightning_bnfreeze.norm import named_norm_layers
+
+__all__ = ["BNFreezeCallback"]
+
+
+class BNFreezeCallback(Callback):
+    r"""Freeze norm layers the way Keras does: frozen means inference mode, statistics untouched.
+
+    A frozen norm layer normalises with its running statistics in every training forward, whoever
+    called ``.train()``, and keeps ``running_mean``, ``running_var`` and ``num_batches_tracked``
+    bitwise unchanged. It stays the same module object: nothing is swapped or converted. Covered:
+    every ``_BatchNorm`` subclass (BatchNorm1d/2d/3d, SyncBatchNorm, Lazy variants, subclasses) and
+    InstanceNorm with ``track_running_stats=True``. Other layers behave as without the callback.
+
+    Args:
+        modules: ``None`` (default) for Keras semantics: a norm layer is frozen exactly when all its
+            own parameters have ``requires_grad=False`` (one without parameters follows its nearest
+            ancestor that has some), re-evaluated before every training step, so it composes with
+            any way of freezing. Or a module name, glob or list of them (``"backbone"``,
+            ``["backbone.layer*"]``, relative to the LightningModule): every norm layer inside is
+            frozen, affine parameters included; the modules' other parameters are left alone.
+        train_affine: with ``modules`` given, freeze the statistics but let ``weight`` and ``bias``
+            train (Keras' fine-tuning recipe after unfreezing).
+
+    Raises:
+        ValueError: ``train_affine=True`` without ``modules``, or (at ``setup``, before training)
+            a name or glob that matches no module; the message lists the closest names.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_bnfreeze import BNFreezeCallback
+        >>> trainer = Trainer(callbacks=[BNFreezeCallback(modules="backbone")])
+
+    The layers are frozen from ``on_train_start`` and released at ``teardown``, taking their
+    parent's mode again; parameters keep the ``requires_grad`` they have then.
+    """
+
+    def __init__(self, modules: str | Sequence[str] | None = None, train_affine: bool = False) -> None:
+        if modules is None and train_affine:
+            raise ValueError(
+                "`train_affine=True` needs `modules`: with `modules=None` a norm layer is frozen because its"
+                " affine parameters are, so they cannot train. Name the modules whose statistics to freeze."
+            )
+        self.modules = None if modules is None else as_name_list(modules, "modules")
+        self.train_affine = train_affine
+        self._module_names: list[str] = []
+        self._freezer: NormFreezer | None = None
+        self._follower: RequiresGradFollower | None = None
+
+    @property
+    def frozen_layers(self) -> list[str]:
+        """Names of the norm layers frozen now."""
+        return list(self._freezer.frozen) if self._freezer is not None else []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.modules is None:
+            if next(named_norm_layers(pl_module), None) is None:
+                rank_zero_warn("BNFreezeCallback: the model has no BatchNorm or tracking InstanceNorm layer to freeze.")
+            return
+        self._module_names = [name for names in resolve_names(pl_module, self.modules, "modules").values() for name in names]
+        layers = norm_layer_names(pl_module, self._module_names)
+        if not layers:
+            rank_zero_warn(f"BNFreezeCallback: no BatchNorm or tracking InstanceNorm layer inside {self.modules}.")
+        for name in layers:
+            pl_module.get_submodule(name).requires_grad_(self.train_affine)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Frozen here, after the strategy set up the model (SyncBatchNorm conversion swaps modules)
+        # and after Lightning's check for modules in eval mode, which our layers must not trip.
+        self._freezer = NormFreezer(pl_module, holder=self)
+        if self.modules is None:
+            self._follower = RequiresGradFollower(self._freezer)
+            self._sync()
+            return
+        self._freezer.freeze(norm_layer_names(pl_module, self._module_names), freeze_affine=not self.train_affine)
+        rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._follower is not None:
+            self._sync()
+        elif self._freezer is not None:
+            self._freezer.enforce()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._freezer is not None:
+            self._freezer.unfreeze_all()
+        self._freezer = self._follower = None
+
+    def _sync(self) -> None:
+        assert self._follower is not None
+        frozen, released = self._follower.sync()
+        if frozen or released:
+            rank_zero_info(
+                f"BNFreezeCallback: {len(frozen)} norm layer(s) frozen, {len(released)} released"
+                f" ({len(self._follower.freezer.frozen)} frozen in all), following `requires_grad`."
+            )

@@ -1,0 +1,95 @@
+"""Find norm layers and keep them in inference mode, in plain PyTorch.
+
+A frozen norm layer is the same module object with the same attributes, parameters and buffers;
+only its ``train`` method is shadowed by an instance attribute that keeps ``training=False``. As
+``nn.Module.train`` recurses by calling ``child.train(mode)``, every ``.train()`` on any ancestor
+(Lightning, user hooks, ``LightningModule.unfreeze()``, DDP, ``torch.compile`` wrappers) leaves the
+layer in inference mode, at no cost per forward pass. Several holders (for example two callbacks)
+may freeze the same layer; it is released when the last one lets go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+__all__ = [
+    "freeze_norm",
+    "is_norm_frozen",
+    "is_norm_layer",
+    "named_norm_layers",
+    "unfreeze_norm",
+]
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer with running statistics that this library covers.
+
+    Every ``_BatchNorm`` subclass (BatchNorm1d/2d/3d, SyncBatchNorm, the Lazy variants, third-party
+    subclasses) and InstanceNorm1d/2d/3d with ``track_running_stats=True``.
+    """
+    if isinstance(module, _BatchNorm):
+        return True
+    return isinstance(module, _InstanceNorm) and module.track_running_stats
+
+
+def named_norm_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, layer)`` for every covered norm layer in ``module``, itself included."""
+    for name, child in module.named_modules(prefix=prefix):
+        if is_norm_layer(child):
+            yield name, child
+
+
+class _InferenceModeTrain:
+    """Stands in for a frozen layer's ``train`` method: whatever the mode asked, inference mode."""
+
+    __slots__ = ("holders", "layer")
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.holders: set[Hashable] = set()
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return type(self.layer).train(self.layer, False)
+
+
+def _pin(layer: nn.Module) -> _InferenceModeTrain | None:
+    pin = vars(layer).get("train")
+    return pin if isinstance(pin, _InferenceModeTrain) else None
+
+
+def freeze_norm(layer: nn.Module, holder: Hashable = None) -> None:
+    """Put ``layer`` in inference mode and keep it there through any ``.train()`` call.
+
+    Parameters are left alone: whether ``weight`` and ``bias`` train is the caller's choice.
+    ``holder`` identifies who froze the layer, for :func:`unfreeze_norm`.
+    """
+    pin = _pin(layer)
+    if pin is None:
+        pin = _InferenceModeTrain(layer)
+        vars(layer)["train"] = pin
+    pin.holders.add(holder)
+    layer.training = False
+
+
+def unfreeze_norm(layer: nn.Module, training: bool, holder: Hashable = None) -> None:
+    """Let go of ``layer`` for ``holder``; once no holder is left it is an ordinary module again.
+
+    ``training`` is the mode it takes then: that of its parent, so that it behaves as it would
+    without this library.
+    """
+    pin = _pin(layer)
+    if pin is None or holder not in pin.holders:
+        return
+    pin.holders.discard(holder)
+    if not pin.holders:
+        del vars(layer)["train"]
+        layer.training = training
+
+
+def is_norm_frozen(layer: nn.Module) -> bool:
+    """Whether some holder keeps ``layer`` in inference mode."""
+    return _pin(layer) is not None
