@@ -1,5 +1,6 @@
 """The Lightning callbacks: thin glue over the plain-PyTorch core."""
 
 from lightning_bnfreeze.callbacks.bn_freeze import BNFreezeCallback
+from lightning_bnfreeze.callbacks.gradual_unfreeze import GradualUnfreeze
 
-__all__ = ["BNFreezeCallback"]
+__all__ = ["BNFreezeCallback", "GradualUnfreeze"]

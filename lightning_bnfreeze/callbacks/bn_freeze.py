@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_bnfreeze.freezer import NormFreezer, RequiresGradFollower, norm_layer_names
@@ -81,7 +81,9 @@ class BNFreezeCallback(Callback):
             if next(named_norm_layers(pl_module), None) is None:
                 rank_zero_warn("BNFreezeCallback: the model has no BatchNorm or tracking InstanceNorm layer to freeze.")
             return
-        self._module_names = [name for names in resolve_names(pl_module, self.modules, "modules").values() for name in names]
+        self._module_names = [
+            name for names in resolve_names(pl_module, self.modules, "modules").values() for name in names
+        ]
         layers = norm_layer_names(pl_module, self._module_names)
         if not layers:
             rank_zero_warn(f"BNFreezeCallback: no BatchNorm or tracking InstanceNorm layer inside {self.modules}.")
@@ -101,7 +103,9 @@ class BNFreezeCallback(Callback):
         rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._follower is not None:
             self._sync()
         elif self._freezer is not None:
