@@ -132,13 +132,17 @@ def _check_no_overlap(name: str, epoch: int, explicit: dict[str, int]) -> None:
             )
 
 
-def format_plan(plan: ReleasePlan) -> str:
-    """The plan as a text table: epoch, modules, parameters released, learning-rate factor."""
+def format_plan(plan: ReleasePlan, max_epochs: int = -1) -> str:
+    """The plan as a text table: epoch, modules, parameters released, learning-rate factor.
+
+    With ``max_epochs >= 0``, releases at or past it are marked as never happening.
+    """
     rows = [("epoch", "modules", "parameters", "lr factor")]
     for release in plan.releases:
+        epoch = f"{release.epoch} (>= max_epochs: never)" if 0 <= max_epochs <= release.epoch else str(release.epoch)
         names = ", ".join(module.name for module in release.modules)
         numel = sum(module.numel for module in release.modules)
-        rows.append((str(release.epoch), names, f"{numel:,}", f"{release.lr_factor:.4g}"))
+        rows.append((epoch, names, f"{numel:,}", f"{release.lr_factor:.4g}"))
     rows.append(("never", f"(rest of {plan.backbone})", f"{plan.frozen_params:,}", "frozen"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -141,9 +141,12 @@ class GradualUnfreeze(Callback):
         )
         return plan_releases(pl_module, self.backbone, schedule, self.lr_scale, self.lr_decay)
 
-    def dry_run(self, pl_module: nn.Module) -> str:
-        """The resolved schedule as a table (epoch, modules, parameters, learning-rate factor)."""
-        return format_plan(self.plan(pl_module))
+    def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
+        """The resolved schedule as a table (epoch, modules, parameters, learning-rate factor).
+
+        Releases at or past ``max_epochs`` (if ``>= 0``) are marked: they never happen.
+        """
+        return format_plan(self.plan(pl_module), max_epochs)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
