@@ -6,7 +6,7 @@ from collections.abc import Hashable, Iterable
 
 from torch import nn
 
-from lightning_bnfreeze.norm import freeze_norm, named_norm_layers, unfreeze_norm
+from lightning_bnfreeze.norm import NormLayer, freeze_norm, is_norm_layer, named_norm_layers, unfreeze_norm
 
 __all__ = ["NormFreezer", "RequiresGradFollower", "deciding_parameters", "norm_layer_names"]
 
@@ -42,8 +42,13 @@ class NormFreezer:
         self.root = root
         self.holder = holder if holder is not None else self
         self._affine_frozen: dict[str, bool] = {}
-        self._layers: tuple[nn.Module, ...] = ()
+        self._layers: tuple[NormLayer, ...] = ()
         self._params: tuple[nn.Parameter, ...] = ()
+
+    @property
+    def layers(self) -> tuple[NormLayer, ...]:
+        """The frozen layers."""
+        return self._layers
 
     @property
     def frozen(self) -> dict[str, bool]:
@@ -53,7 +58,7 @@ class NormFreezer:
     def freeze(self, names: Iterable[str], freeze_affine: bool = True) -> None:
         """Freeze the statistics of the named norm layers, and their affine parameters if asked."""
         for name in names:
-            layer = self.root.get_submodule(name)
+            layer = self._norm_layer(name)
             freeze_norm(layer, self.holder)
             if freeze_affine:
                 layer.requires_grad_(False)
@@ -80,8 +85,14 @@ class NormFreezer:
             if param.requires_grad:
                 param.requires_grad_(False)
 
+    def _norm_layer(self, name: str) -> NormLayer:
+        layer = self.root.get_submodule(name)
+        if not is_norm_layer(layer):
+            raise TypeError(f"{name!r} is a {type(layer).__name__}, not a BatchNorm or tracking InstanceNorm layer.")
+        return layer
+
     def _refresh(self) -> None:
-        self._layers = tuple(self.root.get_submodule(name) for name in self._affine_frozen)
+        self._layers = tuple(self._norm_layer(name) for name in self._affine_frozen)
         self._params = tuple(
             param
             for layer, affine_frozen in zip(self._layers, self._affine_frozen.values(), strict=True)

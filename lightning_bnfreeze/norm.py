@@ -11,12 +11,14 @@ may freeze the same layer; it is released when the last one lets go.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from typing import TypeGuard
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 __all__ = [
+    "NormLayer",
     "freeze_norm",
     "is_norm_frozen",
     "is_norm_layer",
@@ -25,7 +27,11 @@ __all__ = [
 ]
 
 
-def is_norm_layer(module: nn.Module) -> bool:
+NormLayer = _NormBase
+"""The base class of every covered norm layer (BatchNorm and InstanceNorm variants)."""
+
+
+def is_norm_layer(module: nn.Module) -> TypeGuard[NormLayer]:
     """Whether ``module`` is a norm layer with running statistics that this library covers.
 
     Every ``_BatchNorm`` subclass (BatchNorm1d/2d/3d, SyncBatchNorm, the Lazy variants, third-party
@@ -36,7 +42,7 @@ def is_norm_layer(module: nn.Module) -> bool:
     return isinstance(module, _InstanceNorm) and module.track_running_stats
 
 
-def named_norm_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def named_norm_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, NormLayer]]:
     """Yield ``(name, layer)`` for every covered norm layer in ``module``, itself included."""
     for name, child in module.named_modules(prefix=prefix):
         if is_norm_layer(child):

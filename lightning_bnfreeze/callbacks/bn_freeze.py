@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_bnfreeze.callbacks.adaptation import adapt_on_train_data, check_adapt_batches
 from lightning_bnfreeze.freezer import NormFreezer, RequiresGradFollower, norm_layer_names
 from lightning_bnfreeze.names import as_name_list, resolve_names
 from lightning_bnfreeze.norm import named_norm_layers
@@ -41,6 +42,12 @@ class BNFreezeCallback(Callback):
             frozen, affine parameters included; the modules' other parameters are left alone.
         train_affine: with ``modules`` given, freeze the statistics but let ``weight`` and ``bias``
             train (Keras' fine-tuning recipe after unfreezing).
+        adapt_batches: re-estimate the frozen layers' statistics on the training data before the
+            first step (AdaBN), then keep them frozen: a number of batches, or a fraction of an
+            epoch in (0, 1]. ``None`` (default): keep the statistics the model has. A batch reaches
+            the model through ``pl_module.adapt_norm_step(batch)`` if defined, else
+            ``pl_module(batch[0])`` for a tuple or list batch, ``pl_module(batch)`` otherwise. A
+            resumed run keeps the statistics of its checkpoint.
 
     Raises:
         ValueError: ``train_affine=True`` without ``modules``, or (at ``setup``, before training)
@@ -56,14 +63,22 @@ class BNFreezeCallback(Callback):
     parent's mode again; parameters keep the ``requires_grad`` they have then.
     """
 
-    def __init__(self, modules: str | Sequence[str] | None = None, train_affine: bool = False) -> None:
+    def __init__(
+        self,
+        modules: str | Sequence[str] | None = None,
+        train_affine: bool = False,
+        adapt_batches: int | float | None = None,
+    ) -> None:
         if modules is None and train_affine:
             raise ValueError(
                 "`train_affine=True` needs `modules`: with `modules=None` a norm layer is frozen because its"
                 " affine parameters are, so they cannot train. Name the modules whose statistics to freeze."
             )
+        check_adapt_batches(adapt_batches)
         self.modules = None if modules is None else as_name_list(modules, "modules")
         self.train_affine = train_affine
+        self.adapt_batches = adapt_batches
+        self._adapted = False
         self._module_names: list[str] = []
         self._freezer: NormFreezer | None = None
         self._follower: RequiresGradFollower | None = None
@@ -77,6 +92,7 @@ class BNFreezeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._adapted = False  # a checkpoint's state, loaded after `setup`, may say otherwise
         if self.modules is None:
             if next(named_norm_layers(pl_module), None) is None:
                 rank_zero_warn("BNFreezeCallback: the model has no BatchNorm or tracking InstanceNorm layer to freeze.")
@@ -98,9 +114,12 @@ class BNFreezeCallback(Callback):
         if self.modules is None:
             self._follower = RequiresGradFollower(self._freezer)
             self._sync()
-            return
-        self._freezer.freeze(norm_layer_names(pl_module, self._module_names), freeze_affine=not self.train_affine)
-        rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
+        else:
+            self._freezer.freeze(norm_layer_names(pl_module, self._module_names), freeze_affine=not self.train_affine)
+            rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
+        if self.adapt_batches is not None and not self._adapted:
+            adapt_on_train_data(trainer, pl_module, self._freezer.layers, self.adapt_batches, "BNFreezeCallback")
+            self._adapted = True
 
     @override
     def on_train_batch_start(
@@ -110,6 +129,19 @@ class BNFreezeCallback(Callback):
             self._sync()
         elif self._freezer is not None:
             self._freezer.enforce()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapted": self._adapted}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._adapted = bool(state_dict.get("adapted", False))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -13,12 +13,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_bnfreeze.callbacks.adaptation import adapt_on_train_data, check_adapt_batches
 from lightning_bnfreeze.distributed import average_gradients, ddp_reduced_parameters
 from lightning_bnfreeze.freezer import NormFreezer, norm_layer_names
 from lightning_bnfreeze.lr_schedulers import check_can_follow, extend_for_new_group
@@ -39,7 +39,8 @@ class GradualUnfreeze(Callback):
     after it (``LearningRateMonitor`` shows ``lr-Adam/backbone.layer4``), at
     ``head_lr * lr_scale * lr_decay**k``, where ``head_lr`` is the learning rate of the optimizer's
     first param group and ``k`` counts the earlier releases. The group then keeps that ratio to the
-    head's learning rate under any torch LR scheduler.
+    head's learning rate under any torch LR scheduler. The first group is named ``"head"`` unless it
+    has a name.
 
     Args:
         backbone: name of the module to freeze and release, relative to the LightningModule.
@@ -60,6 +61,11 @@ class GradualUnfreeze(Callback):
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``:
             the only optimizer, or among several the one that holds backbone parameters; an error
             if that is ambiguous.
+        adapt_batches: re-estimate the statistics of the frozen norm layers on the training data
+            before the first step (AdaBN), as :class:`~lightning_bnfreeze.BNFreezeCallback` does:
+            a number of batches or a fraction of an epoch in (0, 1]; ``None`` (default): off.
+        adapt_on_release: with ``adapt_batches``, re-estimate again after each release the
+            statistics of the norm layers still frozen then.
 
     Raises:
         ValueError: a bad argument (at construction), or (at ``setup``, before training) a missing
@@ -91,6 +97,8 @@ class GradualUnfreeze(Callback):
         release_every: int = 1,
         warmup_steps: int = 0,
         optimizer_index: int | None = None,
+        adapt_batches: int | float | None = None,
+        adapt_on_release: bool = False,
     ) -> None:
         for argument, value in (("lr_scale", lr_scale), ("lr_decay", lr_decay)):
             if not isinstance(value, int | float) or not isfinite(value) or value <= 0:
@@ -103,6 +111,7 @@ class GradualUnfreeze(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"`{argument}` must be an integer >= {least}, got {value!r}.")
+        check_adapt_batches(adapt_batches)
         if not isinstance(backbone, str):
             raise ValueError(f"`backbone` must be a module name, got {backbone!r}.")
         self.backbone = backbone
@@ -114,6 +123,9 @@ class GradualUnfreeze(Callback):
         self.release_every = release_every
         self.warmup_steps = warmup_steps
         self.optimizer_index = optimizer_index
+        self.adapt_batches = adapt_batches
+        self.adapt_on_release = adapt_on_release
+        self._adapted = False
         self._plan: ReleasePlan | None = None
         self._released: list[dict[str, int]] = []  # {"epoch", "step"} of each release done: the state
         self._groups: list[tuple[int, float, int]] = []  # (group index, lr factor, release step)
@@ -154,7 +166,8 @@ class GradualUnfreeze(Callback):
             return
         _refuse_unsupported(trainer.strategy)
         self._plan = self.plan(pl_module)
-        self._released = []
+        self._released = []  # a checkpoint's state, loaded after `setup`, may say otherwise
+        self._adapted = False
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         late = [release.epoch for release in self._plan.releases if release.epoch >= max_epochs >= 0]
         if late:
@@ -173,6 +186,8 @@ class GradualUnfreeze(Callback):
             if config.scheduler.optimizer is optimizer:
                 check_can_follow(config.scheduler)
         remove_parameters(optimizer, pl_module.get_submodule(self.backbone).parameters())
+        # Named from the start, so that LearningRateMonitor's key for it does not change at the first release.
+        optimizer.param_groups[0].setdefault("name", "head")
         reduced = ddp_reduced_parameters(trainer.strategy.model) if trainer.strategy.model is not None else None
         self._ddp_params = None if reduced is None else []
         self._ddp_reduced = reduced or set()
@@ -192,6 +207,9 @@ class GradualUnfreeze(Callback):
         self._freezer.freeze([name for name in backbone_layers if name not in released_layers], freeze_affine=True)
         if not self.train_bn:
             self._freezer.freeze([name for name in backbone_layers if name in released_layers], freeze_affine=False)
+        if self.adapt_batches is not None and not self._adapted:
+            self._adapt(trainer, pl_module)
+            self._adapted = True
         self._release_due(trainer, pl_module)
 
     @override
@@ -218,11 +236,12 @@ class GradualUnfreeze(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"released": [dict(done) for done in self._released]}
+        return {"released": [dict(done) for done in self._released], "adapted": self._adapted}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._released = [dict(done) for done in state_dict["released"]]
+        self._adapted = bool(state_dict.get("adapted", False))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -250,6 +269,8 @@ class GradualUnfreeze(Callback):
             self._add_groups(trainer, pl_module, release, trainer.global_step)
             self._release_norm_layers(pl_module, release)
             self._follow_head(trainer.global_step)
+            if self.adapt_batches is not None and self.adapt_on_release:
+                self._adapt(trainer, pl_module)
             head_lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else float("nan")
             rank_zero_info(
                 f"GradualUnfreeze: epoch {trainer.current_epoch}: released"
@@ -281,6 +302,10 @@ class GradualUnfreeze(Callback):
             self._freezer.unfreeze(names)
         else:
             self._freezer.freeze(names, freeze_affine=False)
+
+    def _adapt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._freezer is not None and self.adapt_batches is not None
+        adapt_on_train_data(trainer, pl_module, self._freezer.layers, self.adapt_batches, "GradualUnfreeze")
 
     def _follow_head(self, step: int) -> None:
         if self._optimizer is None or not self._groups:
@@ -322,8 +347,12 @@ class GradualUnfreeze(Callback):
         return optimizers[holders[0]]
 
 
-def _refuse_unsupported(strategy: Strategy) -> None:
-    if isinstance(strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy):
+_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+
+
+def _refuse_unsupported(strategy: object) -> None:
+    # By class name, so that both `lightning.pytorch` and `pytorch_lightning` strategies are recognised.
+    if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(strategy).__mro__):
         raise TypeError(
             f"GradualUnfreeze does not support {type(strategy).__name__}: sharded parameters cannot join an"
             " optimizer's param groups during training here. Use strategy='ddp' (or a single device)."
