@@ -61,7 +61,8 @@ class NormFreezer:
             layer = self._norm_layer(name)
             freeze_norm(layer, self.holder)
             if freeze_affine:
-                layer.requires_grad_(False)
+                for param in layer.parameters():
+                    param.requires_grad = False  # not requires_grad_(): a Lazy layer's may be uninitialised
             self._affine_frozen[name] = freeze_affine
         self._refresh()
 
@@ -83,7 +84,7 @@ class NormFreezer:
                 layer.training = False
         for param in self._params:
             if param.requires_grad:
-                param.requires_grad_(False)
+                param.requires_grad = False
 
     def _norm_layer(self, name: str) -> NormLayer:
         layer = self.root.get_submodule(name)

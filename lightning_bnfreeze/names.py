@@ -40,7 +40,8 @@ def match_names(pattern: str, names: Iterable[str]) -> list[str]:
     return [
         name
         for name in names
-        if len(name.split(".")) == len(parts)
+        if name  # the root has no name: `*` matches its children, as `backbone.*` does those of `backbone`
+        and len(name.split(".")) == len(parts)
         and all(fnmatchcase(part, glob) for part, glob in zip(name.split("."), parts, strict=True))
     ]
 

@@ -104,7 +104,8 @@ class BNFreezeCallback(Callback):
         if not layers:
             rank_zero_warn(f"BNFreezeCallback: no BatchNorm or tracking InstanceNorm layer inside {self.modules}.")
         for name in layers:
-            pl_module.get_submodule(name).requires_grad_(self.train_affine)
+            for param in pl_module.get_submodule(name).parameters():
+                param.requires_grad = self.train_affine  # not requires_grad_(): a Lazy layer's may be uninitialised
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,6 +149,11 @@ class BNFreezeCallback(Callback):
         if self._freezer is not None:
             self._freezer.unfreeze_all()
         self._freezer = self._follower = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` hook when a fit fails: let go here, or the layers stay frozen for good.
+        self.teardown(trainer, pl_module, "fit")
 
     def _sync(self) -> None:
         assert self._follower is not None
