@@ -175,7 +175,8 @@ class GradualUnfreeze(Callback):
                 f"GradualUnfreeze: release epoch(s) {late} are at or past `max_epochs={trainer.max_epochs}`:"
                 " those modules will never train."
             )
-        pl_module.get_submodule(self.backbone).requires_grad_(False)
+        for param in pl_module.get_submodule(self.backbone).parameters():
+            param.requires_grad = False  # not requires_grad_(): a Lazy layer's may be uninitialised
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,6 +249,11 @@ class GradualUnfreeze(Callback):
         if self._freezer is not None:
             self._freezer.unfreeze_all()
         self._freezer = self._optimizer = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` hook when a fit fails: let go here, or the layers stay frozen for good.
+        self.teardown(trainer, pl_module, "fit")
 
     def _release_at(self, epoch: int) -> Release:
         assert self._plan is not None

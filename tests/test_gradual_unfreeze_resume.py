@@ -1,0 +1,175 @@
+"""GradualUnfreeze resume exactness: ``trainer.fit(model, ckpt_path=...)`` from a checkpoint taken before, at or
+after a release (epoch end or mid-epoch) ends bitwise where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as sched
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnfreeze import GradualUnfreeze
+from tests.unfreeze_helpers import (
+    BATCH_SIZE,
+    STEPS_PER_EPOCH,
+    UnfreezeModel,
+    assert_same_nested,
+    clone_state,
+    dataset,
+    make_trainer,
+)
+
+SCHEDULE = {1: "backbone.3", 2: ["backbone.1", "backbone.0"]}
+MAX_EPOCHS = 4
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
+]
+
+
+def cosine(optimizer: Optimizer) -> dict[str, Any]:
+    return {"scheduler": sched.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-3), "interval": "step"}
+
+
+def step_lr(optimizer: Optimizer) -> dict[str, Any]:
+    # Not ReduceLROnPlateau: Lightning itself does not resume that one exactly from these checkpoints (its
+    # epoch-end plateau step is missed), with or without GradualUnfreeze.
+    return {"scheduler": sched.StepLR(optimizer, step_size=1, gamma=0.5), "interval": "epoch"}
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # Adam with a per-step scheduler, warm-up running across checkpoints, released norm layers training,
+    # validation twice per epoch (it switches every module to eval mode and back)
+    "adam-cosine-warmup": {
+        "model": {"optimizer": "adam", "lr": 0.01, "scheduler": cosine},
+        "unfreeze": {"warmup_steps": 3, "train_bn": True},
+        "validate": True,
+    },
+    # SGD with momentum over trainable parameters only, per-epoch scheduler, released norm layers kept frozen
+    "sgd-steplr-frozen-bn": {
+        "model": {"optimizer": "sgd_momentum", "lr": 0.05, "scheduler": step_lr, "trainable_only": True},
+        "unfreeze": {"train_bn": False},
+    },
+}
+
+
+class ValidatedModel(UnfreezeModel):
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*dataset(seed=1)), batch_size=BATCH_SIZE)
+
+
+@dataclass
+class Run:
+    model: UnfreezeModel
+    callback: GradualUnfreeze
+    state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    requires_grad: dict[str, bool]
+    verdicts: dict[tuple[int, int], dict[str, str]]
+
+
+def train(config: str, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> Run:
+    torch.manual_seed(0)
+    validate = CONFIGS[config].get("validate", False)
+    model = (ValidatedModel if validate else UnfreezeModel)(
+        record=True, batches_by_index=True, **CONFIGS[config]["model"]
+    )
+    callback = GradualUnfreeze(schedule=SCHEDULE, lr_scale=0.3, lr_decay=0.4, **CONFIGS[config]["unfreeze"])
+    callbacks: list[Any] = [callback]
+    if checkpoint_dir is not None:
+        callbacks += [
+            ModelCheckpoint(checkpoint_dir, "{epoch}", save_top_k=-1, every_n_epochs=1),
+            ModelCheckpoint(checkpoint_dir, "{step}", save_top_k=-1, every_n_train_steps=3),
+        ]
+    trainer = make_trainer(
+        callbacks,
+        MAX_EPOCHS,
+        enable_checkpointing=checkpoint_dir is not None,
+        val_check_interval=0.5 if validate else None,
+        limit_val_batches=1 if validate else None,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    assert model.recorder is not None
+    verdicts: dict[tuple[int, int], dict[str, str]] = {}
+    for record in model.recorder.records:
+        verdicts.setdefault(record.tag, {})[record.layer] = record.verdict
+    return Run(
+        model,
+        callback,
+        clone_state(model),
+        trainer.optimizers[0].state_dict(),
+        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        verdicts,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, Path]]:
+    runs = {}
+    for config in CONFIGS:
+        directory = tmp_path_factory.mktemp(config)
+        runs[config] = (train(config, checkpoint_dir=directory), directory)
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("config", "checkpoint", "released"),
+    [
+        ("adam-cosine-warmup", "epoch=0.ckpt", []),  # just before the first release
+        ("adam-cosine-warmup", "epoch=1.ckpt", [{"epoch": 1, "step": 4}]),  # after one, before the next
+        ("adam-cosine-warmup", "epoch=2.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),  # after all
+        ("adam-cosine-warmup", "step=6.ckpt", [{"epoch": 1, "step": 4}]),  # mid-epoch, inside the warm-up
+        ("adam-cosine-warmup", "step=9.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),  # mid-epoch
+        ("sgd-steplr-frozen-bn", "epoch=1.ckpt", [{"epoch": 1, "step": 4}]),
+        ("sgd-steplr-frozen-bn", "step=9.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),
+    ],
+)
+def test_resume_ends_bitwise_where_the_uninterrupted_run_ends(
+    uninterrupted: dict[str, tuple[Run, Path]], config: str, checkpoint: str, released: list[dict[str, int]]
+) -> None:
+    reference, directory = uninterrupted[config]
+    path = directory / checkpoint
+    # the checkpoint loads without unpickling arbitrary objects and holds the callback's state
+    content = torch.load(path, weights_only=True)
+    assert content["callbacks"][reference.callback.state_key]["released"] == released
+
+    resumed = train(config, ckpt_path=path)
+
+    assert_same_nested(resumed.state, reference.state, "state_dict")
+    assert [(g.get("name"), len(g["params"]), g["lr"]) for g in resumed.optimizer["param_groups"]] == [
+        (g.get("name"), len(g["params"]), g["lr"]) for g in reference.optimizer["param_groups"]
+    ]
+    assert_same_nested(resumed.optimizer, reference.optimizer, "optimizer")
+    assert_same_nested(resumed.scheduler, reference.scheduler, "scheduler")
+    assert resumed.requires_grad == reference.requires_grad
+    assert resumed.callback.state_dict() == reference.callback.state_dict()
+    # every training forward after the resume used the statistics the uninterrupted run's did
+    assert resumed.verdicts, "no training step ran after the resume"
+    assert resumed.verdicts == {tag: reference.verdicts[tag] for tag in resumed.verdicts}
+    assert min(resumed.verdicts) == divmod(content["global_step"], STEPS_PER_EPOCH)
+
+
+def test_resume_state_is_needed(uninterrupted: dict[str, tuple[Run, Path]]) -> None:
+    """Contrast: without the callback's state the resumed optimizer cannot even be restored."""
+    reference, directory = uninterrupted["adam-cosine-warmup"]
+    path = directory / "epoch=1.ckpt"
+    content = torch.load(path, weights_only=True)
+    del content["callbacks"][reference.callback.state_key]
+    stripped = directory / "stripped.ckpt"
+    torch.save(content, stripped)
+    with pytest.raises(ValueError, match="parameter group"):
+        train("adam-cosine-warmup", ckpt_path=stripped)

@@ -1,0 +1,273 @@
+"""Small models, data, trainers and probes for the GradualUnfreeze tests.
+
+Everything is judged independently of the library under test: parameter groups are read straight
+from the torch optimizer, norm-layer behaviour from outputs and bitwise snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.helpers import NormForwardRecorder, randomize_norm_stats
+
+NUM_SAMPLES = 32
+BATCH_SIZE = 8
+STEPS_PER_EPOCH = NUM_SAMPLES // BATCH_SIZE
+IMAGE_SIZE = 12
+NUM_CLASSES = 4
+FEATURES = 8
+HEAD_NORM = "head.1"
+"""The BatchNorm1d of the head (the backbone's are ``backbone.{0,1,3}.1``)."""
+
+SchedulerFactory = Callable[[Optimizer], dict[str, Any]]
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+def tiny_backbone() -> nn.Sequential:
+    """Children ``0``, ``1``, ``3`` hold a conv+BN each (``1``, ``3`` of the same shapes); ``2``, ``4``, ``5`` none."""
+    return nn.Sequential(
+        conv_block(3, FEATURES),
+        conv_block(FEATURES, FEATURES),
+        nn.MaxPool2d(2),
+        conv_block(FEATURES, FEATURES),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def dataset(seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Images with statistics far from any running statistics (mean 2, std 3), and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(NUM_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 3 + 2
+    y = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=generator)
+    return x, y
+
+
+class UnfreezeModel(pl.LightningModule):
+    """``backbone`` (:func:`tiny_backbone`) and a ``head`` with a BatchNorm1d; brings its own data.
+
+    Args:
+        lr: learning rate of the (single) optimizer.
+        optimizer: ``"sgd"``, ``"sgd_momentum"`` or ``"adam"``.
+        trainable_only: ``configure_optimizers`` hands over only parameters with ``requires_grad``.
+        scheduler: builds the ``lr_scheduler`` config (``{"scheduler": ..., "interval": ...}``).
+        record: judge every norm layer's training forward from its output (see ``tests.helpers``).
+        batches_by_index: take batch ``batch_idx`` of the fixed data whatever the loader yields, so
+            that a mid-epoch resume sees the same data as the uninterrupted run.
+        backbone: another backbone (with its feature size) instead of :func:`tiny_backbone`.
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        trainable_only: bool = False,
+        scheduler: SchedulerFactory | None = None,
+        record: bool = False,
+        batches_by_index: bool = False,
+        backbone: tuple[nn.Module, int] | None = None,
+    ) -> None:
+        super().__init__()
+        module, features = backbone if backbone is not None else (tiny_backbone(), FEATURES)
+        self.backbone = module
+        self.head = nn.Sequential(nn.Linear(features, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+        self.lr = lr
+        self.optimizer_kind = optimizer
+        self.trainable_only = trainable_only
+        self.scheduler_factory = scheduler
+        self.batches_by_index = batches_by_index
+        self.x, self.y = dataset()
+        randomize_norm_stats(self)
+        self.recorder = NormForwardRecorder(self) if record else None
+        self.steps_run = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.steps_run += 1
+        x, y = batch
+        if self.batches_by_index:
+            x, y = (t[batch_idx * BATCH_SIZE : (batch_idx + 1) * BATCH_SIZE] for t in (self.x, self.y))
+        self.log("constant", 1.0, on_step=False, on_epoch=True)
+        if self.recorder is None:
+            return F.cross_entropy(self(x), y)
+        with self.recorder.recording((self.current_epoch, batch_idx)):
+            logits = self(x)
+        return F.cross_entropy(logits, y)
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad or not self.trainable_only]
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> Optimizer:
+        if self.optimizer_kind == "adam":
+            return torch.optim.Adam(params, lr=self.lr)
+        momentum = 0.9 if self.optimizer_kind == "sgd_momentum" else 0.0
+        return torch.optim.SGD(params, lr=self.lr, momentum=momentum)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer(self.optimized_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH_SIZE, shuffle=False)
+
+
+class CLIModel(UnfreezeModel):
+    """:class:`UnfreezeModel` with a LightningCLI-friendly signature."""
+
+    def __init__(self, lr: float = 0.1, optimizer: str = "sgd") -> None:
+        super().__init__(lr=lr, optimizer=optimizer)
+
+
+def build_model(seed: int = 0, **kwargs: Any) -> UnfreezeModel:
+    torch.manual_seed(seed)
+    return UnfreezeModel(**kwargs)
+
+
+def make_trainer(callbacks: Sequence[Callback] = (), max_epochs: int = 3, **overrides: Any) -> pl.Trainer:
+    kwargs: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+        "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0,
+    }
+    kwargs.update(overrides)
+    return pl.Trainer(callbacks=list(callbacks), **kwargs)
+
+
+def module_numel(model: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in model.get_submodule(name).parameters())
+
+
+def param_ids(model: nn.Module, name: str) -> set[int]:
+    return {id(p) for p in model.get_submodule(name).parameters()}
+
+
+def clone_params(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def clone_state(model: nn.Module) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def inside(name: str, module: str) -> bool:
+    return name == module or name.startswith(f"{module}.")
+
+
+@dataclass
+class StepRecord:
+    epoch: int
+    step: int
+    names: list[str | None]
+    lrs: list[float]
+    sizes: list[int]
+
+
+@dataclass
+class LrProbe(Callback):
+    """Records, at every optimizer step (place it after GradualUnfreeze), each group's name, lr and size.
+
+    With ``params``, it also records, for every step, the named parameters before the step with their
+    gradients (``before``) and after it (``after``).
+    """
+
+    params: Sequence[str] = ()
+    records: list[StepRecord] = field(default_factory=list)
+    before: list[dict[str, tuple[Tensor, Tensor | None]]] = field(default_factory=list)
+    after: list[dict[str, Tensor]] = field(default_factory=list)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        groups = optimizer.param_groups
+        self.records.append(
+            StepRecord(
+                trainer.current_epoch,
+                trainer.global_step,
+                [g.get("name") for g in groups],
+                [float(g["lr"]) for g in groups],
+                [len(g["params"]) for g in groups],
+            )
+        )
+        if self.params:
+            named = dict(pl_module.named_parameters())
+            self.before.append(
+                {
+                    n: (named[n].detach().clone(), None if named[n].grad is None else named[n].grad.clone())
+                    for n in self.params
+                }
+            )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.params:
+            named = dict(pl_module.named_parameters())
+            self.after.append({n: named[n].detach().clone() for n in self.params})
+
+    def ratios(self, name: str) -> list[tuple[int, float]]:
+        """(global step, lr of group ``name`` / lr of group 0) at each step where the group exists."""
+        return [(r.step, r.lrs[r.names.index(name)] / r.lrs[0]) for r in self.records if name in r.names]
+
+    def head_lrs(self) -> list[float]:
+        return [r.lrs[0] for r in self.records]
+
+
+def groups_by_name(optimizer: Optimizer) -> dict[str | None, dict[str, Any]]:
+    return {group.get("name"): group for group in optimizer.param_groups}
+
+
+def assert_same_nested(a: Any, b: Any, path: str = "") -> None:
+    """Bitwise equality of nested dicts/lists/tuples of tensors and plain values."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_same_nested(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), f"{path}: {a} != {b}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_nested(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@dataclass
+class EpochProbe(Callback):
+    """Clones the model's state (parameters and buffers) at every epoch start (place it after
+    GradualUnfreeze, so after that epoch's releases) and at the end of training.
+
+    ``states[e]`` is the state at the start of epoch ``e``; the last entry the state at the end.
+    """
+
+    states: list[dict[str, Tensor]] = field(default_factory=list)
+    requires_grad: list[dict[str, bool]] = field(default_factory=list)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states.append(clone_state(pl_module))
+        self.requires_grad.append({name: p.requires_grad for name, p in pl_module.named_parameters()})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states.append(clone_state(pl_module))
+
+    def changed_in_epoch(self, key: str, epoch: int) -> bool:
+        return not torch.equal(self.states[epoch][key], self.states[epoch + 1][key])
