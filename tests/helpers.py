@@ -414,20 +414,26 @@ class NaiveEvalFreeze(Callback):
             layer.requires_grad_(False)
 
 
+QUIET_TRAINER_ARGS: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "accelerator": "cpu",
+    "devices": 1,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+}
+"""A small, silent CPU Trainer: no logger, checkpoints, progress bar, summary or sanity check."""
+
+
 def make_trainer(callbacks: Sequence[Callback] = (), **overrides: Any) -> pl.Trainer:
     kwargs: dict[str, Any] = {
+        **QUIET_TRAINER_ARGS,
         "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-        "log_every_n_steps": 1,
         "gradient_clip_val": 1.0,  # frozen norm layers on shifted data make large gradients: keep steps small
-        "num_sanity_val_steps": 0,
+        **overrides,
     }
-    kwargs.update(overrides)
     return pl.Trainer(callbacks=list(callbacks), **kwargs)
 
 

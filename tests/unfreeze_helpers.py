@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import NormForwardRecorder, randomize_norm_stats
+from tests.helpers import QUIET_TRAINER_ARGS, NormForwardRecorder, randomize_norm_stats
 
 NUM_SAMPLES = 32
 BATCH_SIZE = 8
@@ -141,18 +141,7 @@ def build_model(seed: int = 0, **kwargs: Any) -> UnfreezeModel:
 
 
 def make_trainer(callbacks: Sequence[Callback] = (), max_epochs: int = 3, **overrides: Any) -> pl.Trainer:
-    kwargs: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu",
-        "devices": 1,
-        "log_every_n_steps": 1,
-        "num_sanity_val_steps": 0,
-    }
-    kwargs.update(overrides)
+    kwargs: dict[str, Any] = {**QUIET_TRAINER_ARGS, "max_epochs": max_epochs, **overrides}
     return pl.Trainer(callbacks=list(callbacks), **kwargs)
 
 

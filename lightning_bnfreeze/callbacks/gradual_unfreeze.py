@@ -50,7 +50,10 @@ class GradualUnfreeze(Callback):
             time, output side (last registered) first, at ``first_release_epoch``,
             ``first_release_epoch + release_every``, and so on.
         lr_scale: learning-rate factor of the first release, relative to the head's.
-        lr_decay: further factor for each later release (``k`` counts the releases before).
+        lr_decay: further factor for each later release (``k`` counts the releases before);
+            ``1.0`` (default) gives every release ``lr_scale``. The defaults are the best of a
+            sweep in ``benchmarks/transfer.py`` (see the README): smaller factors left the
+            released blocks nearly untrained.
         train_bn: whether released norm layers train normally (``True``) or keep inference mode and
             frozen statistics while their affine parameters train (``False``).
         first_release_epoch: with ``schedule=None``, the epoch of the first release (epoch 0 always
@@ -90,8 +93,8 @@ class GradualUnfreeze(Callback):
         self,
         backbone: str = "backbone",
         schedule: dict[int, str | list[str]] | None = None,
-        lr_scale: float = 0.1,
-        lr_decay: float = 0.5,
+        lr_scale: float = 0.3,
+        lr_decay: float = 1.0,
         train_bn: bool = True,
         first_release_epoch: int = 1,
         release_every: int = 1,
