@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import random
@@ -64,7 +63,7 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, quartiles
+from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, quartiles, write_report
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
@@ -530,13 +529,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     env["load_average_1min_at_end"] = os.getloadavg()[0]
     env["runtime_s"] = round(time.perf_counter() - start, 1)
 
-    text = report(env, hook, forward, step)
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text)
-    if args.json is not None:
-        results = {"environment": env, "hook": hook, "forward": forward, "step": step, "argv": sys.argv[1:]}
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    results = {"environment": env, "hook": hook, "forward": forward, "step": step}
+    write_report(report(env, hook, forward, step), results, args.markdown, args.json)
 
 
 if __name__ == "__main__":

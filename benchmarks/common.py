@@ -1,12 +1,15 @@
-"""Helpers shared by the benchmark scripts: the model, robust statistics, Markdown and the environment."""
+"""Helpers shared by the benchmark scripts: the model, robust statistics, Markdown, the environment, output."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
 import statistics
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning
@@ -77,3 +80,12 @@ def environment() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "load_average_1min_at_start": os.getloadavg()[0],
     }
+
+
+def write_report(text: str, results: dict[str, Any], markdown: Path | None, json_path: Path | None) -> None:
+    """Print the Markdown report; write it, and the raw results as JSON, where asked."""
+    print(text)
+    if markdown is not None:
+        markdown.write_text(text)
+    if json_path is not None:
+        json_path.write_text(json.dumps({**results, "argv": sys.argv[1:]}, indent=2) + "\n")

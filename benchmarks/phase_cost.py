@@ -65,7 +65,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median
+from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, write_report
 from finetuning_scheduler import FinetuningScheduler
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Callback
 from torch import Tensor, nn
@@ -622,13 +622,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     env["load_average_1min_at_end"] = os.getloadavg()[0]
     env["runtime_s"] = round(time.perf_counter() - start, 1)
 
-    text = report(env, args, timing, memory)
-    print(text)
-    if args.markdown is not None:
-        args.markdown.write_text(text)
-    if args.json is not None:
-        results = {"environment": env, "timing": timing, "memory": memory, "argv": sys.argv[1:]}
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    results = {"environment": env, "timing": timing, "memory": memory}
+    write_report(report(env, args, timing, memory), results, args.markdown, args.json)
 
 
 if __name__ == "__main__":
