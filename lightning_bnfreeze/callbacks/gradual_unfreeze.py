@@ -186,9 +186,8 @@ class GradualUnfreeze(Callback):
         # Before Lightning restores the optimizer and schedulers from a checkpoint: the structure
         # built here must match the one saved.
         optimizer = self._optimizer = self._pick_optimizer(trainer, pl_module)
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is optimizer:
-                check_can_follow(config.scheduler)
+        for scheduler in self._schedulers(trainer):
+            check_can_follow(scheduler)
         remove_parameters(optimizer, pl_module.get_submodule(self.backbone).parameters())
         # Named from the start, so that LearningRateMonitor's key for it does not change at the first release.
         optimizer.param_groups[0].setdefault("name", "head")
@@ -296,12 +295,16 @@ class GradualUnfreeze(Callback):
             for param in group:
                 param.requires_grad_(True)
             index = add_group_like(self._optimizer, group, module.name, release.lr_factor)
-            for config in trainer.lr_scheduler_configs:
-                if config.scheduler.optimizer is self._optimizer:
-                    extend_for_new_group(config.scheduler, release.lr_factor)
+            for scheduler in self._schedulers(trainer):
+                extend_for_new_group(scheduler, release.lr_factor)
             self._groups.append((index, release.lr_factor, step))
             if self._ddp_params is not None:
                 self._ddp_params.extend(p for p in group if id(p) not in self._ddp_reduced)
+
+    def _schedulers(self, trainer: pl.Trainer) -> list[Any]:
+        """The LR schedulers of the optimizer that receives the releases."""
+        configs = trainer.lr_scheduler_configs
+        return [config.scheduler for config in configs if config.scheduler.optimizer is self._optimizer]
 
     def _release_norm_layers(self, pl_module: pl.LightningModule, release: Release) -> None:
         if self._freezer is None:
