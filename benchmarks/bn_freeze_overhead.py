@@ -8,7 +8,7 @@ Two measurements, printed as Markdown tables (ready to paste into the README):
    tight loop with ``time.perf_counter_ns``: median over repeats of the mean over many thousand calls,
    for the explicit mode (``modules="backbone"``, runs ``NormFreezer.enforce()``) and the automatic
    mode (``modules=None`` with the backbone's parameters at ``requires_grad=False``, runs
-   ``RequiresGradFollower.sync()``), and ``GradualUnfreeze`` at epoch 2 of
+   ``KerasFreezer.update()``), and ``GradualUnfreeze`` at epoch 2 of
    ``{1: "backbone.layer4", 2: "backbone.layer3"}`` (re-checks the 24 still-frozen norm layers and ties
    the two released groups' learning rates to the head's; a stub trainer with one Adam optimizer).
    The no-op base ``Callback.on_train_batch_start`` is timed too:
@@ -39,8 +39,11 @@ Run from the repository root on an otherwise idle machine (about 1.5 minutes on 
 defaults; many times that, with meaningless step times, when other processes compete for the cores: the
 load average at start and end is recorded and a warning printed if the machine was busy)::
 
-    python benchmarks/bn_freeze_overhead.py
-    python benchmarks/bn_freeze_overhead.py --rounds 60 --markdown benchmarks/bn_freeze_overhead.md
+    python -m benchmarks.bn_freeze_overhead
+    python -m benchmarks.bn_freeze_overhead --only hook           # one of the two; prints, writes no files
+
+A full run writes the report to ``benchmarks/bn_freeze_overhead.md`` (committed) and the raw results to
+``benchmarks/raw/bn_freeze_overhead.json`` (git-ignored); ``--markdown`` / ``--json`` choose other files.
 
 ``--help`` lists the knobs (iterations, repeats, rounds, threads, output files).
 """
@@ -63,12 +66,23 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, quartiles, write_report
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
+from benchmarks.common import (
+    NUM_CLASSES,
+    Classifier,
+    bootstrap_ci,
+    environment,
+    markdown_table,
+    median,
+    quartiles,
+    write_report,
+)
 from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze, named_norm_layers
+
+HERE = Path(__file__).resolve().parent
 
 # The callback does not touch the trainer in setup / on_train_start / on_train_batch_start / teardown.
 STUB_TRAINER = cast(pl.Trainer, SimpleNamespace())
@@ -501,9 +515,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
     parser.add_argument("--image-size", type=int, default=64, help="training image side (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
-    parser.add_argument("--json", type=Path, help="also write the raw results to this JSON file")
-    parser.add_argument("--markdown", type=Path, help="also write the Markdown report to this file")
+    parser.add_argument("--json", type=Path, help="raw results file (default: benchmarks/raw/bn_freeze_overhead.json)")
+    parser.add_argument("--markdown", type=Path, help="Markdown report (default: benchmarks/bn_freeze_overhead.md)")
     args = parser.parse_args(argv)
+    if args.only is None and args.json is None and args.markdown is None:
+        args.json, args.markdown = HERE / "raw" / "bn_freeze_overhead.json", HERE / "bn_freeze_overhead.md"
     if args.rounds * args.steps_per_round < 2 or args.hook_repeats < 1 or args.forward_pairs < 2:
         parser.error("need at least 2 timed steps per variant, 1 hook repeat and 2 forward pairs")
     return args

@@ -88,4 +88,5 @@ def write_report(text: str, results: dict[str, Any], markdown: Path | None, json
     if markdown is not None:
         markdown.write_text(text)
     if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # benchmarks/raw/ is git-ignored: not in a fresh clone
         json_path.write_text(json.dumps({**results, "argv": sys.argv[1:]}, indent=2) + "\n")

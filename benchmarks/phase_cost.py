@@ -36,11 +36,12 @@ Trainer set up the model and optimizer).
 
 Run from the repository root (both models, defaults: about 15-20 minutes on 2 idle CPU cores)::
 
-    python benchmarks/phase_cost.py
-    python benchmarks/phase_cost.py --quick                       # smoke test: a few rounds, no files written
-    python benchmarks/phase_cost.py --models resnet18 --rounds 20 --steps 8
+    python -m benchmarks.phase_cost
+    python -m benchmarks.phase_cost --quick                       # smoke test: a few rounds, no files written
+    python -m benchmarks.phase_cost --models resnet18 --rounds 20 --steps 8
 
-Results go to ``benchmarks/phase_cost.md`` and ``benchmarks/phase_cost.json`` (``--markdown`` / ``--json``).
+The report goes to ``benchmarks/phase_cost.md`` (committed), the raw per-step times to
+``benchmarks/raw/phase_cost.json`` (git-ignored); ``--markdown`` / ``--json`` choose other files.
 """
 
 from __future__ import annotations
@@ -65,13 +66,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, write_report
 from finetuning_scheduler import FinetuningScheduler
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Callback
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchvision.models import resnet18, resnet50
 
+from benchmarks.common import NUM_CLASSES, Classifier, bootstrap_ci, environment, markdown_table, median, write_report
 from lightning_bnfreeze import GradualUnfreeze, named_norm_layers
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
@@ -465,7 +466,8 @@ def bench_memory(model: str, variants: Sequence[Variant], steps: int, warmup: in
     for variant in variants:
         command = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.phase_cost",
             "--memory-worker",
             f"{model}:{variant.key}",
             f"--threads={args.threads}",
@@ -474,7 +476,7 @@ def bench_memory(model: str, variants: Sequence[Variant], steps: int, warmup: in
             f"--batch-size={args.batch_size}",
             f"--image-size={args.image_size}",
         ]
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        output = subprocess.run(command, cwd=HERE.parent, env=env, capture_output=True, text=True, check=False)
         if output.returncode != 0:
             raise RuntimeError(f"memory worker {model}:{variant.key} failed:\n{output.stderr[-3000:]}")
         results[variant.key] = json.loads(output.stdout.strip().splitlines()[-1])
@@ -577,14 +579,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
     parser.add_argument("--image-size", type=int, default=64, help="training image side (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
-    parser.add_argument("--json", type=Path, help="raw results file (default: benchmarks/phase_cost.json)")
+    parser.add_argument("--json", type=Path, help="raw results file (default: benchmarks/raw/phase_cost.json)")
     parser.add_argument("--markdown", type=Path, help="Markdown report file (default: benchmarks/phase_cost.md)")
     parser.add_argument("--memory-worker", metavar="MODEL:VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup_steps, args.warmup_rounds, args.memory_steps = 2, 3, 1, 0, 2
     elif args.json is None and args.markdown is None:
-        args.json, args.markdown = HERE / "phase_cost.json", HERE / "phase_cost.md"
+        args.json, args.markdown = HERE / "raw" / "phase_cost.json", HERE / "phase_cost.md"
     return args
 
 

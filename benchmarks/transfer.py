@@ -9,10 +9,10 @@ on the held-out target test images (about 150 per class). Run from the repositor
 
     OMP_NUM_THREADS=1 python -m benchmarks.transfer --seeds 0 1 2 3 4 --jobs 2
 
-Raw results are appended to ``benchmarks/transfer.jsonl`` as runs finish (a rerun skips the runs
-already there, so an interrupted run loses nothing); the summary goes to ``benchmarks/transfer.md``
-and ``benchmarks/transfer.json`` (``--report-only`` rewrites them from the JSONL without training;
-``--notes FILE`` appends a Markdown analysis).
+Raw results are appended to ``benchmarks/raw/transfer.jsonl`` (git-ignored) as runs finish (a rerun
+skips the runs already there, so an interrupted run loses nothing); the report goes to
+``benchmarks/transfer.md`` and its numbers to ``benchmarks/transfer.json`` (``--report-only`` rewrites
+them from the JSONL without training; ``--notes FILE`` appends a Markdown analysis).
 
 Recipes (``--recipes``; peers first, then the library's):
 
@@ -26,12 +26,17 @@ Recipes (``--recipes``; peers first, then the library's):
   each phase at lr 0.1 x the head's, ``restore_best=False``, default BatchNorm handling.
 - ``frozen_bn_training``: ``freeze_backbone=True`` only: BatchNorm statistics keep updating (plain PyTorch).
 - ``ours_probe``: ``freeze_backbone=True`` + ``BNFreezeCallback(modules="backbone")``.
-- ``ours_probe_adapted``: the same with ``adapt_batches=1.0`` (AdaBN on the target training data).
+- ``ours_probe_adapted``: the same with ``adapt_batches=1.0`` (AdaBN on the target training data, the
+  library's default ``adapt_prior``).
 - ``ours_gradual``: ``GradualUnfreeze()``, the library defaults (also those of the example config).
 - ``ours_gradual_adapted``: ``GradualUnfreeze(adapt_batches=1.0)``.
 - ``finetuning_scheduler:key=value,...``: the same with other ``_fts_schedule`` arguments (``lr_factor=0.3``).
 - ``gradual:key=value,...``: ``GradualUnfreeze`` with the given arguments (a sweep), e.g.
   ``gradual:lr_scale=0.3,lr_decay=1.0,adapt_batches=1.0``.
+- ``probe_adapted:adapt_prior=N`` / ``gradual_adapted:adapt_prior=N``: ``ours_probe`` / ``ours_gradual``
+  with AdaBN on the whole first epoch's batches blended with ``N`` source pseudo-samples
+  (``TrainDataAdaptation(1.0, prior=N)`` on the backbone's norm layers right after the callback froze
+  them: what the callbacks' ``adapt_batches=1.0, adapt_prior=N`` runs).
 """
 
 from __future__ import annotations
@@ -64,15 +69,46 @@ GRADUAL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def recipe_kwargs(recipe: str, family: str) -> dict[str, Any] | None:
+    """The ``key=value`` arguments of a ``family:k=v,...`` recipe, else ``None``."""
+    if recipe != family and not recipe.startswith(f"{family}:"):
+        return None
+    pairs = (item.split("=", 1) for item in recipe.partition(":")[2].split(",") if item)
+    return {key.strip(): ast.literal_eval(value.strip()) for key, value in pairs}
+
+
 def gradual_kwargs(recipe: str) -> dict[str, Any] | None:
     """``GradualUnfreeze`` arguments of a gradual recipe (a preset or ``gradual:k=v,...``), else ``None``."""
     if recipe in GRADUAL_PRESETS:
         return dict(GRADUAL_PRESETS[recipe])
-    if recipe == "gradual" or recipe.startswith("gradual:"):
-        spec = recipe.partition(":")[2]
-        pairs = (item.split("=", 1) for item in spec.split(",") if item)
-        return {key.strip(): ast.literal_eval(value.strip()) for key, value in pairs}
+    return recipe_kwargs(recipe, "gradual")
+
+
+def adapted_prior(recipe: str) -> float | None:
+    """``N`` of a ``probe_adapted:adapt_prior=N`` or ``gradual_adapted:adapt_prior=N`` recipe, else ``None``."""
+    for family in ("probe_adapted", "gradual_adapted"):
+        kwargs = recipe_kwargs(recipe, family)
+        if kwargs is not None and "adapt_prior" in kwargs:
+            return float(kwargs["adapt_prior"])
     return None
+
+
+def _backbone_adaptation(prior: float) -> Any:
+    """A callback that re-estimates the backbone's norm statistics at fit start, after the callbacks before it."""
+    import lightning.pytorch as pl
+
+    from lightning_bnfreeze import named_norm_layers
+    from lightning_bnfreeze.callbacks.train_data_adaptation import TrainDataAdaptation
+
+    class BackboneAdaptation(pl.Callback):
+        def __init__(self) -> None:
+            self.adaptation = TrainDataAdaptation(1.0, prior, "benchmark")
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            layers = [layer for _, layer in named_norm_layers(pl_module.backbone)]
+            self.adaptation.run_once(trainer, pl_module, layers)
+
+    return BackboneAdaptation()
 
 
 def _quiet() -> None:
@@ -114,7 +150,8 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     data = DigitsTransfer(k_per_class=10, shift=shift, seed=seed)  # type: ignore[arg-type]
-    freeze = recipe in ("frozen_bn_training", "ours_probe", "ours_probe_adapted")
+    prior = adapted_prior(recipe)
+    freeze = recipe in ("frozen_bn_training", "ours_probe", "ours_probe_adapted") or recipe.startswith("probe_adapted")
     model = DigitsClassifier(backbone="digits", lr=HEAD_LR, scheduler="cosine", freeze_backbone=freeze)
     callbacks: list[Any] = []
     tmp = tempfile.TemporaryDirectory()
@@ -127,11 +164,9 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
         from finetuning_scheduler import FinetuningScheduler
         from finetuning_scheduler.fts_supporters import FTSCheckpoint
 
-        pairs = (item.partition("=") for item in recipe.partition(":")[2].split(",") if item)
-        fts = {key: ast.literal_eval(value) for key, _, value in pairs}
         callbacks += [
             FinetuningScheduler(
-                ft_schedule=_fts_schedule(epochs, **fts),
+                ft_schedule=_fts_schedule(epochs, **(recipe_kwargs(recipe, "finetuning_scheduler") or {})),
                 epoch_transitions_only=True,
                 restore_best=False,
                 log_dir=tmp.name,
@@ -143,10 +178,13 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
         callbacks.append(BNFreezeCallback(modules="backbone"))
     elif recipe == "ours_probe_adapted":
         callbacks.append(BNFreezeCallback(modules="backbone", adapt_batches=1.0))
+    elif prior is not None:
+        first = BNFreezeCallback(modules="backbone") if recipe.startswith("probe_adapted") else GradualUnfreeze()
+        callbacks += [first, _backbone_adaptation(prior)]
     elif gradual is not None:
         callbacks.append(GradualUnfreeze(**gradual))
     else:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES} or 'gradual:key=value,...'")
+        raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}, 'gradual:key=value,...', 'probe_adapted:...'")
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -269,27 +307,29 @@ def report(rows: dict[tuple[int, str, str], dict[str, Any]], epochs: int, comman
             table.append([f"`{recipe}`", *cells])
         lines += [markdown_table(["recipe", *shifts], table), ""]
 
-    adapted = [(r, base) for r, base in (("ours_probe_adapted", ("frozen_bn_training", "ours_probe")),)]
-    for recipe, bases in adapted:
+    adapted_comparisons = (
+        ("Frozen backbone with adapted statistics vs the better of 'BN training' and 'BN frozen'", "probe_adapted",
+         ("frozen_bn_training", "ours_probe"), "better_probe"),
+        ("GradualUnfreeze with adapted statistics vs without", "gradual_adapted", ("ours_gradual",), "ours_gradual"),
+    )  # fmt: skip
+    for title, family, bases, versus in adapted_comparisons:
         table = []
-        cells = []
-        for shift in shifts:
-            present = [b for b in bases if (b, shift) in mean]
-            if (recipe, shift) not in mean or not present:
-                cells.append("-")
-                continue
-            best = max(present, key=lambda b: mean[(b, shift)])
-            d = paired(recipe, best, shift)
-            wins, ties = sum(x > 0 for x in d), sum(x == 0 for x in d)
-            cells.append(f"{_msd(d)} vs `{best}` ({wins}/{ties}/{len(d) - wins - ties})")
-            diffs[f"{recipe}_vs_better_probe"][shift] = {"vs": best, "diffs": d}
-        if any(c != "-" for c in cells):
-            lines += [
-                "## Frozen backbone with adapted statistics vs the better of 'BN training' and 'BN frozen'",
-                "",
-                markdown_table(["recipe", *shifts], [[f"`{recipe}`", *cells]]),
-                "",
-            ]
+        members = [r for r in recipes if r == f"ours_{family}" or r.startswith(f"{family}:")]
+        for recipe in sorted(members, key=lambda r: adapted_prior(r) or -1.0):  # the preset first, then by prior
+            cells = []
+            for shift in shifts:
+                present = [b for b in bases if paired(recipe, b, shift)]
+                if not present:
+                    cells.append("-")
+                    continue
+                best = min(present, key=lambda b: statistics.fmean(paired(recipe, b, shift)))  # on the same seeds
+                d = paired(recipe, best, shift)
+                wins, ties = sum(x > 0 for x in d), sum(x == 0 for x in d)
+                cells.append(f"{_msd(d)} vs `{best}` ({wins}/{ties}/{len(d) - wins - ties})")
+                diffs[f"{recipe}_vs_{versus}"][shift] = {"vs": best, "diffs": d}
+            table.append([f"`{recipe}`", *cells])
+        if table:
+            lines += [f"## {title}", "", markdown_table(["recipe", *shifts], table), ""]
     seconds = [row["seconds"] for row in rows.values()]
     lines += [f"{len(rows)} runs, {sum(seconds) / 60:.1f} CPU-process minutes ({statistics.fmean(seconds):.1f} s/run)."]
     env = environment()
@@ -302,7 +342,6 @@ def report(rows: dict[tuple[int, str, str], dict[str, Any]], epochs: int, comman
         "best_peer": best_peer,
         "paired_differences": diffs,
         "environment": env,
-        "runs": list(rows.values()),
     }
     return "\n".join(lines), summary
 
@@ -314,13 +353,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
-    parser.add_argument("--raw", type=Path, default=HERE / "transfer.jsonl", help="raw results (appended)")
+    parser.add_argument("--raw", type=Path, default=HERE / "raw" / "transfer.jsonl", help="raw results (appended)")
     parser.add_argument("--out", type=Path, default=HERE / "transfer", help="writes OUT.md and OUT.json")
     parser.add_argument("--report-only", action="store_true", help="summarise the raw results without training")
     parser.add_argument("--notes", type=Path, help="a Markdown file appended to OUT.md (the analysis)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
-        if recipe not in RECIPES and gradual_kwargs(recipe) is None and not recipe.startswith("finetuning_scheduler:"):
+        parsed = (gradual_kwargs(recipe), recipe_kwargs(recipe, "finetuning_scheduler"), adapted_prior(recipe))
+        if recipe not in RECIPES and all(value is None for value in parsed):
             parser.error(f"unknown recipe {recipe!r}")
     command = "OMP_NUM_THREADS=1 python -m benchmarks.transfer " + " ".join(argv if argv is not None else [])
     if argv is None:
@@ -341,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         pretrained_backbone()  # build the cache once, before the workers read it
         print(f"{len(todo)} runs to do ({len(done)} already in {args.raw})", flush=True)
+        args.raw.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
             futures = {pool.submit(run_one, *task): task for task in todo}

@@ -2,24 +2,44 @@
 
 ``BNFreezeCallback`` keeps frozen norm layers in inference mode with untouched statistics;
 ``GradualUnfreeze`` releases a frozen backbone block by block at discriminative learning rates.
-The plain-PyTorch core (``norm``, ``freezer``, ``names``) works on any ``nn.Module``.
+The plain-PyTorch core (``norm``, ``freezer``, ``blocks``, ``schedule``, ...) works on any ``nn.Module``
+and imports no Lightning: the callbacks are imported (with Lightning) on first use.
 """
 
-from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze
-from lightning_bnfreeze.freezer import NormFreezer, deciding_parameters, norm_layer_names
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning_bnfreeze.blocks import Block, find_blocks
+from lightning_bnfreeze.freezer import NormFreezer, governing_parameters, norm_layer_names
 from lightning_bnfreeze.norm import freeze_norm, is_norm_frozen, is_norm_layer, named_norm_layers, unfreeze_norm
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze
+
+__version__ = "0.2.0"
 
 __all__ = [
     "BNFreezeCallback",
+    "Block",
     "GradualUnfreeze",
     "NormFreezer",
-    "deciding_parameters",
+    "find_blocks",
     "freeze_norm",
+    "governing_parameters",
     "is_norm_frozen",
     "is_norm_layer",
     "named_norm_layers",
     "norm_layer_names",
     "unfreeze_norm",
 ]
+
+_CALLBACKS = ("BNFreezeCallback", "GradualUnfreeze")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        from lightning_bnfreeze import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

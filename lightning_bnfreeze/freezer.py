@@ -8,7 +8,20 @@ from torch import nn
 
 from lightning_bnfreeze.norm import NormLayer, freeze_norm, is_norm_layer, named_norm_layers, unfreeze_norm
 
-__all__ = ["NormFreezer", "RequiresGradFollower", "deciding_parameters", "norm_layer_names"]
+__all__ = [
+    "BackboneNorms",
+    "KerasFreezer",
+    "NormFreezer",
+    "governing_parameters",
+    "norm_layer_names",
+    "set_requires_grad",
+]
+
+
+def set_requires_grad(params: Iterable[nn.Parameter], requires_grad: bool) -> None:
+    """Set ``requires_grad`` on ``params``, uninitialised (Lazy) parameters included."""
+    for param in params:
+        param.requires_grad = requires_grad  # not requires_grad_(): a Lazy layer's may be uninitialised
 
 
 def norm_layer_names(root: nn.Module, module_names: Iterable[str]) -> list[str]:
@@ -61,8 +74,7 @@ class NormFreezer:
             layer = self._norm_layer(name)
             freeze_norm(layer, self.holder)
             if freeze_affine:
-                for param in layer.parameters():
-                    param.requires_grad = False  # not requires_grad_(): a Lazy layer's may be uninitialised
+                set_requires_grad(layer.parameters(), False)
             self._affine_frozen[name] = freeze_affine
         self._refresh()
 
@@ -102,38 +114,38 @@ class NormFreezer:
         )
 
 
-def deciding_parameters(root: nn.Module) -> dict[str, tuple[nn.Parameter, ...]]:
-    """For each norm layer of ``root``, by name, the parameters that decide whether it is frozen.
+def governing_parameters(root: nn.Module) -> dict[str, tuple[nn.Parameter, ...]]:
+    """For each norm layer of ``root``, by name, the parameters whose ``requires_grad`` governs whether it is frozen.
 
     Keras semantics: a layer is frozen when all its own parameters have ``requires_grad=False``; a
     layer without parameters of its own follows its nearest ancestor that has any. A layer with no
     such ancestor maps to an empty tuple: it is never frozen.
     """
     modules = dict(root.named_modules())
-    deciders = {}
+    governing = {}
     for name, layer in named_norm_layers(root):
         params = tuple(layer.parameters(recurse=False))
         ancestor = name
         while not params and ancestor:
             ancestor = ancestor.rpartition(".")[0]
             params = tuple(modules[ancestor].parameters())
-        deciders[name] = params
-    return deciders
+        governing[name] = params
+    return governing
 
 
-class RequiresGradFollower:
+class KerasFreezer:
     """Keras semantics on a :class:`NormFreezer`: frozen exactly the layers whose parameters are.
 
-    :meth:`sync` costs one ``requires_grad`` read per deciding parameter while nothing changed.
+    :meth:`update` costs one ``requires_grad`` read per governing parameter while nothing changed.
     """
 
     def __init__(self, freezer: NormFreezer) -> None:
         self.freezer = freezer
-        self._deciders = deciding_parameters(freezer.root)
-        self._params = tuple(param for params in self._deciders.values() for param in params)
+        self._governing = governing_parameters(freezer.root)
+        self._params = tuple(param for params in self._governing.values() for param in params)
         self._snapshot: list[bool] | None = None
 
-    def sync(self) -> tuple[list[str], list[str]]:
+    def update(self) -> tuple[list[str], list[str]]:
         """Freeze and release layers as their parameters now say; return (frozen, released) names."""
         snapshot = [param.requires_grad for param in self._params]
         if snapshot == self._snapshot:
@@ -142,11 +154,45 @@ class RequiresGradFollower:
         self._snapshot = snapshot
         was_frozen = self.freezer.frozen
         frozen_now = {
-            name for name, params in self._deciders.items() if params and not any(p.requires_grad for p in params)
+            name for name, params in self._governing.items() if params and not any(p.requires_grad for p in params)
         }
-        to_freeze = [name for name in self._deciders if name in frozen_now and name not in was_frozen]
+        to_freeze = [name for name in self._governing if name in frozen_now and name not in was_frozen]
         to_release = [name for name in was_frozen if name not in frozen_now]
         self.freezer.unfreeze(to_release)
         self.freezer.freeze(to_freeze, freeze_affine=False)
         self.freezer.enforce()
         return to_freeze, to_release
+
+
+class BackboneNorms:
+    """The norm layers of a backbone released part by part: each frozen, affine included, until released.
+
+    Once all its governing parameters (see :func:`governing_parameters`) are released, a layer
+    trains normally (``train_bn=True``) or keeps inference mode and frozen statistics while its
+    affine parameters train (``train_bn=False``, and while only some of them are released).
+    """
+
+    def __init__(self, root: nn.Module, backbone: str, train_bn: bool, holder: Hashable = None) -> None:
+        self.freezer = NormFreezer(root, holder)
+        self.train_bn = train_bn
+        prefix = f"{backbone}." if backbone else ""
+        self._governing = {
+            name: params
+            for name, params in governing_parameters(root).items()
+            if name == backbone or name.startswith(prefix)
+        }
+
+    def update(self, released: set[int]) -> None:
+        """Put each layer in the state that the released parameters (by ``id``) give it."""
+        frozen, stats_only, let_go = [], [], []
+        for name, params in self._governing.items():
+            count = sum(id(param) in released for param in params)
+            if params and count == len(params) and self.train_bn:
+                let_go.append(name)
+            elif count:  # released, or partly: the released parameters must keep training
+                stats_only.append(name)
+            else:
+                frozen.append(name)
+        self.freezer.unfreeze(let_go)
+        self.freezer.freeze(frozen, freeze_affine=True)
+        self.freezer.freeze(stats_only, freeze_affine=False)

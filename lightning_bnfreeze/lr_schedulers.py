@@ -12,7 +12,7 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["check_can_follow", "extend_for_new_group"]
+__all__ = ["check_extendable", "extend_for_new_group"]
 
 _PER_GROUP = {
     # attribute: whether its entries are learning rates (scaled with the group) or shared as they are
@@ -31,7 +31,7 @@ def _nested(scheduler: Any) -> list[Any]:
     return list(getattr(scheduler, "_schedulers", ()))  # SequentialLR, ChainedScheduler
 
 
-def check_can_follow(scheduler: Any) -> None:
+def check_extendable(scheduler: Any) -> None:
     """Raise unless :func:`extend_for_new_group` can extend ``scheduler``.
 
     Raises:
@@ -52,7 +52,7 @@ def check_can_follow(scheduler: Any) -> None:
                 " does not know how to extend for a released group."
             )
     for nested in _nested(scheduler):
-        check_can_follow(nested)
+        check_extendable(nested)
 
 
 def extend_for_new_group(scheduler: LRScheduler, ratio: float) -> None:

@@ -13,7 +13,15 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["as_name_list", "closest_names", "is_glob", "match_names", "resolve_names", "unknown_name_message"]
+__all__ = [
+    "as_name_list",
+    "closest_names",
+    "get_module",
+    "is_glob",
+    "match_names",
+    "resolve_names",
+    "unknown_name_message",
+]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -25,10 +33,12 @@ def is_glob(pattern: str) -> bool:
 
 def as_name_list(value: str | Sequence[str], argument: str) -> list[str]:
     """``value`` as a list of non-empty names; a single string is one name."""
+    if not isinstance(value, str | Sequence):
+        raise ValueError(f"`{argument}` is {value!r}: expected a name, a glob or a list of them.")
     names = [value] if isinstance(value, str) else list(value)
     for name in names:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"`{argument}` holds {name!r}: expected a non-empty module name or glob.")
+            raise ValueError(f"`{argument}` holds {name!r}: expected a non-empty name or glob.")
     return names
 
 
@@ -69,11 +79,29 @@ def resolve_names(root: nn.Module, patterns: Sequence[str], argument: str) -> di
 
 
 def unknown_name_message(pattern: str, names: Iterable[str], argument: str) -> str:
-    """The error message for a name or glob that matches no module."""
-    kind = "glob" if is_glob(pattern) else "module name"
+    """The error message for a name or glob that matches no module (or parameter)."""
+    kind = "glob" if is_glob(pattern) else "name"
     close = closest_names(pattern, names)
     hint = f" Closest existing names: {', '.join(repr(n) for n in close)}." if close else ""
     return (
-        f"`{argument}` holds the {kind} {pattern!r}, which matches no module of the LightningModule."
-        f"{hint} Names are relative to the LightningModule, as `named_modules()` yields them."
+        f"`{argument}` holds the {kind} {pattern!r}, which matches nothing in the LightningModule."
+        f"{hint} Names are relative to the LightningModule, as `named_modules()` and `named_parameters()` yield them."
     )
+
+
+def get_module(root: nn.Module, name: str, argument: str) -> nn.Module:
+    """``root.get_submodule(name)``, or an error naming ``argument``, the closest names and ``root``'s children.
+
+    Raises:
+        ValueError: ``root`` has no module ``name``.
+    """
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        children = [child_name for child_name, child in root.named_children() if any(True for _ in child.parameters())]
+        close = closest_names(name, [module_name for module_name, _ in root.named_modules()])
+        hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
+        raise ValueError(
+            f"`{argument}` is {name!r}, which is no module of the LightningModule.{hint}"
+            f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}."
+        ) from None

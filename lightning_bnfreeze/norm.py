@@ -4,18 +4,25 @@ A frozen norm layer is the same module object with the same attributes, paramete
 only its ``train`` method is shadowed by an instance attribute that keeps ``training=False``. As
 ``nn.Module.train`` recurses by calling ``child.train(mode)``, every ``.train()`` on any ancestor
 (Lightning, user hooks, ``LightningModule.unfreeze()``, DDP, ``torch.compile`` wrappers) leaves the
-layer in inference mode, at no cost per forward pass. Several holders (for example two callbacks)
-may freeze the same layer; it is released when the last one lets go.
+layer in inference mode, at no cost per forward pass; its ``reset_running_stats`` is shadowed too,
+so that a reset-and-re-estimate pass (``torch.optim.swa_utils.update_bn``) leaves its statistics
+alone. Several holders (for example two callbacks) may freeze the same layer; it is released when
+the last one lets go.
+
+A copy of a frozen layer (``copy.deepcopy``, pickle, hence of any model holding one: an EMA copy,
+``torch.save(model)``) is a plain layer, in the mode its last ``.train(mode)`` call asked for: an
+instance ``__getstate__`` leaves the shadowing attributes, and with them the holders, out of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = [
     "NormLayer",
@@ -52,14 +59,51 @@ def named_norm_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str
 class _InferenceModeTrain:
     """Stands in for a frozen layer's ``train`` method: whatever the mode asked, inference mode."""
 
-    __slots__ = ("holders", "layer")
+    __slots__ = ("holders", "layer", "mode")
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
         self.holders: set[Hashable] = set()
+        self.mode = layer.training  # the mode asked for last: the layer's without this library
 
     def __call__(self, mode: bool = True) -> nn.Module:
+        self.mode = mode
         return type(self.layer).train(self.layer, False)
+
+
+_SHADOWS = ("train", "reset_running_stats", "__getstate__")
+
+
+class _KeepStatistics:
+    """Stands in for a frozen layer's ``reset_running_stats``: its statistics stay as they are.
+
+    Except while a Lazy layer materialises: its new buffers hold no statistics yet.
+    """
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self) -> None:
+        if isinstance(self.layer, LazyModuleMixin):
+            type(self.layer).reset_running_stats(self.layer)  # type: ignore[attr-defined]
+
+
+class _PlainState:
+    """Stands in for a frozen layer's ``__getstate__``: its copies and pickles are those of a plain layer."""
+
+    __slots__ = ("pin",)
+
+    def __init__(self, pin: _InferenceModeTrain) -> None:
+        self.pin = pin
+
+    def __call__(self) -> dict[str, Any]:
+        layer = self.pin.layer
+        state: dict[str, Any] = type(layer).__getstate__(layer)  # type: ignore[no-untyped-call]
+        state = {key: value for key, value in state.items() if key not in _SHADOWS}
+        state["training"] = self.pin.mode
+        return state
 
 
 def _pin(layer: nn.Module) -> _InferenceModeTrain | None:
@@ -76,7 +120,7 @@ def freeze_norm(layer: nn.Module, holder: Hashable = None) -> None:
     pin = _pin(layer)
     if pin is None:
         pin = _InferenceModeTrain(layer)
-        vars(layer)["train"] = pin
+        vars(layer).update(train=pin, reset_running_stats=_KeepStatistics(layer), __getstate__=_PlainState(pin))
     pin.holders.add(holder)
     layer.training = False
 
@@ -92,7 +136,8 @@ def unfreeze_norm(layer: nn.Module, training: bool, holder: Hashable = None) -> 
         return
     pin.holders.discard(holder)
     if not pin.holders:
-        del vars(layer)["train"]
+        for name in _SHADOWS:
+            del vars(layer)[name]
         layer.training = training
 
 

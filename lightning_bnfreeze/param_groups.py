@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 from torch.optim import Optimizer
 
-__all__ = ["LR_KEYS", "add_group_like", "follow_head", "remove_parameters"]
+__all__ = ["LR_KEYS", "add_group_like", "remove_parameters"]
 
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 """Per-group keys that are learning rates (set by torch's LR schedulers): scaled with the group."""
@@ -34,24 +34,22 @@ def remove_parameters(optimizer: Optimizer, params: Iterable[nn.Parameter]) -> i
 
 
 def add_group_like(
-    optimizer: Optimizer, params: Sequence[nn.Parameter], name: str, ratio: float, template: int = 0
+    optimizer: Optimizer,
+    params: Sequence[nn.Parameter],
+    name: str,
+    ratio: float,
+    template: int = 0,
+    lr_template: int = 0,
 ) -> int:
     """Append a param group named ``name`` with the hyperparameters of group ``template``.
 
-    Its learning-rate keys (:data:`LR_KEYS`) are those of the template times ``ratio``. Returns
-    the new group's index.
+    Its learning-rate keys (:data:`LR_KEYS`) are those of group ``lr_template`` times ``ratio``.
+    Returns the new group's index.
     """
-    head = optimizer.param_groups[template]
-    group = {key: value for key, value in head.items() if key not in ("params", "name")}
+    group = {key: value for key, value in optimizer.param_groups[template].items() if key not in ("params", "name")}
+    lr_group = optimizer.param_groups[lr_template]
     for key in LR_KEYS:
-        if key in group:
-            group[key] = group[key] * ratio
+        if key in lr_group:
+            group[key] = lr_group[key] * ratio
     optimizer.add_param_group({**group, "params": list(params), "name": name})
     return len(optimizer.param_groups) - 1
-
-
-def follow_head(optimizer: Optimizer, ratios: Iterable[tuple[int, float]], head: int = 0) -> None:
-    """Set each listed group's learning rate to the head group's times its ratio."""
-    head_lr = optimizer.param_groups[head]["lr"]
-    for index, ratio in ratios:
-        optimizer.param_groups[index]["lr"] = head_lr * ratio

@@ -1,7 +1,9 @@
-"""The release schedule of a frozen backbone: which modules are released at which epoch.
+"""The release plan of a frozen backbone: what is released, in which order, at which learning rate.
 
-Pure PyTorch: :func:`plan_releases` checks a schedule against a model and resolves its names and
-globs; :func:`format_plan` renders it as the table of a dry run.
+Pure PyTorch. :func:`plan_releases` checks a user's schedule against a model and resolves its module
+and parameter names and globs; :func:`plan_blocks` lays the backbone's blocks (see
+:mod:`lightning_bnfreeze.blocks`) on a regular cadence, output side first, or all at once with
+layer-wise learning-rate decay; :func:`format_plan` renders a plan as the table of a dry run.
 """
 
 from __future__ import annotations
@@ -11,30 +13,32 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_bnfreeze.blocks import Block
 from lightning_bnfreeze.names import as_name_list, is_glob, match_names, unknown_name_message
+from lightning_bnfreeze.tables import format_table
 
-__all__ = ["Release", "ReleasePlan", "ReleasedModule", "Schedule", "default_schedule", "format_plan", "plan_releases"]
+__all__ = ["Release", "ReleasePlan", "ReleasedPart", "Schedule", "format_plan", "plan_blocks", "plan_releases"]
 
 Schedule = Mapping[int, str | Sequence[str]]
 
 
 @dataclass(frozen=True)
-class ReleasedModule:
-    """One released module: its name and the names of the parameters it releases (not released before)."""
+class ReleasedPart:
+    """A module, parameter or block released as one param group: the names of its parameters."""
 
     name: str
     params: tuple[str, ...]
     numel: int
+    lr_factor: float
 
 
 @dataclass(frozen=True)
 class Release:
-    """What is released at ``epoch``; ``depth`` counts the earlier releases (the ``k`` of ``lr_decay**k``)."""
+    """What is released at time ``at`` (an epoch or an optimizer step); ``depth`` counts the earlier releases."""
 
-    epoch: int
+    at: int
     depth: int
-    lr_factor: float
-    modules: tuple[ReleasedModule, ...]
+    parts: tuple[ReleasedPart, ...]
 
 
 @dataclass(frozen=True)
@@ -43,108 +47,122 @@ class ReleasePlan:
     releases: tuple[Release, ...]
     frozen_params: int
     """Parameters (elements) of the backbone that no release reaches: they stay frozen."""
-
-    def due(self, epoch: int) -> list[Release]:
-        """The releases at or before ``epoch``."""
-        return [release for release in self.releases if release.epoch <= epoch]
-
-
-def default_schedule(backbone: nn.Module, backbone_name: str, first_epoch: int, every: int) -> dict[int, list[str]]:
-    """The backbone's direct children that hold parameters, one per release, output side first.
-
-    "Output side" is the reverse of registration order, which for ``nn.Sequential`` and torchvision
-    models is the order of the forward pass.
-    """
-    children = [name for name, child in backbone.named_children() if any(True for _ in child.parameters())]
-    return {
-        first_epoch + i * every: [f"{backbone_name}.{name}" if backbone_name else name]
-        for i, name in enumerate(reversed(children))
-    }
+    unit: str = "epoch"
 
 
 def plan_releases(root: nn.Module, backbone: str, schedule: Schedule, lr_scale: float, lr_decay: float) -> ReleasePlan:
-    """Check ``schedule`` against ``root`` and resolve it, in epoch order.
+    """Check ``schedule`` (``{time: names}``) against ``root`` and resolve it, in time order.
 
-    A glob releases the modules it matches that hold parameters not released earlier; an explicit
-    name must hold such parameters, appear once, and neither contain nor lie inside another
-    explicit name.
+    Names are module or parameter names, or globs over both. A glob releases what it matches that
+    holds parameters not released earlier; an explicit name must hold such parameters, appear once,
+    and neither contain nor lie inside another explicit name. Release ``k`` (in time order) is at
+    ``lr_scale * lr_decay**k``.
 
     Raises:
-        ValueError: a negative or non-integer epoch, a name matching no module, a module outside
-            the backbone, a name listed twice or overlapping another, or a release of nothing.
+        ValueError: a negative or non-integer time, a name matching nothing, a name outside the
+            backbone, a name listed twice or overlapping another, or a release of nothing.
     """
     modules = dict(root.named_modules())
-    names = list(modules)
-    param_names = {id(param): name for name, param in root.named_parameters()}
+    params = dict(root.named_parameters())
+    names = [*modules, *(name for name in params if name not in modules)]
     prefix = f"{backbone}." if backbone else ""
     released: set[int] = set()  # ids: parameters are tracked by identity, never by value
     explicit: dict[str, int] = {}
     releases: list[Release] = []
-    for epoch in sorted(_check_epochs(schedule)):
-        chosen: list[ReleasedModule] = []
-        for pattern in as_name_list(schedule[epoch], f"schedule[{epoch}]"):
+    for at in sorted(_check_times(schedule)):
+        lr_factor = lr_scale * lr_decay ** len(releases)
+        parts: list[ReleasedPart] = []
+        for pattern in as_name_list(schedule[at], f"schedule[{at}]"):
             matches = match_names(pattern, names)
             if not matches:
-                raise ValueError(unknown_name_message(pattern, names, f"schedule[{epoch}]"))
+                raise ValueError(unknown_name_message(pattern, names, f"schedule[{at}]"))
             for name in matches:
                 if not (name == backbone or name.startswith(prefix)):
                     raise ValueError(
-                        f"`schedule[{epoch}]` holds {name!r}, which is outside the backbone {backbone!r}:"
-                        f" only modules inside it are frozen and released."
+                        f"`schedule[{at}]` holds {name!r}, which is outside the backbone {backbone!r}:"
+                        f" only modules and parameters inside it are frozen and released."
                     )
                 if not is_glob(pattern):
-                    _check_no_overlap(name, epoch, explicit)
-                    explicit[name] = epoch
-                params = [p for p in modules[name].parameters() if id(p) not in released]
-                if not params:
+                    _check_no_overlap(name, at, explicit)
+                    explicit[name] = at
+                members = modules[name].named_parameters(prefix=name) if name in modules else [(name, params[name])]
+                fresh = [(param_name, p) for param_name, p in members if id(p) not in released]
+                if not fresh:
                     if is_glob(pattern):
                         continue
-                    raise ValueError(f"`schedule[{epoch}]` holds {name!r}, which has no parameters left to release.")
-                released.update(id(p) for p in params)
-                numel = sum(p.numel() for p in params)
-                chosen.append(ReleasedModule(name, tuple(param_names[id(p)] for p in params), numel))
-        if not chosen:
-            raise ValueError(f"`schedule[{epoch}]` = {schedule[epoch]!r} matches no module with parameters to release.")
-        depth = len(releases)
-        releases.append(Release(epoch, depth, lr_scale * lr_decay**depth, tuple(chosen)))
+                    raise ValueError(f"`schedule[{at}]` holds {name!r}, which has no parameters left to release.")
+                released.update(id(p) for _, p in fresh)
+                numel = sum(p.numel() for _, p in fresh)
+                parts.append(ReleasedPart(name, tuple(param_name for param_name, _ in fresh), numel, lr_factor))
+        if not parts:
+            raise ValueError(f"`schedule[{at}]` = {schedule[at]!r} matches nothing with parameters to release.")
+        releases.append(Release(at, len(releases), tuple(parts)))
     frozen = sum(p.numel() for p in modules[backbone].parameters() if id(p) not in released)
     return ReleasePlan(backbone, tuple(releases), frozen)
 
 
-def _check_epochs(schedule: Schedule) -> list[int]:
+def plan_blocks(
+    backbone: str,
+    blocks: Sequence[Block],
+    first: int,
+    every: int,
+    blocks_per_release: int,
+    lr_scale: float,
+    lr_decay: float,
+    layer_decay: float | None = None,
+) -> ReleasePlan:
+    """Release ``blocks`` (given input side first) output side first.
+
+    ``blocks_per_release`` blocks at ``first``, ``first + every``, ...; release ``k`` at
+    ``lr_scale * lr_decay**k``. With ``layer_decay``, every block is released at ``first`` instead,
+    the block at depth ``d`` from the output side at ``lr_scale * layer_decay**d`` (BEiT/MAE/ELECTRA).
+    """
+    output_first = list(reversed(blocks))
+    if layer_decay is not None:
+        parts = tuple(_part(block, lr_scale * layer_decay**depth) for depth, block in enumerate(output_first))
+        return ReleasePlan(backbone, (Release(first, 0, parts),) if parts else (), 0)
+    chunks = [output_first[i : i + blocks_per_release] for i in range(0, len(output_first), blocks_per_release)]
+    releases = tuple(
+        Release(first + k * every, k, tuple(_part(block, lr_scale * lr_decay**k) for block in chunk))
+        for k, chunk in enumerate(chunks)
+    )
+    return ReleasePlan(backbone, releases, 0)
+
+
+def _part(block: Block, lr_factor: float) -> ReleasedPart:
+    return ReleasedPart(block.name, block.params, block.numel, lr_factor)
+
+
+def _check_times(schedule: Schedule) -> list[int]:
     if not isinstance(schedule, Mapping):
-        raise ValueError(f"`schedule` must map epochs to module names, got {schedule!r}.")
-    for epoch in schedule:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"`schedule` has the epoch {epoch!r}: epochs are integers >= 0.")
+        raise ValueError(f"`schedule` must map epochs (or steps) to names, got {schedule!r}.")
+    for at in schedule:
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            raise ValueError(f"`schedule` has the key {at!r}: epochs and steps are integers >= 0.")
     return list(schedule)
 
 
-def _check_no_overlap(name: str, epoch: int, explicit: dict[str, int]) -> None:
-    for other, other_epoch in explicit.items():
+def _check_no_overlap(name: str, at: int, explicit: dict[str, int]) -> None:
+    for other, other_at in explicit.items():
         if name == other:
-            raise ValueError(f"`schedule` lists {name!r} twice (epochs {other_epoch} and {epoch}).")
+            raise ValueError(f"`schedule` lists {name!r} twice (at {other_at} and {at}).")
         inner, outer = (name, other) if name.startswith(f"{other}.") else (other, name)
         if inner.startswith(f"{outer}."):
             raise ValueError(
-                f"`schedule[{epoch}]` holds {name!r}, which overlaps {other!r} of epoch {other_epoch}:"
-                f" {inner!r} lies inside {outer!r}. List each module once, or use a glob."
+                f"`schedule[{at}]` holds {name!r}, which overlaps {other!r} of `schedule[{other_at}]`:"
+                f" {inner!r} lies inside {outer!r}. List each name once, or use a glob."
             )
 
 
-def format_plan(plan: ReleasePlan, max_epochs: int = -1) -> str:
-    """The plan as a text table: epoch, modules, parameters released, learning-rate factor.
+def format_plan(plan: ReleasePlan, last: int = -1) -> str:
+    """The plan as a text table: time, released parts, parameters, learning-rate factor.
 
-    With ``max_epochs >= 0``, releases at or past it are marked as never happening.
+    With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
     """
-    rows = [("epoch", "modules", "parameters", "lr factor")]
+    rows = [(plan.unit, "released", "parameters", "lr factor")]
     for release in plan.releases:
-        epoch = f"{release.epoch} (>= max_epochs: never)" if 0 <= max_epochs <= release.epoch else str(release.epoch)
-        names = ", ".join(module.name for module in release.modules)
-        numel = sum(module.numel for module in release.modules)
-        rows.append((epoch, names, f"{numel:,}", f"{release.lr_factor:.4g}"))
+        at = f"{release.at} (>= max_{plan.unit}s: never)" if 0 <= last <= release.at else str(release.at)
+        for i, part in enumerate(release.parts):
+            rows.append((at if i == 0 else "", part.name, f"{part.numel:,}", f"{part.lr_factor:.4g}"))
     rows.append(("never", f"(rest of {plan.backbone})", f"{plan.frozen_params:,}", "frozen"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(rows)

@@ -4,7 +4,7 @@ Usage: ``python tests/ddp_script.py OUT_DIR`` (Lightning re-launches it for rank
 Each rank trains on its own shard of the data (Lightning's DistributedSampler), so gradients that are not
 averaged make the replicas drift apart, and saves its final parameters to ``OUT_DIR/rank{rank}.pt``.
 
-With ``GU_TEST_NO_AVERAGE=1`` in the environment, ``average_gradients`` is replaced by a no-op: the run
+With ``GU_TEST_NO_AVERAGE=1`` in the environment, ``GradientSync.track`` is replaced by a no-op: the run
 the test expects to diverge.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_bnfreeze.callbacks.gradual_unfreeze as gradual_unfreeze_module
+import lightning_bnfreeze.distributed as distributed_module
 from lightning_bnfreeze import GradualUnfreeze
 
 SCHEDULE = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
@@ -61,7 +61,7 @@ class Lines(logging.Handler):
 
 def main(out_dir: Path) -> None:
     if os.environ.get("GU_TEST_NO_AVERAGE") == "1":
-        gradual_unfreeze_module.average_gradients = lambda params, group=None: None  # type: ignore[assignment]
+        distributed_module.GradientSync.track = lambda self, params: None  # type: ignore[method-assign]
     torch.set_num_threads(1)
     lines = Lines()
     logging.getLogger("lightning.pytorch").addHandler(lines)

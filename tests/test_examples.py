@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.axes import Axes
 
 from examples.digits.backbone import pretrained_backbone
 from examples.digits.cli import DEFAULT_CONFIG, DigitsCLI, main
@@ -54,11 +55,28 @@ def run_config(name: str, out: Path, cache_dir: Path, *extra: str) -> DigitsCLI:
 
 def test_shipped_configs() -> None:
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == {"linear_probe", "gradual_unfreeze", "full_finetune", "resnet18"}
+    assert names == {
+        "linear_probe",
+        "gradual_unfreeze",
+        "gradual_unfreeze_steps",
+        "gradual_unfreeze_plateau",
+        "full_finetune",
+        "resnet18",
+    }
     assert DEFAULT_CONFIG == CONFIGS / "gradual_unfreeze.yaml"
 
 
-@pytest.mark.parametrize("name", ["linear_probe", "gradual_unfreeze", "full_finetune", "resnet18"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear_probe",
+        "gradual_unfreeze",
+        "gradual_unfreeze_steps",
+        "gradual_unfreeze_plateau",
+        "full_finetune",
+        "resnet18",
+    ],
+)
 def test_config_fits_tests_and_plots(name: str, tmp_path: Path, cache_dir: Path) -> None:
     cli = run_config(name, tmp_path, cache_dir, "--data.init_args.shift=contrast")
     assert cli.test_results is not None
@@ -72,6 +90,8 @@ def test_config_fits_tests_and_plots(name: str, tmp_path: Path, cache_dir: Path)
         assert any(row.get("test_acc") for row in csv.DictReader(file))
     plotter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SchedulePlot))  # type: ignore[attr-defined]
     assert plotter.path == plot and sorted(plotter.metric) == [0, 1, 2]
+    # the test figure is on the plot, with the number of images behind each figure (one batch of 50 here)
+    assert plotter.test_metric == pytest.approx(accuracy) and plotter.test_images == plotter.val_images == 50
     summary = cli.summary()
     assert f"{accuracy:.1%}" in summary and str(plot) in summary
 
@@ -108,7 +128,8 @@ def test_dry_run_command_prints_the_plan(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"], ["4"])]
+    releases = result.stdout.partition("Releases:")[2]
+    rows = [line.split() for line in releases.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"], ["4"])]
     # epoch, module, lr factor (the defaults: every release at 0.3 x the head's learning rate)
     assert [(row[0], row[1], row[-1]) for row in rows] == [
         ("1", "backbone.stage3", "0.3"),
@@ -121,6 +142,30 @@ def test_dry_run_command_prints_the_plan(tmp_path: Path) -> None:
 def test_dry_run_resnet18_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     plan = dry_run.main(["--config", "examples/configs/resnet18.yaml"])
-    lines = plan.splitlines()
-    assert any(line.startswith("6") and "backbone.layer2, backbone.layer1" in line for line in lines)
-    assert any(line.startswith("never") and "frozen" in line for line in lines)
+    rows = [line.split() for line in plan.splitlines()]
+    at_6 = rows.index(["6", "backbone.layer2", "525,568", "0.025"])  # two groups released together, same rate
+    assert rows[at_6 + 1] == ["backbone.layer1", "147,968", "0.025"]
+    assert ["never", "(rest", "of", "backbone)", "9,536", "frozen"] in rows  # the stem stays frozen
+
+
+def test_plot_shows_every_group_and_labels_on_fixed_axes() -> None:
+    """Groups at equal learning rates (lr_decay=1) each get a panel; releases and the test figure are labelled;
+    the axes depend on the run's peak learning rate only, not on the values plotted."""
+
+    def figure(accuracy: float) -> list[Axes]:
+        plot = SchedulePlot()
+        plot.lrs = {"head": {0: 0.01, 1: 0.01, 2: 0.005}, "backbone.stage3": {1: 0.003, 2: 0.0015}}
+        plot.lrs["backbone.stage2"] = {2: 0.0015}  # at the same rate as stage3
+        plot.metric, plot.val_images = {0: accuracy, 1: accuracy, 2: accuracy}, 100
+        plot.test_metric, plot.test_images = 0.95, 746
+        return plot.figure().axes
+
+    head, stage3, stage2, accuracy = figure(0.5)
+    assert [line.get_ydata()[-1] for line in (stage3.lines[0], stage2.lines[0])] == [0.0015, 0.0015]
+    assert [panel.get_ylim() for panel in (head, stage3, stage2)] == [pytest.approx((1e-5, 0.3))] * 3
+    assert accuracy.get_ylim() == (0.0, 1.0) == figure(0.9)[-1].get_ylim()
+    texts = [text.get_text() for text in accuracy.texts]
+    assert texts == ["released: stage3", "released: stage2"]
+    legend = [text.get_text() for text in accuracy.figure.legends[0].get_texts()]
+    assert "validation accuracy each epoch (val_acc): 100 images" in legend[0]
+    assert legend[1].startswith("test accuracy after training (test_acc): 95.0% on 746 other images")

@@ -7,6 +7,7 @@ import csv
 import logging
 import math
 import re
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning, Callback, LearningRa
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-import lightning_bnfreeze.callbacks.gradual_unfreeze as gradual_unfreeze_module
+import lightning_bnfreeze.released_groups as released_groups_module
 from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
 from tests.unfreeze_helpers import (
     HEAD_NORM,
@@ -62,14 +63,14 @@ def close(a: float, b: float) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("first_release_epoch", "release_every", "epochs"), [(1, 1, [1, 2, 3]), (2, 3, [2, 5, 8]), (1, 2, [1, 3, 5])]
+    ("first_release", "release_every", "epochs"), [(1, 1, [1, 2, 3]), (2, 3, [2, 5, 8]), (1, 2, [1, 3, 5])]
 )
 def test_default_schedule_is_children_with_params_output_side_first_on_a_cadence(
-    first_release_epoch: int, release_every: int, epochs: list[int]
+    first_release: int, release_every: int, epochs: list[int]
 ) -> None:
-    plan = GradualUnfreeze(first_release_epoch=first_release_epoch, release_every=release_every).plan(build_model())
+    plan = GradualUnfreeze(first_release=first_release, release_every=release_every).plan(build_model())
     # backbone.2 (MaxPool2d), backbone.4 and backbone.5 hold no parameters: not released
-    assert [(r.epoch, [m.name for m in r.modules]) for r in plan.releases] == list(
+    assert [(r.at, [m.name for m in r.parts]) for r in plan.releases] == list(
         zip(epochs, [["backbone.3"], ["backbone.1"], ["backbone.0"]], strict=True)
     )
 
@@ -275,7 +276,7 @@ def test_all_or_trainable_parameters_in_configure_optimizers_give_the_same_train
 
 def test_contrast_without_removal_all_parameters_cannot_be_regrouped(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the all-parameters case relies on: the backbone leaves the head's group before any release."""
-    monkeypatch.setattr(gradual_unfreeze_module, "remove_parameters", lambda optimizer, params: 0)
+    monkeypatch.setattr(released_groups_module, "remove_parameters", lambda optimizer, params: 0)
     model = build_model(trainable_only=False)
     with pytest.raises(ValueError, match="more than one parameter group"):
         fit(model, [unfreeze()])
@@ -476,8 +477,10 @@ def test_configuration_errors_raise_before_the_first_training_step(kwargs: dict[
         ("lr_decay", 0.0),
         ("lr_decay", -2),
         ("lr_decay", float("nan")),
-        ("first_release_epoch", 0),
+        ("first_release", -1),
         ("release_every", 0),
+        ("layer_decay", 0.0),
+        ("layer_decay", float("inf")),
         ("warmup_steps", -1),
     ],
 )
@@ -486,20 +489,25 @@ def test_bad_numbers_raise_at_construction(argument: str, value: float) -> None:
         GradualUnfreeze(**{argument: value})
 
 
-@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
-def test_sharded_strategies_are_refused_with_a_type_error(strategy_name: str) -> None:
+def fake_trainer(strategy_name: str, tensor_parallel_size: int = 1) -> Any:
     import lightning.pytorch.strategies as strategies
 
-    cls = getattr(strategies, strategy_name)
-    try:
-        strategy = cls()
-    except Exception:  # DeepSpeed not installed, ModelParallel needing a newer setup: an uninitialised instance
-        strategy = object.__new__(cls)
-    trainer = type("FakeTrainer", (), {"strategy": strategy, "max_epochs": 3})()
+    strategy = object.__new__(getattr(strategies, strategy_name))  # not set up: no processes needed
+    strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel_size)}
+    return type("FakeTrainer", (), {"strategy": strategy, "max_epochs": 3})()
+
+
+@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_strategies_that_cannot_add_param_groups_are_refused_naming_the_way(strategy_name: str) -> None:
     model = build_model()
-    with pytest.raises(TypeError, match=strategy_name):
-        GradualUnfreeze().setup(trainer, model, "fit")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=rf"{strategy_name}.*`ModelParallelStrategy` with FSDP2"):
+        GradualUnfreeze().setup(fake_trainer(strategy_name), model, "fit")
     assert all(p.requires_grad for p in model.parameters())  # refused before touching anything
+
+
+def test_tensor_parallelism_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"data parallelism only.*tensor_parallel_size=2"):
+        GradualUnfreeze().setup(fake_trainer("ModelParallelStrategy", tensor_parallel_size=2), build_model(), "fit")
 
 
 # --------------------------------------------------------------------------------------------- dry run
@@ -516,11 +524,12 @@ def test_dry_run_shows_the_plan_without_training() -> None:
     table = GradualUnfreeze(schedule={1: "backbone.3", 4: "backbone.1.*"}, lr_scale=0.3, lr_decay=0.4).dry_run(
         model, max_epochs=3
     )
-    assert table.splitlines()[0].split() == ["epoch", "modules", "parameters", "lr", "factor"]
+    assert table.splitlines()[0].split() == ["epoch", "released", "parameters", "lr", "factor"]
     rest = module_numel(model, "backbone.0")
     assert table_rows(table) == [
         ["1", "backbone.3", f"{module_numel(model, 'backbone.3'):,}", "0.3"],
-        ["4 (>= max_epochs: never)", "backbone.1.0, backbone.1.1", f"{module_numel(model, 'backbone.1'):,}", "0.12"],
+        ["4 (>= max_epochs: never)", "backbone.1.0", f"{module_numel(model, 'backbone.1.0'):,}", "0.12"],
+        ["backbone.1.1", f"{module_numel(model, 'backbone.1.1'):,}", "0.12"],  # released at the same epoch
         ["never", "(rest of backbone)", f"{rest:,}", "frozen"],
     ]
     assert_same_nested(clone_state(model), before)
@@ -536,19 +545,18 @@ def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_st
     resnet = torchvision.models.resnet18(weights=None)
     resnet.fc = nn.Identity()
     model = UnfreezeModel(backbone=(resnet, 512), record=False)
-    table = GradualUnfreeze().dry_run(model)
-    assert [row[:2] for row in table_rows(table)] == [
+    releases = GradualUnfreeze(granularity="stage").dry_run(model).partition("Releases:\n")[2]
+    assert [row[:2] for row in table_rows(releases)] == [
         ["1", "backbone.layer4"],
         ["2", "backbone.layer3"],
         ["3", "backbone.layer2"],
         ["4", "backbone.layer1"],
-        ["5", "backbone.bn1"],
-        ["6", "backbone.conv1"],
+        ["5", "backbone.stem"],  # conv1 and bn1, as one block
         ["never", "(rest of backbone)"],
     ]
     probe = EpochProbe()
     with pytest.warns(UserWarning, match="max_epochs"):
-        trainer = fit(model, [GradualUnfreeze(), probe], max_epochs=2, limit_train_batches=2)
+        trainer = fit(model, [GradualUnfreeze(granularity="stage"), probe], max_epochs=2, limit_train_batches=2)
     assert [g.get("name") for g in trainer.optimizers[0].param_groups[1:]] == ["backbone.layer4"]
     stats = [k for k in probe.states[0] if k.startswith("backbone.") and k.endswith("running_mean")]
     assert len(stats) == 20

@@ -13,8 +13,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as sched
 
-import lightning_bnfreeze.callbacks.gradual_unfreeze as gradual_unfreeze_module
+import lightning_bnfreeze.released_groups as released_groups_module
 from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze.released_groups import ReleasedGroups
 from tests.unfreeze_helpers import STEPS_PER_EPOCH, LrProbe, UnfreezeModel, build_model, make_trainer
 
 SCHEDULE = {1: "backbone.3", 2: ["backbone.1", "backbone.0"]}
@@ -75,7 +76,7 @@ def run(name: str) -> tuple[UnfreezeModel, pl.Trainer, LrProbe]:
     optimizer, factory = SCHEDULERS[name]
     model, probe = build_model(optimizer=optimizer, scheduler=factory), LrProbe()
     trainer = make_trainer(
-        [GradualUnfreeze(schedule=SCHEDULE, lr_scale=LR_SCALE, lr_decay=LR_DECAY), probe], MAX_EPOCHS
+        [GradualUnfreeze(schedule=SCHEDULE, lr_scale=LR_SCALE, lr_decay=LR_DECAY), probe], max_epochs=MAX_EPOCHS
     )
     trainer.fit(model)
     return model, trainer, probe
@@ -125,13 +126,13 @@ def test_released_groups_follow_reduce_lr_on_plateau_whose_min_lrs_are_extended(
 
 def test_contrast_without_the_tie_a_closed_form_scheduler_breaks_the_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-step re-tie is what keeps the ratio under CosineAnnealingLR(eta_min > 0)."""
-    monkeypatch.setattr(gradual_unfreeze_module, "follow_head", lambda optimizer, ratios, head=0: None)
+    monkeypatch.setattr(ReleasedGroups, "tie_to_head", lambda self, step: None)
     *_, probe = run("CosineAnnealingLR-eta_min")
     assert len(ratio_errors(probe)) > 5
 
 
 def test_contrast_without_extending_the_scheduler_it_fails_at_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gradual_unfreeze_module, "extend_for_new_group", lambda scheduler, ratio: None)
+    monkeypatch.setattr(released_groups_module, "extend_for_new_group", lambda scheduler, ratio: None)
     with pytest.raises(ValueError, match="zip"):
         run("LambdaLR")
 
@@ -182,7 +183,7 @@ class CustomSchedulerModel(UnfreezeModel):
 def test_a_scheduler_that_cannot_follow_is_refused_at_fit_start(factory: Callable[..., Any], match: str) -> None:
     torch.manual_seed(0)
     model = CustomSchedulerModel(scheduler=lambda o: step(factory(o)))
-    trainer = make_trainer([GradualUnfreeze(schedule=SCHEDULE)], MAX_EPOCHS)
+    trainer = make_trainer([GradualUnfreeze(schedule=SCHEDULE)], max_epochs=MAX_EPOCHS)
     with pytest.raises(TypeError, match=match):
         trainer.fit(model)
     assert model.steps_run == 0
@@ -192,5 +193,5 @@ def test_contrast_the_refused_schedulers_train_without_gradual_unfreeze() -> Non
     for factory in (HandMadeScheduler, PerGroupFactors):
         torch.manual_seed(0)
         model = CustomSchedulerModel(scheduler=lambda o, factory=factory: step(factory(o)))
-        make_trainer([], 1).fit(model)
+        make_trainer([], max_epochs=1).fit(model)
         assert model.steps_run == STEPS_PER_EPOCH

@@ -96,7 +96,7 @@ def train(config: str, ckpt_path: Path | None = None, checkpoint_dir: Path | Non
         ]
     trainer = make_trainer(
         callbacks,
-        MAX_EPOCHS,
+        max_epochs=MAX_EPOCHS,
         enable_checkpointing=checkpoint_dir is not None,
         val_check_interval=0.5 if validate else None,
         limit_val_batches=1 if validate else None,
@@ -130,22 +130,23 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[R
     ("config", "checkpoint", "released"),
     [
         ("adam-cosine-warmup", "epoch=0.ckpt", []),  # just before the first release
-        ("adam-cosine-warmup", "epoch=1.ckpt", [{"epoch": 1, "step": 4}]),  # after one, before the next
-        ("adam-cosine-warmup", "epoch=2.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),  # after all
-        ("adam-cosine-warmup", "step=6.ckpt", [{"epoch": 1, "step": 4}]),  # mid-epoch, inside the warm-up
-        ("adam-cosine-warmup", "step=9.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),  # mid-epoch
-        ("sgd-steplr-frozen-bn", "epoch=1.ckpt", [{"epoch": 1, "step": 4}]),
-        ("sgd-steplr-frozen-bn", "step=9.ckpt", [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]),
+        ("adam-cosine-warmup", "epoch=1.ckpt", [(0, 1, 4)]),  # after one, before the next
+        ("adam-cosine-warmup", "epoch=2.ckpt", [(0, 1, 4), (1, 2, 8)]),  # after all
+        ("adam-cosine-warmup", "step=6.ckpt", [(0, 1, 4)]),  # mid-epoch, inside the warm-up
+        ("adam-cosine-warmup", "step=9.ckpt", [(0, 1, 4), (1, 2, 8)]),  # mid-epoch
+        ("sgd-steplr-frozen-bn", "epoch=1.ckpt", [(0, 1, 4)]),
+        ("sgd-steplr-frozen-bn", "step=9.ckpt", [(0, 1, 4), (1, 2, 8)]),
     ],
 )
 def test_resume_ends_bitwise_where_the_uninterrupted_run_ends(
-    uninterrupted: dict[str, tuple[Run, Path]], config: str, checkpoint: str, released: list[dict[str, int]]
+    uninterrupted: dict[str, tuple[Run, Path]], config: str, checkpoint: str, released: list[tuple[int, int, int]]
 ) -> None:
     reference, directory = uninterrupted[config]
     path = directory / checkpoint
     # the checkpoint loads without unpickling arbitrary objects and holds the callback's state
     content = torch.load(path, weights_only=True)
-    assert content["callbacks"][reference.callback.state_key]["released"] == released
+    history = content["callbacks"][reference.callback.state_key]["history"]
+    assert [(record["index"], record["epoch"], record["step"]) for record in history] == released
 
     resumed = train(config, ckpt_path=path)
 

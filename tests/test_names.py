@@ -75,9 +75,9 @@ def test_resolve_names_maps_each_pattern_to_its_matches(model: nn.Module) -> Non
 @pytest.mark.parametrize(
     ("pattern", "kind", "closest"),
     [
-        ("backbone.layr1", "module name", "backbone.layer1"),
-        ("backbone.stm", "module name", "backbone.stem"),
-        ("backbone.layer3", "module name", "backbone.layer2"),
+        ("backbone.layr1", "name", "backbone.layer1"),
+        ("backbone.stm", "name", "backbone.stem"),
+        ("backbone.layer3", "name", "backbone.layer2"),
         ("backbone.layer*.9", "glob", "backbone.layer2.1"),
         ("backbone.stem*.x", "glob", "backbone.stem.1"),
     ],
@@ -93,7 +93,7 @@ def test_unknown_name_raises_naming_argument_value_and_closest_names(
 
 
 def test_unknown_name_with_nothing_close_has_no_hint(model: nn.Module) -> None:
-    with pytest.raises(ValueError, match="`schedule` holds the module name 'zzzz'") as error:
+    with pytest.raises(ValueError, match="`schedule` holds the name 'zzzz'") as error:
         resolve_names(model, ["zzzz"], "schedule")
     assert "Closest" not in str(error.value)
 

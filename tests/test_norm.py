@@ -14,14 +14,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_bnfreeze import (
     NormFreezer,
-    deciding_parameters,
     freeze_norm,
+    governing_parameters,
     is_norm_frozen,
     is_norm_layer,
     named_norm_layers,
     unfreeze_norm,
 )
-from lightning_bnfreeze.freezer import RequiresGradFollower
+from lightning_bnfreeze.freezer import KerasFreezer
 from tests.helpers import (
     changed,
     judge_norm_forward,
@@ -197,24 +197,44 @@ def test_frozen_layer_loads_and_saves_state_dict() -> None:
     assert is_norm_frozen(model.bn)
 
 
+class _Holder:
+    """Stands in for a callback: it refers to much more than the model (its trainer, optimizer, ...)."""
+
+    def __init__(self) -> None:
+        self.luggage = torch.zeros(100_000)
+
+
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
-@pytest.mark.parametrize("holder", [None, "freezer"])
-def test_copy_of_a_model_with_a_frozen_layer(clone: Callable[[nn.Module], nn.Module], holder: str | None) -> None:
-    model = _model()
-    if holder is None:
-        freeze_norm(model.bn)
-    else:
+@pytest.mark.parametrize("holder", [None, "freezer", "callback"])
+@pytest.mark.parametrize("mode", [True, False])
+def test_copy_of_a_model_with_a_frozen_layer_is_a_plain_model(
+    clone: Callable[[nn.Module], nn.Module], holder: str | None, mode: bool
+) -> None:
+    model = _model().train(mode)
+    if holder == "freezer":
         NormFreezer(model).freeze(["bn"])  # the holder is the freezer, which refers to the model
+    else:
+        freeze_norm(model.bn, _Holder() if holder == "callback" else None)
+    model.train(mode)
     copied = clone(model)
-    assert is_norm_frozen(copied.bn)
+    assert not is_norm_frozen(copied.bn) and not {"train", "__getstate__"} & vars(copied.bn).keys()
+    assert copied.bn.training == mode  # the mode it would have without the library
     assert changed(snapshot(model), snapshot(copied)) == []
-    # the copy's pin acts on the copy, not on the original
-    model.bn.training = True
     copied.train()
-    assert not copied.bn.training and model.bn.training
-    before = snapshot_buffers(copied, ["bn"])
-    assert _bn_verdict(copied) == "running"
-    assert changed(before, snapshot_buffers(copied, ["bn"])) == []
+    assert copied.bn.training and _bn_verdict(copied) == "batch"
+    # the original stays frozen
+    assert is_norm_frozen(model.bn) and not model.train().bn.training
+    before = snapshot_buffers(model, ["bn"])
+    assert _bn_verdict(model) == "running"
+    assert changed(before, snapshot_buffers(model, ["bn"])) == []
+
+
+def test_pickle_of_a_model_with_frozen_layers_carries_nothing_of_their_holders() -> None:
+    plain = len(pickle.dumps(_model()))
+    model = _model()
+    freeze_norm(model.bn, _Holder())
+    NormFreezer(model).freeze(["block.1"])
+    assert len(pickle.dumps(model)) == plain
 
 
 # --------------------------------------------------------------------------------------------- NormFreezer
@@ -293,9 +313,9 @@ def _keras_model() -> nn.Module:
     )
 
 
-def test_deciding_parameters() -> None:
+def test_governing_parameters() -> None:
     model = _keras_model()
-    deciders = deciding_parameters(model)
+    deciders = governing_parameters(model)
     assert list(deciders) == ["stem.1", "plain.1", "nested.1.0", "top"]
     assert all(a is b for a, b in zip(deciders["stem.1"], model.stem[1].parameters(), strict=True))
     assert len(deciders["stem.1"]) == 2
@@ -308,19 +328,19 @@ def test_deciding_parameters() -> None:
 @pytest.mark.parametrize(
     "root", [nn.BatchNorm1d(4, affine=False), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4, affine=False))]
 )
-def test_deciding_parameters_without_any_ancestor_parameters(root: nn.Module) -> None:
-    assert list(deciding_parameters(root).values()) == [()]
+def test_governing_parameters_without_any_ancestor_parameters(root: nn.Module) -> None:
+    assert list(governing_parameters(root).values()) == [()]
 
 
 def test_requires_grad_follower_sync() -> None:
     model = _keras_model()
-    follower = RequiresGradFollower(NormFreezer(model))
-    assert follower.sync() == ([], [])
+    follower = KerasFreezer(NormFreezer(model))
+    assert follower.update() == ([], [])
 
     model.stem[1].requires_grad_(False)  # the layer's own parameters; the conv still trains
     model.plain[0].requires_grad_(False)  # the ancestor's parameters, for the affine-less layer
     model.nested[0].requires_grad_(False)
-    assert follower.sync() == (["stem.1", "plain.1", "nested.1.0"], [])
+    assert follower.update() == (["stem.1", "plain.1", "nested.1.0"], [])
     model.train()
     assert [name for name, layer in named_norm_layers(model) if not layer.training] == [
         "stem.1",
@@ -330,21 +350,21 @@ def test_requires_grad_follower_sync() -> None:
     assert not any(p.requires_grad for p in model.stem[1].parameters())  # parameters are left as they are
 
     model.stem[1].training = True  # nothing changed in requires_grad: sync still enforces the mode
-    assert follower.sync() == ([], [])
+    assert follower.update() == ([], [])
     assert not model.stem[1].training
 
     model.plain[0].requires_grad_(True)
-    assert follower.sync() == ([], ["plain.1"])
+    assert follower.update() == ([], ["plain.1"])
     assert model.plain[1].training  # takes its parent's mode
     model.stem[1].weight.requires_grad_(True)  # one trainable parameter is enough to release it
-    assert follower.sync() == ([], ["stem.1"])
+    assert follower.update() == ([], ["stem.1"])
     assert follower.freezer.frozen == {"nested.1.0": False}
 
 
 def test_requires_grad_follower_keras_semantics_follow_the_layers_own_parameters() -> None:
     model = _keras_model()
-    follower = RequiresGradFollower(NormFreezer(model))
+    follower = KerasFreezer(NormFreezer(model))
     model.stem[0].requires_grad_(False)  # conv frozen, the norm layer's own parameters trainable
-    assert follower.sync() == ([], [])
+    assert follower.update() == ([], [])
     model.requires_grad_(False)
-    assert sorted(follower.sync()[0]) == ["nested.1.0", "plain.1", "stem.1", "top"]
+    assert sorted(follower.update()[0]) == ["nested.1.0", "plain.1", "stem.1", "top"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import QUIET_TRAINER_ARGS, NormForwardRecorder, randomize_norm_stats
+from tests import helpers
+from tests.helpers import NormForwardRecorder, randomize_norm_stats
 
 NUM_SAMPLES = 32
 BATCH_SIZE = 8
@@ -140,9 +142,8 @@ def build_model(seed: int = 0, **kwargs: Any) -> UnfreezeModel:
     return UnfreezeModel(**kwargs)
 
 
-def make_trainer(callbacks: Sequence[Callback] = (), max_epochs: int = 3, **overrides: Any) -> pl.Trainer:
-    kwargs: dict[str, Any] = {**QUIET_TRAINER_ARGS, "max_epochs": max_epochs, **overrides}
-    return pl.Trainer(callbacks=list(callbacks), **kwargs)
+make_trainer = partial(helpers.make_trainer, max_epochs=3, gradient_clip_val=None)
+"""A quiet Trainer for 3 epochs, without gradient clipping (the tests check plain optimizer updates)."""
 
 
 def module_numel(model: nn.Module, name: str) -> int:

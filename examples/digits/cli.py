@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
 
 from examples.digits.data import DigitsTransfer
 from examples.digits.model import DigitsClassifier
 from examples.digits.plot import SchedulePlot
+from lightning_bnfreeze.cli import ClearErrorsCLI
 
 __all__ = ["DEFAULT_CONFIG", "DigitsCLI", "main"]
 
@@ -29,10 +29,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gradual_unfr
 """The main job's config: gradual unfreezing of the pretrained digits backbone."""
 
 
-class DigitsCLI(LightningCLI):
+class DigitsCLI(ClearErrorsCLI):
     """LightningCLI whose ``fit`` ends with a test on the held-out target images and a printed summary.
 
-    The test result is kept in :attr:`test_results` (``trainer.test``'s list of metric dicts).
+    The test result is kept in :attr:`test_results` (``trainer.test``'s list of metric dicts). A
+    configuration error (``lr_scale: 0``, an unknown ``init_args`` key) is one line naming the
+    argument and its value (see :class:`~lightning_bnfreeze.cli.ClearErrorsCLI`).
     """
 
     test_results: list[Mapping[str, float]] | None = None

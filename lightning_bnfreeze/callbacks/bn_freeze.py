@@ -12,19 +12,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_bnfreeze.callbacks.adaptation import adapt_on_train_data, check_adapt_batches
-from lightning_bnfreeze.freezer import NormFreezer, RequiresGradFollower, norm_layer_names
+from lightning_bnfreeze.callbacks.freezing_callback import NormFreezingCallback, after_configure_model
+from lightning_bnfreeze.callbacks.swa import keep_frozen_statistics_through_swa
+from lightning_bnfreeze.callbacks.train_data_adaptation import DEFAULT_ADAPT_PRIOR, TrainDataAdaptation
+from lightning_bnfreeze.freezer import KerasFreezer, NormFreezer, norm_layer_names, set_requires_grad
+from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.names import as_name_list, resolve_names
 from lightning_bnfreeze.norm import named_norm_layers
 
 __all__ = ["BNFreezeCallback"]
 
 
-class BNFreezeCallback(Callback):
+class BNFreezeCallback(NormFreezingCallback):
     r"""Freeze norm layers the way Keras does: frozen means inference mode, statistics untouched.
 
     A frozen norm layer normalises with its running statistics in every training forward, whoever
@@ -48,6 +50,10 @@ class BNFreezeCallback(Callback):
             the model through ``pl_module.adapt_norm_step(batch)`` if defined, else
             ``pl_module(batch[0])`` for a tuple or list batch, ``pl_module(batch)`` otherwise. A
             resumed run keeps the statistics of its checkpoint.
+        adapt_prior: with ``adapt_batches``, the source statistics count as this many samples
+            against the target's (Schneider et al. 2020): ``N/(N+n)`` of the result is the source's,
+            for ``n`` target samples. ``0``: the target statistics alone (plain AdaBN). The default
+            (32) was the best of a sweep on the digits transfer benchmark (see the README).
 
     Raises:
         ValueError: ``train_affine=True`` without ``modules``, or (at ``setup``, before training)
@@ -68,20 +74,18 @@ class BNFreezeCallback(Callback):
         modules: str | Sequence[str] | None = None,
         train_affine: bool = False,
         adapt_batches: int | float | None = None,
+        adapt_prior: float = DEFAULT_ADAPT_PRIOR,
     ) -> None:
         if modules is None and train_affine:
             raise ValueError(
                 "`train_affine=True` needs `modules`: with `modules=None` a norm layer is frozen because its"
                 " affine parameters are, so they cannot train. Name the modules whose statistics to freeze."
             )
-        check_adapt_batches(adapt_batches)
         self.modules = None if modules is None else as_name_list(modules, "modules")
         self.train_affine = train_affine
-        self.adapt_batches = adapt_batches
-        self._adapted = False
+        self._adaptation = TrainDataAdaptation(adapt_batches, adapt_prior, "BNFreezeCallback")
         self._module_names: list[str] = []
-        self._freezer: NormFreezer | None = None
-        self._follower: RequiresGradFollower | None = None
+        self._keras: KerasFreezer | None = None
 
     @property
     def frozen_layers(self) -> list[str]:
@@ -92,7 +96,10 @@ class BNFreezeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._adapted = False  # a checkpoint's state, loaded after `setup`, may say otherwise
+        self._adaptation.reset()  # a checkpoint's state, loaded after `setup`, may say otherwise
+        after_configure_model(pl_module, lambda: self._resolve(pl_module))
+
+    def _resolve(self, pl_module: pl.LightningModule) -> None:
         if self.modules is None:
             if next(named_norm_layers(pl_module), None) is None:
                 rank_zero_warn("BNFreezeCallback: the model has no BatchNorm or tracking InstanceNorm layer to freeze.")
@@ -104,30 +111,29 @@ class BNFreezeCallback(Callback):
         if not layers:
             rank_zero_warn(f"BNFreezeCallback: no BatchNorm or tracking InstanceNorm layer inside {self.modules}.")
         for name in layers:
-            for param in pl_module.get_submodule(name).parameters():
-                param.requires_grad = self.train_affine  # not requires_grad_(): a Lazy layer's may be uninitialised
+            set_requires_grad(pl_module.get_submodule(name).parameters(), self.train_affine)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Frozen here, after the strategy set up the model (SyncBatchNorm conversion swaps modules)
         # and after Lightning's check for modules in eval mode, which our layers must not trip.
+        register_sharded_parameters(pl_module)  # FSDP2: the parameters it trains, whose `requires_grad` counts
+        keep_frozen_statistics_through_swa(trainer)
         self._freezer = NormFreezer(pl_module, holder=self)
         if self.modules is None:
-            self._follower = RequiresGradFollower(self._freezer)
-            self._sync()
+            self._keras = KerasFreezer(self._freezer)
+            self._update()
         else:
             self._freezer.freeze(norm_layer_names(pl_module, self._module_names), freeze_affine=not self.train_affine)
             rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
-        if self.adapt_batches is not None and not self._adapted:
-            adapt_on_train_data(trainer, pl_module, self._freezer.layers, self.adapt_batches, "BNFreezeCallback")
-            self._adapted = True
+        self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._follower is not None:
-            self._sync()
+        if self._keras is not None:
+            self._update()
         elif self._freezer is not None:
             self._freezer.enforce()
 
@@ -138,28 +144,22 @@ class BNFreezeCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"adapted": self._adapted}
+        return self._adaptation.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._adapted = bool(state_dict.get("adapted", False))
+        self._adaptation.load_state_dict(state_dict)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._freezer is not None:
-            self._freezer.unfreeze_all()
-        self._freezer = self._follower = None
+        super().teardown(trainer, pl_module, stage)
+        self._keras = None
 
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning calls no `teardown` hook when a fit fails: let go here, or the layers stay frozen for good.
-        self.teardown(trainer, pl_module, "fit")
-
-    def _sync(self) -> None:
-        assert self._follower is not None
-        frozen, released = self._follower.sync()
+    def _update(self) -> None:
+        assert self._keras is not None
+        frozen, released = self._keras.update()
         if frozen or released:
             rank_zero_info(
                 f"BNFreezeCallback: {len(frozen)} norm layer(s) frozen, {len(released)} released"
-                f" ({len(self._follower.freezer.frozen)} frozen in all), following `requires_grad`."
+                f" ({len(self._keras.freezer.frozen)} frozen in all), as their parameters' `requires_grad` says."
             )

@@ -8,74 +8,124 @@ Releases a frozen backbone block by block, each block in its own param group at 
 
 from __future__ import annotations
 
-from math import isfinite
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_bnfreeze.callbacks.adaptation import adapt_on_train_data, check_adapt_batches
-from lightning_bnfreeze.distributed import average_gradients, ddp_reduced_parameters
-from lightning_bnfreeze.freezer import NormFreezer, norm_layer_names
-from lightning_bnfreeze.lr_schedulers import check_can_follow, extend_for_new_group
-from lightning_bnfreeze.names import unknown_name_message
-from lightning_bnfreeze.param_groups import add_group_like, follow_head, remove_parameters
-from lightning_bnfreeze.schedule import Release, ReleasePlan, Schedule, default_schedule, format_plan, plan_releases
+from lightning_bnfreeze.blocks import GRANULARITIES, check_block_order, find_blocks, format_blocks, forward_order
+from lightning_bnfreeze.callbacks.freezing_callback import NormFreezingCallback, after_configure_model, announce
+from lightning_bnfreeze.callbacks.parallel import check_strategy, forget_restore_hook, restore_before_optimizers
+from lightning_bnfreeze.callbacks.plateau import (
+    EarlyStoppingGuard,
+    checks_on_train_epoch_end,
+    epoch_clock,
+    monitored_value,
+)
+from lightning_bnfreeze.callbacks.preview import configure_on_copy
+from lightning_bnfreeze.callbacks.swa import keep_frozen_statistics_through_swa
+from lightning_bnfreeze.callbacks.train_data_adaptation import DEFAULT_ADAPT_PRIOR, TrainDataAdaptation
+from lightning_bnfreeze.checks import check_choice, check_integer, check_positive
+from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
+from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.lr_preview import Budget, LrPreview, simulate
+from lightning_bnfreeze.lr_schedulers import check_extendable
+from lightning_bnfreeze.names import get_module
+from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups, pick_optimizer
+from lightning_bnfreeze.schedule import Release, ReleasePlan, format_plan, plan_blocks, plan_releases
+from lightning_bnfreeze.triggers import UNITS, PlateauTrigger, ReleaseRecord, ScheduleTrigger, describe_release
 
 __all__ = ["GradualUnfreeze"]
 
 
-class GradualUnfreeze(Callback):
-    r"""Fine-tune a frozen backbone by releasing it block by block on an epoch schedule.
+class GradualUnfreeze(NormFreezingCallback):
+    r"""Fine-tune a frozen backbone by releasing it block by block, on a schedule or when a metric plateaus.
 
     At fit start every parameter under ``backbone`` is frozen and its norm layers run in inference
     mode with untouched statistics (as with :class:`~lightning_bnfreeze.BNFreezeCallback`); the rest
-    of the model (the head) trains from the first step. At the start of each scheduled epoch the
-    listed modules are released: their parameters train, each module in its own param group named
-    after it (``LearningRateMonitor`` shows ``lr-Adam/backbone.layer4``), at
-    ``head_lr * lr_scale * lr_decay**k``, where ``head_lr`` is the learning rate of the optimizer's
-    first param group and ``k`` counts the earlier releases. The group then keeps that ratio to the
-    head's learning rate under any torch LR scheduler. The first group is named ``"head"`` unless it
-    has a name.
+    of the model (the head) trains from the first step. At each scheduled epoch (or optimizer step,
+    with ``unit="step"``; or when ``monitor`` stops improving) the next blocks are released: their
+    parameters train, each block in its own param group named after it (``LearningRateMonitor``
+    shows ``lr-Adam/backbone.layer4``), at ``head_lr * lr_scale * lr_decay**k``, where ``head_lr``
+    is the learning rate of the optimizer's first param group and ``k`` counts the earlier
+    releases. The group keeps that ratio to the head's learning rate under any torch LR
+    scheduler, and the hyperparameters (weight decay, ...) of the group its parameters came from.
+    The first group is named ``"head"`` unless it has a name.
 
     Args:
         backbone: name of the module to freeze and release, relative to the LightningModule.
-        schedule: ``{epoch: name or [names]}``, names and globs relative to the LightningModule
-            (``{1: "backbone.layer4", 3: "backbone.layer*"}``; a glob releases what it matches that is
-            still frozen). ``None``: the backbone's direct children that hold parameters, one at a
-            time, output side (last registered) first, at ``first_release_epoch``,
-            ``first_release_epoch + release_every``, and so on.
+        schedule: ``{time: name or [names]}`` (times in ``unit``), module or parameter names and globs relative to the
+            LightningModule (``{1: "backbone.layer4", 3: ["backbone.layer*", "backbone.pos_embed"]}``;
+            a glob releases what it matches that is still frozen). ``None``: the backbone's blocks
+            (see ``granularity``), output side first, ``blocks_per_release`` at a time, at
+            ``first_release``, ``first_release + release_every``, and so on.
         lr_scale: learning-rate factor of the first release, relative to the head's.
         lr_decay: further factor for each later release (``k`` counts the releases before);
-            ``1.0`` (default) gives every release ``lr_scale``. The defaults are the best of a
-            sweep in ``benchmarks/transfer.py`` (see the README): smaller factors left the
-            released blocks nearly untrained.
+            ``1.0`` (default) gives every release ``lr_scale``.
+        layer_decay: layer-wise learning-rate decay (BEiT, MAE, ELECTRA) instead of a gradual
+            release: every block is released at ``first_release``, the block at depth ``d``
+            from the output side at ``lr_scale * layer_decay**d``. With ``first_release >= 1``
+            that is a linear probe, then fine-tuning with LLRD (LP-FT). Only without ``schedule``.
+        granularity: with ``schedule=None``, the blocks found in the backbone: ``"stage"`` (ResNet
+            ``layer1``..``layer4``, ConvNeXt ``stages.N``; a flat stack of transformer blocks gives
+            one block per layer) or ``"block"`` (every repeated block: ``layer1.0``, ``stages.0.blocks.2``).
+            The stem (embeddings, tokens, first conv) is the input-side block; a final norm joins
+            the last block. A timm model's own ``group_matcher`` is used when it has one.
+        blocks: with ``schedule=None``, name the blocks instead of finding them: a list of names or
+            globs (each one block, input side first).
+        blocks_per_release: with ``schedule=None``, how many blocks each release frees.
         train_bn: whether released norm layers train normally (``True``) or keep inference mode and
             frozen statistics while their affine parameters train (``False``).
-        first_release_epoch: with ``schedule=None``, the epoch of the first release (epoch 0 always
-            trains the head alone, so at least 1).
-        release_every: with ``schedule=None``, the epochs between two releases.
+        first_release: with ``schedule=None``, the time (in ``unit``) of the first release (``0``: no
+            head-only phase).
+        release_every: with ``schedule=None``, the time (in ``unit``) between two releases.
         warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly
             to its target (``0``: none).
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``:
             the only optimizer, or among several the one that holds backbone parameters; an error
-            if that is ambiguous.
+            if that is ambiguous. Backbone parameters are taken out of every other optimizer.
         adapt_batches: re-estimate the statistics of the frozen norm layers on the training data
             before the first step (AdaBN), as :class:`~lightning_bnfreeze.BNFreezeCallback` does:
             a number of batches or a fraction of an epoch in (0, 1]; ``None`` (default): off.
+        adapt_prior: with ``adapt_batches``, the source statistics count as this many samples against
+            the target's, as in :class:`~lightning_bnfreeze.BNFreezeCallback`.
         adapt_on_release: with ``adapt_batches``, re-estimate again after each release the
             statistics of the norm layers still frozen then.
+        unit: what the times of ``schedule``, ``first_release``, ``release_every``, ``min_phase`` and
+            ``max_phase`` count: ``"epoch"`` (releases at the epoch's start) or ``"step"``: optimizer
+            steps (``trainer.global_step``, which counts accumulated batches as one step); the release
+            at step ``s`` happens before step ``s``, which trains it.
+        monitor: release on a plateau: the next release of the plan (its order and groups; its times
+            are ignored) happens when this logged metric stops improving, as Lightning's
+            ``EarlyStopping`` would stop: ``mode``, ``patience``, ``min_delta`` mean what they mean there.
+            The best value is kept across releases; each release starts a new count of ``patience``.
+        mode: ``"min"`` or ``"max"``: whether ``monitor`` improves downwards or upwards.
+        patience: checks without improvement after which the next release happens.
+        min_delta: the least change of ``monitor`` that counts as an improvement.
+        min_phase: with ``monitor``, the least time (in ``unit``) between two releases (and before the first).
+        max_phase: with ``monitor``, the most time (in ``unit``) between two releases: the next release
+            happens at the first check past it, plateau or not. ``None``: no limit.
+        check_on_train_epoch_end: with ``monitor``, check at the end of each training epoch (``True``)
+            or after each validation (``False``); ``None``: ``EarlyStopping``'s rule (at the epoch
+            end when validation runs once per epoch, else after each validation).
 
     Raises:
         ValueError: a bad argument (at construction), or (at ``setup``, before training) a missing
-            ``backbone``, a schedule naming unknown modules (with the closest names), modules outside
-            the backbone, a module listed twice or inside another listed one.
-        TypeError: an LR scheduler that cannot follow added groups, or an FSDP, DeepSpeed or
-            model-parallel strategy (at fit start).
+            ``backbone``, a schedule naming unknown modules or parameters (with the closest names),
+            names outside the backbone, a name listed twice or inside another listed one.
+        TypeError: an LR scheduler that cannot follow added groups (at fit start); ``FSDPStrategy``
+            or DeepSpeed, or ``ModelParallelStrategy`` with tensor parallelism (at ``setup``).
+        RuntimeError: ``monitor`` is not logged when it is checked (with the closest logged names).
+
+    While releases remain, an ``EarlyStopping`` callback that runs out of patience does not stop the
+    fit: the next release happens instead, and it stops only once everything is released (as
+    finetuning-scheduler's ``FTSEarlyStopping`` moves to the next phase). Every release gives each
+    ``EarlyStopping`` its full patience again.
 
     Example::
 
@@ -84,9 +134,11 @@ class GradualUnfreeze(Callback):
         >>> unfreeze = GradualUnfreeze(schedule={1: "backbone.layer4", 2: "backbone.layer3"}, lr_scale=0.1)
         >>> trainer = Trainer(callbacks=[unfreeze], max_epochs=4)
 
-    Resuming with ``trainer.fit(model, ckpt_path=...)`` restores the released modules, their groups
-    and norm layers exactly. Under DDP, gradients of parameters released after the model was wrapped
-    are averaged across ranks like the others.
+    Resuming with ``trainer.fit(model, ckpt_path=...)`` restores the released parts, their groups
+    and norm layers exactly, also from ``ModelParallelStrategy``'s distributed checkpoints. Under DDP,
+    gradients of parameters released after the model was wrapped are averaged across ranks as DDP
+    averages the others (see :class:`~lightning_bnfreeze.distributed.GradientSync`); under
+    ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) FSDP2 reduces them itself.
     """
 
     def __init__(
@@ -95,47 +147,78 @@ class GradualUnfreeze(Callback):
         schedule: dict[int, str | list[str]] | None = None,
         lr_scale: float = 0.3,
         lr_decay: float = 1.0,
+        layer_decay: float | None = None,
+        granularity: str = "stage",
+        blocks: list[str] | None = None,
+        blocks_per_release: int = 1,
         train_bn: bool = True,
-        first_release_epoch: int = 1,
+        first_release: int = 1,
         release_every: int = 1,
         warmup_steps: int = 0,
         optimizer_index: int | None = None,
         adapt_batches: int | float | None = None,
+        adapt_prior: float = DEFAULT_ADAPT_PRIOR,
         adapt_on_release: bool = False,
+        unit: str = "epoch",
+        monitor: str | None = None,
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        min_phase: int = 0,
+        max_phase: int | None = None,
+        check_on_train_epoch_end: bool | None = None,
     ) -> None:
-        for argument, value in (("lr_scale", lr_scale), ("lr_decay", lr_decay)):
-            if not isinstance(value, int | float) or not isfinite(value) or value <= 0:
-                raise ValueError(f"`{argument}` must be a positive number, got {value!r}.")
+        check_positive("lr_scale", lr_scale)
+        check_positive("lr_decay", lr_decay)
+        if layer_decay is not None:
+            check_positive("layer_decay", layer_decay)
         for argument, value, least in (
-            ("first_release_epoch", first_release_epoch, 1),
+            ("first_release", first_release, 0),
             ("release_every", release_every, 1),
+            ("blocks_per_release", blocks_per_release, 1),
             ("warmup_steps", warmup_steps, 0),
             ("optimizer_index", 0 if optimizer_index is None else optimizer_index, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"`{argument}` must be an integer >= {least}, got {value!r}.")
-        check_adapt_batches(adapt_batches)
-        if not isinstance(backbone, str):
-            raise ValueError(f"`backbone` must be a module name, got {backbone!r}.")
+            check_integer(argument, value, least)
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_choice("unit", unit, UNITS)
+        if schedule is not None and (layer_decay is not None or blocks is not None):
+            raise ValueError(
+                f"`schedule` names what each release frees, so it cannot be combined with"
+                f" {'`layer_decay`' if layer_decay is not None else '`blocks`'}: give one or the other."
+            )
+        if not isinstance(backbone, str) or not backbone.strip():
+            raise ValueError(f"`backbone` must be the name of a module of the LightningModule, got {backbone!r}.")
         self.backbone = backbone
         self.schedule = schedule
         self.lr_scale = lr_scale
         self.lr_decay = lr_decay
+        self.layer_decay = layer_decay
+        self.granularity = granularity
+        self.blocks = blocks
+        self.blocks_per_release = blocks_per_release
         self.train_bn = train_bn
-        self.first_release_epoch = first_release_epoch
+        self.first_release = first_release
         self.release_every = release_every
         self.warmup_steps = warmup_steps
         self.optimizer_index = optimizer_index
-        self.adapt_batches = adapt_batches
         self.adapt_on_release = adapt_on_release
-        self._adapted = False
+        self._adaptation = TrainDataAdaptation(adapt_batches, adapt_prior, "GradualUnfreeze")
+        self.unit = unit
+        self.monitor = monitor
+        self.check_on_train_epoch_end = check_on_train_epoch_end
+        self._plateau = (
+            None if monitor is None else PlateauTrigger(monitor, mode, patience, min_delta, min_phase, max_phase, unit)
+        )
+        self._check_at_epoch_end = False
+        self._early_stopping: EarlyStoppingGuard | None = None
+        self._unsettled = False  # releases done whose norm layers are not updated yet (see `_release_now`)
         self._plan: ReleasePlan | None = None
-        self._released: list[dict[str, int]] = []  # {"epoch", "step"} of each release done: the state
-        self._groups: list[tuple[int, float, int]] = []  # (group index, lr factor, release step)
-        self._optimizer: Optimizer | None = None
-        self._freezer: NormFreezer | None = None
-        self._ddp_params: list[nn.Parameter] | None = None  # released parameters DDP does not average
-        self._ddp_reduced: set[int] = set()
+        self._trigger: ScheduleTrigger | None = None
+        self._history: list[ReleaseRecord] = []
+        self._groups: ReleasedGroups | None = None
+        self._norms: BackboneNorms | None = None
+        self._gradients = GradientSync(None)
 
     @property
     @override
@@ -144,75 +227,134 @@ class GradualUnfreeze(Callback):
 
     def plan(self, pl_module: nn.Module) -> ReleasePlan:
         """Check the configuration against ``pl_module`` and resolve the schedule, without training."""
-        try:
-            backbone = pl_module.get_submodule(self.backbone)
-        except AttributeError:
-            names = [name for name, _ in pl_module.named_modules()]
-            raise ValueError(unknown_name_message(self.backbone, names, "backbone")) from None
-        schedule: Schedule = (
-            default_schedule(backbone, self.backbone, self.first_release_epoch, self.release_every)
-            if self.schedule is None
-            else self.schedule
+        backbone = self._backbone(pl_module)
+        if self.schedule is not None:
+            plan = plan_releases(pl_module, self.backbone, self.schedule, self.lr_scale, self.lr_decay)
+            return replace(plan, unit=self.unit)
+        blocks = find_blocks(backbone, self.backbone, self.granularity, self.blocks)
+        plan = plan_blocks(
+            self.backbone,
+            blocks,
+            self.first_release,
+            self.release_every,
+            self.blocks_per_release,
+            self.lr_scale,
+            self.lr_decay,
+            self.layer_decay,
         )
-        return plan_releases(pl_module, self.backbone, schedule, self.lr_scale, self.lr_decay)
+        return replace(plan, unit=self.unit)
 
     def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
-        """The resolved schedule as a table (epoch, modules, parameters, learning-rate factor).
+        """The resolved schedule as a table (epoch, released parts, parameters, learning-rate factor).
 
-        Releases at or past ``max_epochs`` (if ``>= 0``) are marked: they never happen.
+        Without ``schedule``, the blocks found come first. Releases at or past ``max_epochs`` (if
+        ``>= 0``) are marked: they never happen.
         """
-        return format_plan(self.plan(pl_module), max_epochs)
+        table = format_plan(self.plan(pl_module), max_epochs if self._plateau is None else -1)
+        if self._plateau is not None:
+            table += (
+                f"\nOn plateaus of {self.monitor!r}: these releases happen in this order, each when it stops"
+                " improving; the times above are not used (`preview` gives the earliest steps)."
+            )
+        if self.schedule is not None:
+            return table
+        blocks = find_blocks(self._backbone(pl_module), self.backbone, self.granularity, self.blocks)
+        return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(blocks)}\n\nReleases:\n{table}"
+
+    def preview(
+        self,
+        pl_module: pl.LightningModule,
+        batches_per_epoch: int,
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        accumulate_grad_batches: int = 1,
+    ) -> LrPreview:
+        """Every param group's learning rate at every optimizer step of a fit, without training.
+
+        The model's ``configure_optimizers`` runs on a copy; its real LR schedulers are stepped as
+        Lightning steps them, and the releases applied as in a fit (plateau releases at their earliest
+        possible step). ``preview(...).lrs`` holds the rates, ``.table()`` renders them, ``.plot(path)``
+        draws them (matplotlib).
+        """
+        budget = Budget(batches_per_epoch, max_epochs, max_steps, accumulate_grad_batches)
+        plan = self.plan(pl_module)
+        model, optimizers, schedulers = configure_on_copy(pl_module, self.backbone, budget)
+        optimizer = self._pick_optimizer(optimizers, model)
+        mine = [item for item in schedulers if item.scheduler.optimizer is optimizer]
+        return simulate(model, plan, optimizer, mine, budget, self.warmup_steps, self._plateau)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _refuse_unsupported(trainer.strategy)
+        check_strategy(trainer.strategy, "GradualUnfreeze")
+        self._history = []  # a checkpoint's state, loaded after `setup`, may say otherwise
+        self._unsettled = False
+        self._adaptation.reset()
+        if self._plateau is not None:
+            self._plateau.reset()
+        self._check_at_epoch_end = checks_on_train_epoch_end(trainer, self.check_on_train_epoch_end)
+        self._early_stopping = EarlyStoppingGuard(
+            trainer, lambda metric, value: self._release_next(trainer, pl_module, "early_stopping", value, metric)
+        )
+        after_configure_model(pl_module, lambda: self._plan_and_freeze(trainer, pl_module))
+
+    def _plan_and_freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._plan = self.plan(pl_module)
-        self._released = []  # a checkpoint's state, loaded after `setup`, may say otherwise
-        self._adapted = False
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        late = [release.epoch for release in self._plan.releases if release.epoch >= max_epochs >= 0]
+        self._check_forward_order(pl_module)
+        self._trigger = ScheduleTrigger(self._plan) if self._plateau is None else None
+        last = trainer.max_steps if self.unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
+        late = [release.at for release in self._plan.releases if release.at >= last >= 0 and self._plateau is None]
         if late:
             rank_zero_warn(
-                f"GradualUnfreeze: release epoch(s) {late} are at or past `max_epochs={trainer.max_epochs}`:"
-                " those modules will never train."
+                f"GradualUnfreeze: release {self.unit}(s) {late} are at or past `max_{self.unit}s={last}`:"
+                " those blocks will never train."
             )
-        for param in pl_module.get_submodule(self.backbone).parameters():
-            param.requires_grad = False  # not requires_grad_(): a Lazy layer's may be uninitialised
+        set_requires_grad(self._backbone(pl_module).parameters(), False)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before Lightning restores the optimizer and schedulers from a checkpoint: the structure
-        # built here must match the one saved.
-        optimizer = self._optimizer = self._pick_optimizer(trainer, pl_module)
-        for scheduler in self._schedulers(trainer):
-            check_can_follow(scheduler)
-        remove_parameters(optimizer, pl_module.get_submodule(self.backbone).parameters())
+        # Before Lightning restores the optimizer and schedulers from a checkpoint: the groups built
+        # here must be those saved, in the same order.
+        optimizer = self._pick_optimizer(trainer.optimizers, pl_module)
+        schedulers = [
+            config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is optimizer
+        ]
+        for scheduler in schedulers:
+            check_extendable(scheduler)
+        self._groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
+        backbone_params = list(self._backbone(pl_module).parameters())
+        self._groups.withdraw(backbone_params)
+        for other in trainer.optimizers:
+            if other is not optimizer:
+                ReleasedGroups(other).withdraw(backbone_params)
         # Named from the start, so that LearningRateMonitor's key for it does not change at the first release.
         optimizer.param_groups[0].setdefault("name", "head")
-        reduced = ddp_reduced_parameters(trainer.strategy.model) if trainer.strategy.model is not None else None
-        self._ddp_params = None if reduced is None else []
-        self._ddp_reduced = reduced or set()
-        self._groups = []
-        for done in self._released:
-            self._add_groups(trainer, pl_module, self._release_at(done["epoch"]), done["step"])
+        self._gradients = GradientSync(trainer.strategy.model)
+        self._restore_groups(pl_module)
+        restore_before_optimizers(trainer.strategy, self.state_key, lambda state: self._restore_late(pl_module, state))
+
+    def _restore_groups(self, pl_module: pl.LightningModule) -> None:
+        assert self._groups is not None
+        for record in self._history:
+            added = self._add_groups(pl_module, self._release(record.index), record.step)
+            self._groups.restore_order(added, record.positions)
+
+    def _restore_late(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+        self._restore_groups(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Norm layers are frozen here, after the strategy's SyncBatchNorm conversion and after
         # Lightning's check for modules in eval mode.
-        assert self._plan is not None
-        self._freezer = NormFreezer(pl_module, holder=self)
-        released = [module.name for done in self._released for module in self._release_at(done["epoch"]).modules]
-        released_layers = set(norm_layer_names(pl_module, released))
-        backbone_layers = norm_layer_names(pl_module, [self.backbone])
-        self._freezer.freeze([name for name in backbone_layers if name not in released_layers], freeze_affine=True)
-        if not self.train_bn:
-            self._freezer.freeze([name for name in backbone_layers if name in released_layers], freeze_affine=False)
-        if self.adapt_batches is not None and not self._adapted:
-            self._adapt(trainer, pl_module)
-            self._adapted = True
+        forget_restore_hook(trainer.strategy)
+        keep_frozen_statistics_through_swa(trainer)
+        register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
+        self._norms = BackboneNorms(pl_module, self.backbone, self.train_bn, holder=self)
+        self._freezer = self._norms.freezer
+        self._norms.update(self._released_ids(pl_module))
+        self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
         self._release_due(trainer, pl_module)
 
     @override
@@ -226,146 +368,191 @@ class GradualUnfreeze(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.unit == "step":
+            self._release_due(trainer, pl_module)
+        if self._unsettled:
+            self._settle(trainer, pl_module)
         if self._freezer is not None:
             self._freezer.enforce()
-        self._follow_head(trainer.global_step)
+        if self._groups is not None:
+            self._groups.tie_to_head(trainer.global_step)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._ddp_params and optimizer is self._optimizer:
-            average_gradients(self._ddp_params)
+        # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
+        if self._groups is not None:
+            self._groups.tie_to_head(trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._check_at_epoch_end:
+            self._check_plateau(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._check_at_epoch_end:
+            self._check_plateau(trainer, pl_module)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before a gradient scaler checks for infs: every rank then skips the same steps.
+        self._gradients.finish_backward()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"released": [dict(done) for done in self._released], "adapted": self._adapted}
+        state = {"history": [record.to_dict() for record in self._history], **self._adaptation.state_dict()}
+        return state if self._plateau is None else {**state, "plateau": self._plateau.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._released = [dict(done) for done in state_dict["released"]]
-        self._adapted = bool(state_dict.get("adapted", False))
+        self._history = [ReleaseRecord.from_dict(record) for record in state_dict["history"]]
+        self._adaptation.load_state_dict(state_dict)
+        if self._plateau is not None and "plateau" in state_dict:
+            self._plateau.load_state_dict(state_dict["plateau"])
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._freezer is not None:
-            self._freezer.unfreeze_all()
-        self._freezer = self._optimizer = None
+        super().teardown(trainer, pl_module, stage)
+        self._gradients.close()
+        self._groups = self._norms = None
+        if self._early_stopping is not None:
+            self._early_stopping.restore()
 
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning calls no `teardown` hook when a fit fails: let go here, or the layers stay frozen for good.
-        self.teardown(trainer, pl_module, "fit")
+    def _check_forward_order(self, pl_module: pl.LightningModule) -> None:
+        """With found blocks and an ``example_input_array``, warn if the forward pass runs them in another order."""
+        example = pl_module.example_input_array
+        if self.schedule is not None or self.blocks is not None or example is None or isinstance(example, dict):
+            return
+        inputs = example if isinstance(example, tuple) else (example,)
+        blocks = find_blocks(self._backbone(pl_module), self.backbone, self.granularity)
+        message = check_block_order(blocks, forward_order(pl_module, *inputs))
+        if message is not None:
+            rank_zero_warn(f"GradualUnfreeze: {message} Name the blocks with `blocks=[...]` (input side first).")
 
-    def _release_at(self, epoch: int) -> Release:
+    def _backbone(self, pl_module: nn.Module) -> nn.Module:
+        return get_module(pl_module, self.backbone, "backbone")
+
+    def _release(self, index: int) -> Release:
         assert self._plan is not None
-        for release in self._plan.releases:
-            if release.epoch == epoch:
-                return release
-        raise ValueError(
-            f"GradualUnfreeze: the checkpoint holds a release at epoch {epoch}, which the schedule no longer has"
-            f" (it has {[release.epoch for release in self._plan.releases]})."
-        )
+        if index >= len(self._plan.releases):
+            raise ValueError(
+                f"GradualUnfreeze: the checkpoint holds release {index} (0-based), but the schedule has"
+                f" {len(self._plan.releases)}: resume with the configuration the checkpoint was saved with."
+            )
+        return self._plan.releases[index]
+
+    def _released_ids(self, pl_module: nn.Module) -> set[int]:
+        params = dict(pl_module.named_parameters())
+        return {
+            id(params[name])
+            for record in self._history
+            for part in self._release(record.index).parts
+            for name in part.params
+        }
 
     def _release_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._trigger is None:
+            return
+        done = {record.index for record in self._history}
+        for index in self._trigger.due(trainer.current_epoch, trainer.global_step, done):
+            self._release_now(trainer, pl_module, index, "scheduled")
+
+    def _check_plateau(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plateau = self._plateau
+        if plateau is None or self._groups is None or trainer.sanity_checking:
+            return
+        if trainer.state.fn != "fit" or len(self._history) == len(self._release_plan().releases):
+            return
+        value = monitored_value(trainer, plateau.monitor)
+        reason = plateau.update(value, epoch_clock(trainer), trainer.global_step)
+        if self._released_at_this_check(trainer):  # by an EarlyStopping: its phase starts with this check
+            plateau.start_phase(epoch_clock(trainer), trainer.global_step)
+        # every rank releases when any sees a plateau: param groups stay identical across ranks
+        elif trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            self._release_next(trainer, pl_module, reason or "plateau", value, plateau.monitor)
+
+    def _release_next(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str, value: float, metric: str
+    ) -> bool:
+        """Release the plan's next release now (a plateau, an early stop); ``False`` when none is left."""
+        if self._released_at_this_check(trainer):
+            return True  # one release per check, whichever trigger saw the plateau first
+        done = {record.index for record in self._history}
+        left = [index for index in range(len(self._release_plan().releases)) if index not in done]
+        if not left:
+            return False
+        self._release_now(trainer, pl_module, left[0], reason, value, metric)
+        return True
+
+    def _release_now(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        index: int,
+        reason: str,
+        value: float | None = None,
+        metric: str | None = None,
+    ) -> None:
+        assert self._groups is not None and self._norms is not None
+        register_sharded_parameters(pl_module)  # FSDP2: release those it trains
+        release = self._release(index)
+        added = self._add_groups(pl_module, release, trainer.global_step)
+        positions = self._groups.positions(added)
+        record = ReleaseRecord(index, trainer.current_epoch, trainer.global_step, reason, positions, value)
+        self._history.append(record)
+        self._groups.tie_to_head(trainer.global_step)
+        if self._plateau is not None:
+            self._plateau.start_phase(epoch_clock(trainer), trainer.global_step)
+        if self._early_stopping is not None:
+            self._early_stopping.reset_patience(trainer.global_step)
+        # During validation modules are in eval mode, and Lightning restores the modes it found when it ends:
+        # released norm layers take their training mode at the next training step instead.
+        self._unsettled = True
+        if not trainer.validating:
+            self._settle(trainer, pl_module)
+        logged = {"gradual_unfreeze/release": float(index)}
+        if value is not None:
+            logged["gradual_unfreeze/release_value"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        head_lr = self._groups.optimizer.param_groups[0]["lr"]
+        factors = sorted({part.lr_factor for part in release.parts})
+        announce(
+            trainer,
+            f"GradualUnfreeze: {describe_release(record, self.unit, metric)}: released"
+            f" {', '.join(part.name for part in release.parts)}"
+            f" ({sum(part.numel for part in release.parts):,} parameters)"
+            f" at lr {', '.join(f'{head_lr * f:.3g}' for f in factors)}"
+            f" ({', '.join(f'{f:.3g}' for f in factors)} x head).",
+        )
+
+    def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Norm layers as the releases done leave them (and re-estimated, with ``adapt_on_release``)."""
+        assert self._norms is not None
+        self._norms.update(self._released_ids(pl_module))
+        if self.adapt_on_release:
+            self._adaptation.run(trainer, pl_module, self._norms.freezer.layers)
+        self._unsettled = False
+
+    def _released_at_this_check(self, trainer: pl.Trainer) -> bool:
+        last = self._history[-1] if self._history else None
+        return last is not None and last.reason != "scheduled" and last.step == trainer.global_step
+
+    def _release_plan(self) -> ReleasePlan:
         assert self._plan is not None
-        done = {entry["epoch"] for entry in self._released}
-        for release in self._plan.due(trainer.current_epoch):
-            if release.epoch in done:
-                continue
-            self._released.append({"epoch": release.epoch, "step": trainer.global_step})
-            self._add_groups(trainer, pl_module, release, trainer.global_step)
-            self._release_norm_layers(pl_module, release)
-            self._follow_head(trainer.global_step)
-            if self.adapt_batches is not None and self.adapt_on_release:
-                self._adapt(trainer, pl_module)
-            head_lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else float("nan")
-            rank_zero_info(
-                f"GradualUnfreeze: epoch {trainer.current_epoch}: released"
-                f" {', '.join(module.name for module in release.modules)}"
-                f" ({sum(module.numel for module in release.modules):,} parameters)"
-                f" at lr {head_lr * release.lr_factor:.3g} ({release.lr_factor:.3g} x head)."
-            )
+        return self._plan
 
-    def _add_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule, release: Release, step: int) -> None:
-        assert self._optimizer is not None
+    def _add_groups(self, pl_module: nn.Module, release: Release, step: int) -> list[ReleasedGroup]:
+        assert self._groups is not None
         params = dict(pl_module.named_parameters())
-        for module in release.modules:
-            group = [params[name] for name in module.params]
-            for param in group:
-                param.requires_grad_(True)
-            index = add_group_like(self._optimizer, group, module.name, release.lr_factor)
-            for scheduler in self._schedulers(trainer):
-                extend_for_new_group(scheduler, release.lr_factor)
-            self._groups.append((index, release.lr_factor, step))
-            if self._ddp_params is not None:
-                self._ddp_params.extend(p for p in group if id(p) not in self._ddp_reduced)
+        added = []
+        for part in release.parts:
+            group = [params[name] for name in part.params]
+            added += self._groups.add(group, part.name, part.lr_factor, step)
+            self._gradients.track(group)
+        return added
 
-    def _schedulers(self, trainer: pl.Trainer) -> list[Any]:
-        """The LR schedulers of the optimizer that receives the releases."""
-        configs = trainer.lr_scheduler_configs
-        return [config.scheduler for config in configs if config.scheduler.optimizer is self._optimizer]
-
-    def _release_norm_layers(self, pl_module: pl.LightningModule, release: Release) -> None:
-        if self._freezer is None:
-            return
-        names = norm_layer_names(pl_module, [module.name for module in release.modules])
-        if self.train_bn:
-            self._freezer.unfreeze(names)
-        else:
-            self._freezer.freeze(names, freeze_affine=False)
-
-    def _adapt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._freezer is not None and self.adapt_batches is not None
-        adapt_on_train_data(trainer, pl_module, self._freezer.layers, self.adapt_batches, "GradualUnfreeze")
-
-    def _follow_head(self, step: int) -> None:
-        if self._optimizer is None or not self._groups:
-            return
-        follow_head(
-            self._optimizer,
-            [(index, factor * self._warmup(step - start)) for index, factor, start in self._groups],
-        )
-
-    def _warmup(self, steps_since_release: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (steps_since_release + 1) / self.warmup_steps)
-
-    def _pick_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optimizer:
-        optimizers = trainer.optimizers
-        if not optimizers:
-            raise ValueError("GradualUnfreeze needs an optimizer: `configure_optimizers` returned none.")
-        if self.optimizer_index is not None:
-            if self.optimizer_index >= len(optimizers):
-                raise ValueError(
-                    f"`optimizer_index={self.optimizer_index}` but `configure_optimizers` returned"
-                    f" {len(optimizers)} optimizer(s)."
-                )
-            return optimizers[self.optimizer_index]
-        if len(optimizers) == 1:
-            return optimizers[0]
-        backbone = {id(param) for param in pl_module.get_submodule(self.backbone).parameters()}
-        holders = [
-            index
-            for index, optimizer in enumerate(optimizers)
-            if any(id(param) in backbone for group in optimizer.param_groups for param in group["params"])
-        ]
-        if len(holders) != 1:
-            raise ValueError(
-                f"GradualUnfreeze: {len(optimizers)} optimizers and {len(holders)} of them hold backbone parameters:"
-                " set `optimizer_index` to choose the one that receives released modules."
-            )
-        return optimizers[holders[0]]
-
-
-_UNSUPPORTED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
-
-
-def _refuse_unsupported(strategy: object) -> None:
-    # By class name, so that both `lightning.pytorch` and `pytorch_lightning` strategies are recognised.
-    if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(strategy).__mro__):
-        raise TypeError(
-            f"GradualUnfreeze does not support {type(strategy).__name__}: sharded parameters cannot join an"
-            " optimizer's param groups during training here. Use strategy='ddp' (or a single device)."
-        )
+    def _pick_optimizer(self, optimizers: list[Optimizer], pl_module: nn.Module) -> Optimizer:
+        return pick_optimizer(optimizers, self._backbone(pl_module).parameters(), self.optimizer_index)

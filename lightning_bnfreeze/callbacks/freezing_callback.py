@@ -1,0 +1,75 @@
+"""What both callbacks share: letting go of frozen norm layers when a fit ends or fails, and announcing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_bnfreeze.freezer import NormFreezer
+
+__all__ = ["NormFreezingCallback", "after_configure_model", "announce"]
+
+log = logging.getLogger("lightning_bnfreeze")
+
+
+class NormFreezingCallback(Callback):
+    """A callback that keeps norm layers frozen through ``self._freezer`` from fit start until teardown."""
+
+    _freezer: NormFreezer | None = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._freezer is not None:
+            self._freezer.unfreeze_all()
+        self._freezer = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` hook when a fit fails: let go here, or the layers stay frozen for good.
+        self.teardown(trainer, pl_module, "fit")
+
+
+def announce(trainer: pl.Trainer, message: str) -> None:
+    """One INFO line on rank zero, through the progress bar when one is shown, so that it gets a line of its own."""
+    bar = trainer.progress_bar_callback
+    if bar is not None:
+        if trainer.is_global_zero:
+            log.info(message)  # for the user's logging configuration; printed by the bar
+            bar.print(message)
+    else:
+        rank_zero_info(message)
+
+
+def after_configure_model(pl_module: pl.LightningModule, prepare: Callable[[], None]) -> None:
+    """Run ``prepare`` once the model is complete: now, or right after the module's ``configure_model``.
+
+    Layers built in ``configure_model`` (the FSDP2 way) exist only once Lightning has called it,
+    after the callbacks' ``setup`` and before the strategy wraps the model and configures the optimizers.
+    """
+    if not _overrides_configure_model(pl_module):
+        prepare()
+        return
+    configure_model = pl_module.configure_model
+
+    def configure_then_prepare() -> None:
+        # Back to the class's method, for later stages (the outermost of several callbacks' wrappers removes all).
+        vars(pl_module).pop("configure_model", None)
+        configure_model()
+        prepare()
+
+    pl_module.configure_model = configure_then_prepare  # type: ignore[method-assign]
+
+
+def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
+    # By class name, so that `pytorch_lightning` modules are recognised too.
+    for cls in type(pl_module).__mro__:
+        if cls.__name__ == "LightningModule":
+            return False
+        if "configure_model" in vars(cls):
+            return True
+    return False

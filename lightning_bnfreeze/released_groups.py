@@ -1,0 +1,162 @@
+"""The param groups of released parameters, kept in step with the head's learning rate, in plain PyTorch.
+
+:class:`ReleasedGroups` owns the bookkeeping of one optimizer: it takes the backbone's parameters
+out of it (remembering which of the user's groups each came from), adds a named group per released
+part and origin, extends the LR schedulers for each new group, and ties every released group's
+learning rate to the head's (group 0) times its factor, with an optional linear warm-up.
+Groups are tracked by object identity, never by index, and parameters by identity, never by value.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from lightning_bnfreeze.lr_schedulers import extend_for_new_group
+from lightning_bnfreeze.param_groups import add_group_like, remove_parameters
+
+__all__ = ["ReleasedGroup", "ReleasedGroups", "pick_optimizer"]
+
+# Saved position of each restored group, per optimizer, shared by every ReleasedGroups on it: several
+# callbacks restoring groups into one optimizer together put them back in the order they were saved.
+_SAVED_POSITIONS: weakref.WeakKeyDictionary[Optimizer, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ReleasedGroup:
+    """One param group added for a released part: its learning rate is ``head_lr * lr_factor * warm-up``."""
+
+    group: dict[str, Any]
+    lr_factor: float
+    release_step: int
+
+    @property
+    def name(self) -> str:
+        return str(self.group["name"])
+
+
+class ReleasedGroups:
+    """The released param groups of ``optimizer`` (stepped by ``schedulers``).
+
+    Args:
+        optimizer: the optimizer that receives released parameters; its group 0 is the head.
+        schedulers: the LR schedulers of ``optimizer``; each is extended for every added group.
+        warmup_steps: optimizer steps over which a new group's learning rate ramps up linearly.
+    """
+
+    def __init__(self, optimizer: Optimizer, schedulers: Sequence[LRScheduler] = (), warmup_steps: int = 0) -> None:
+        self.optimizer = optimizer
+        self.schedulers = list(schedulers)
+        self.warmup_steps = warmup_steps
+        self.records: list[ReleasedGroup] = []
+        self._origin: dict[int, int] = {}  # id(parameter) -> index of the user's group it was in
+
+    def withdraw(self, params: Iterable[nn.Parameter]) -> None:
+        """Take ``params`` out of the optimizer, remembering each one's group (its hyperparameters' origin).
+
+        Parameters the optimizer did not hold take the head's hyperparameters when released.
+        """
+        params = list(params)
+        for index, group in enumerate(self.optimizer.param_groups):
+            for param in group["params"]:
+                self._origin.setdefault(id(param), index)
+        remove_parameters(self.optimizer, params)
+
+    def add(self, params: Sequence[nn.Parameter], name: str, lr_factor: float, step: int) -> list[ReleasedGroup]:
+        """Make ``params`` trainable in new groups at ``lr_factor`` times the head's learning rate.
+
+        One group per user group the parameters came from, each with that group's hyperparameters
+        (weight decay, betas, ...): named ``name`` when there is one origin, else ``name/<origin>``,
+        where ``<origin>`` is the user's group name or ``group<index>``.
+        """
+        by_origin: dict[int, list[nn.Parameter]] = {}
+        for param in params:
+            by_origin.setdefault(self._origin.get(id(param), 0), []).append(param)
+        added = []
+        for origin, group_params in by_origin.items():
+            for param in group_params:
+                param.requires_grad = True
+            label = name if len(by_origin) == 1 else f"{name}/{self._origin_label(origin)}"
+            add_group_like(self.optimizer, group_params, label, lr_factor, template=origin, lr_template=0)
+            for scheduler in self.schedulers:
+                extend_for_new_group(scheduler, lr_factor)
+            added.append(ReleasedGroup(self.optimizer.param_groups[-1], lr_factor, step))
+        self.records.extend(added)
+        return added
+
+    def restore_order(self, added: Iterable[ReleasedGroup], positions: Iterable[int]) -> None:
+        """Move restored groups to the positions they had when saved.
+
+        Call after adding, on resume, with the positions :meth:`positions` gave when they were added; several holders of
+        the same optimizer may each restore theirs, in any order: once all have, the groups are in
+        the saved order, as ``optimizer.load_state_dict`` expects.
+        """
+        saved = _SAVED_POSITIONS.setdefault(self.optimizer, {})
+        for record, position in zip(added, positions, strict=True):
+            saved[id(record.group)] = position
+        groups = self.optimizer.param_groups
+        placed = sorted((group for group in groups if id(group) in saved), key=lambda group: saved[id(group)])
+        slots = iter(placed)
+        groups[:] = [next(slots) if id(group) in saved else group for group in groups]
+
+    def positions(self, records: Iterable[ReleasedGroup]) -> tuple[int, ...]:
+        """The index of each record's group in the optimizer."""
+        index = {id(group): i for i, group in enumerate(self.optimizer.param_groups)}
+        return tuple(index[id(record.group)] for record in records)
+
+    def tie_to_head(self, step: int) -> None:
+        """Set each released group's learning rate to the head's times its factor and warm-up at ``step``.
+
+        ``optimizer.load_state_dict`` (a resumed fit) replaces the group dicts but keeps each group's
+        ``params`` list: records follow their group through it.
+        """
+        current = {id(group["params"]): group for group in self.optimizer.param_groups}
+        head_lr = self.optimizer.param_groups[0]["lr"]
+        for record in self.records:
+            record.group = current.get(id(record.group["params"]), record.group)
+            record.group["lr"] = head_lr * record.lr_factor * self._warmup(step - record.release_step)
+
+    def _warmup(self, steps_since_release: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (steps_since_release + 1) / self.warmup_steps)
+
+    def _origin_label(self, origin: int) -> str:
+        return str(self.optimizer.param_groups[origin].get("name", f"group{origin}"))
+
+
+def pick_optimizer(optimizers: Sequence[Optimizer], backbone: Iterable[nn.Parameter], index: int | None) -> Optimizer:
+    """The optimizer that receives released parameters: ``optimizers[index]``, else the only one or the one
+    holding backbone parameters.
+
+    Raises:
+        ValueError: no optimizer, ``index`` out of range, or no single optimizer holding backbone parameters.
+    """
+    if not optimizers:
+        raise ValueError("GradualUnfreeze needs an optimizer: `configure_optimizers` returned none.")
+    if index is not None:
+        if index >= len(optimizers):
+            raise ValueError(
+                f"`optimizer_index={index}` but `configure_optimizers` returned {len(optimizers)} optimizer(s)."
+            )
+        return optimizers[index]
+    if len(optimizers) == 1:
+        return optimizers[0]
+    ids = {id(param) for param in backbone}
+    holders = [
+        optimizer
+        for optimizer in optimizers
+        if any(id(param) in ids for group in optimizer.param_groups for param in group["params"])
+    ]
+    if len(holders) != 1:
+        raise ValueError(
+            f"GradualUnfreeze: {len(optimizers)} optimizers and {len(holders)} of them hold backbone parameters:"
+            " set `optimizer_index` to choose the one that receives released parameters."
+        )
+    return holders[0]

@@ -1,0 +1,180 @@
+"""Runs of GradualUnfreeze on 2 CPU processes (gloo), for ``tests/test_distributed_runs.py``.
+
+Usage: ``python tests/distributed_script.py OUT_DIR SCENARIO...``, started once per rank with ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (so that one process pair runs every scenario in turn).
+Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``:
+
+- ``ddp``, ``fsdp``: the same run (releases at epochs 1 and 2, AdaBN before the first step, ``BNFreezeCallback``
+  alongside) under ``strategy="ddp"`` and under ``ModelParallelStrategy`` with FSDP2: ``backbone.3`` and the head are
+  ``fully_shard`` units of their own, the rest of the backbone (``backbone.0``, released, and ``backbone.1``, never
+  released) is in the backbone's root unit, whose parameters a forward pass without backward leaves unsharded.
+- ``fsdp_stop``, ``fsdp_resume``: the ``fsdp`` run stopped after epoch 2 with a distributed checkpoint, then resumed.
+- ``amp``: fp16 mixed precision with a gradient scaler (``MixedPrecision("16-mixed", "cpu")``): one batch of rank 1
+  overflows in the gradient of a released layer only (not in the head's); every rank must skip that step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
+
+RELEASES = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class ConvModel(pl.LightningModule):
+    def __init__(self, sharded: bool) -> None:
+        super().__init__()
+        self.sharded = sharded
+        self.backbone = nn.Sequential(
+            conv_block(3, 8), conv_block(8, 8), nn.MaxPool2d(2), conv_block(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.head = nn.Linear(8, 4)
+
+    def configure_model(self) -> None:
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.backbone[3], mesh=mesh)
+            fully_shard(self.backbone, mesh=mesh)
+            fully_shard(self.head, mesh=mesh)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+
+
+class LinearModel(pl.LightningModule):
+    """``backbone.1`` starts tiny: large inputs overflow its fp16 weight gradient, not the head's.
+
+    Rank 1's first batch after the release is such a batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.backbone[1].weight.mul_(1e-3)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.global_rank == 1 and self.current_epoch == 1 and batch_idx == 0:
+            x = x * 100
+        return F.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class LocalGradients(Callback):
+    """Records, before GradualUnfreeze averages them, whether this rank's released gradients are finite."""
+
+    def __init__(self) -> None:
+        self.finite: list[bool] = []
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        grads = [p.grad for p in pl_module.backbone[1].parameters() if p.grad is not None]
+        if grads:
+            self.finite.append(all(bool(torch.isfinite(grad).all()) for grad in grads))
+
+
+def full(tensor: Tensor) -> Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else tensor).detach().clone()
+
+
+def trainer(strategy: Any, max_epochs: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=generator) * 3 + 2
+    y = torch.randint(0, 4, (32,), generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    torch.manual_seed(0)
+    sharded = scenario != "ddp"
+    model = ConvModel(sharded)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
+    callbacks = [GradualUnfreeze(schedule=RELEASES, lr_scale=0.5, adapt_batches=2), BNFreezeCallback()]
+    fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
+    checkpoint = out_dir / "fsdp_checkpoint"
+    fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
+    if scenario == "fsdp_stop":
+        fit.save_checkpoint(checkpoint)
+    return {
+        "initial": initial,
+        "final": {name: full(p) for name, p in model.named_parameters()},
+        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
+        "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
+    }
+
+
+def amp_run() -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=generator)
+    y = torch.randint(0, 4, (16,), generator=generator)
+    torch.manual_seed(0)
+    model = LinearModel()
+    probe = LocalGradients()
+    precision = MixedPrecision("16-mixed", "cpu")
+    fit = trainer("ddp", 3, [probe, GradualUnfreeze(schedule={1: "backbone.1"})], plugins=[precision])
+    fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert precision.scaler is not None
+    return {
+        "final": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "scale": precision.scaler.get_scale(),
+        "local_finite": probe.finite,
+        "steps": fit.global_step,
+    }
+
+
+def main(out_dir: Path, scenarios: list[str]) -> None:
+    torch.set_num_threads(1)
+    for scenario in scenarios:
+        result = amp_run() if scenario == "amp" else conv_run(out_dir, scenario)
+        rank = torch.distributed.get_rank()
+        torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -1,0 +1,101 @@
+"""GradualUnfreeze under ``ModelParallelStrategy`` (FSDP2) and under DDP with fp16 loss scaling, on 2 CPU processes.
+
+One process pair runs every scenario of ``tests/distributed_script.py`` in turn (see there); the tests check them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("distributed_script.py")
+SCENARIOS = ("ddp", "fsdp", "fsdp_stop", "fsdp_resume", "amp")
+TIMEOUT = 300
+NEVER_RELEASED = "backbone.1."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out_dir = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out_dir), *SCENARIOS],
+            cwd=SCRIPT.parent.parent,
+            env={**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for process in ranks:
+        try:
+            output, _ = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            output, _ = process.communicate()
+            raise AssertionError(f"distributed runs timed out:\n{output[-3000:]}") from None
+        assert process.returncode == 0, output[-5000:]
+    return {
+        scenario: [torch.load(out_dir / f"{scenario}-rank{rank}.pt", weights_only=True) for rank in range(2)]
+        for scenario in SCENARIOS
+    }
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[name].double() - b[name].double()).abs().max().item() for name in a)
+
+
+def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[dict[str, Any]]]) -> None:
+    (ddp, _), (fsdp, fsdp_rank1) = runs["ddp"], runs["fsdp"]
+    assert [name for name, _ in fsdp["groups"]] == ["head", "backbone.3", "backbone.0"]
+    assert fsdp["groups"] == ddp["groups"]
+    for name, value in fsdp["final"].items():
+        released = name.startswith(("head.", "backbone.3.", "backbone.0."))
+        assert torch.equal(value, fsdp["initial"][name]) != released, name  # released ones trained, the others not
+    assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
+    assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
+    # AdaBN over the data-parallel group: the frozen statistics are those of both ranks' batches, as under DDP
+    frozen_statistics = {name: b for name, b in fsdp["buffers"].items() if name.startswith(NEVER_RELEASED)}
+    assert max_difference(frozen_statistics, {name: ddp["buffers"][name] for name in frozen_statistics}) < 1e-5
+
+
+def test_fsdp2_resumes_exactly_from_a_distributed_checkpoint(runs: dict[str, list[dict[str, Any]]]) -> None:
+    (stopped, _), (resumed, resumed_rank1), (uninterrupted, _) = runs["fsdp_stop"], runs["fsdp_resume"], runs["fsdp"]
+    assert [name for name, _ in stopped["groups"]] == ["head", "backbone.3"]
+    assert resumed["groups"] == uninterrupted["groups"]
+    assert max_difference(resumed["final"], uninterrupted["final"]) == 0.0
+    assert max_difference(resumed["final"], resumed_rank1["final"]) == 0.0
+    # the never-released block's norm statistics stay bitwise those of the checkpoint through the resumed epoch
+    for name, value in resumed["buffers"].items():
+        if name.startswith(NEVER_RELEASED):
+            assert torch.equal(value, stopped["buffers"][name]), name
+    assert not torch.equal(resumed["final"]["backbone.0.0.weight"], stopped["final"]["backbone.0.0.weight"])
+
+
+def test_fp16_loss_scaling_every_rank_skips_the_step_where_one_overflows(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    rank0, rank1 = runs["amp"]
+    # the hostile case: at the first step after the release, rank 1 overflows in the released layer's own
+    # gradients (not in the head's, which DDP averages), rank 0 does not
+    assert rank0["local_finite"][0] and not rank1["local_finite"][0]
+    assert rank0["scale"] == rank1["scale"] == 2.0**15  # both skipped that one step, and lowered the scale alike
+    assert rank0["steps"] == rank1["steps"]
+    assert max_difference(rank0["final"], rank1["final"]) == 0.0
+    assert all(torch.isfinite(value).all() for value in rank0["final"].values())

@@ -1,0 +1,231 @@
+"""GradualUnfreeze's param groups beyond the basics: the user's hyperparameters per origin group, layer-wise LR
+decay, parameters named in a schedule, several optimizers, several instances resumed, a backbone built in
+``configure_model``, and configuration errors that name the bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_bnfreeze import GradualUnfreeze
+from tests.unfreeze_helpers import (
+    FEATURES,
+    STEPS_PER_EPOCH,
+    UnfreezeModel,
+    build_model,
+    clone_params,
+    groups_by_name,
+    make_trainer,
+    param_ids,
+    tiny_backbone,
+)
+
+
+def fit(model: UnfreezeModel, callbacks: list[Any], max_epochs: int = 3, **kwargs: Any) -> Any:
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, **kwargs)
+    trainer.fit(model)
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------- origin groups
+
+
+class TwoGroupModel(UnfreezeModel):
+    """AdamW with weight decay on weights, none on biases and norm parameters, as timm's and HF's helpers build it."""
+
+    def configure_optimizers(self) -> Any:
+        decay = [p for n, p in self.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim <= 1]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.05, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=0.01,
+        )
+
+
+def test_released_parameters_keep_the_hyperparameters_of_the_group_they_came_from() -> None:
+    torch.manual_seed(0)
+    model = TwoGroupModel()
+    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"}, lr_scale=0.5)], max_epochs=2)
+    groups = groups_by_name(trainer.optimizers[0])
+    assert list(groups) == ["decay", None, "backbone.3/decay", "backbone.3/group1"]
+    weights, biases = groups["backbone.3/decay"], groups["backbone.3/group1"]
+    assert weights["weight_decay"] == 0.05 and biases["weight_decay"] == 0.0
+    assert weights["lr"] == biases["lr"] == pytest.approx(0.5 * 0.01)
+    released = param_ids(model, "backbone.3")
+    assert {id(p) for p in weights["params"]} | {id(p) for p in biases["params"]} == released
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in biases["params"])
+
+
+def test_contrast_a_single_origin_gives_one_group_named_after_the_part() -> None:
+    model = build_model(optimizer="adam")
+    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"})], max_epochs=2)
+    assert [g.get("name") for g in trainer.optimizers[0].param_groups] == ["head", "backbone.3"]
+
+
+# --------------------------------------------------------------------------------------------- layer-wise decay
+
+
+def test_layer_decay_releases_every_block_at_once_at_decaying_rates() -> None:
+    model = build_model()
+    unfreeze = GradualUnfreeze(layer_decay=0.5, lr_scale=0.8, granularity="block")
+    plan = unfreeze.plan(model)
+    assert len(plan.releases) == 1 and plan.releases[0].at == 1
+    parts = plan.releases[0].parts
+    assert [part.name for part in parts] == ["backbone.3", "backbone.1", "backbone.0"]
+    assert [part.lr_factor for part in parts] == pytest.approx([0.8, 0.4, 0.2])
+    trainer = fit(model, [unfreeze], max_epochs=2)
+    groups = trainer.optimizers[0].param_groups
+    head_lr = groups[0]["lr"]
+    assert [(g["name"], g["lr"] / head_lr) for g in groups[1:]] == [
+        ("backbone.3", pytest.approx(0.8)),
+        ("backbone.1", pytest.approx(0.4)),
+        ("backbone.0", pytest.approx(0.2)),
+    ]
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_layer_decay_from_step_0_trains_everything_from_the_first_step() -> None:
+    model = build_model()
+    before = clone_params(model)
+    fit(model, [GradualUnfreeze(layer_decay=0.5, first_release=0)], max_epochs=1)
+    after = clone_params(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before), "a parameter did not train in epoch 0"
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def test_a_schedule_may_name_a_parameter() -> None:
+    model = build_model()
+    trainer = fit(model, [GradualUnfreeze(schedule={1: ["backbone.3.0.weight"], 2: "backbone.[3]"})], max_epochs=3)
+    groups = groups_by_name(trainer.optimizers[0])
+    assert [id(p) for p in groups["backbone.3.0.weight"]["params"]] == [id(model.backbone[3][0].weight)]
+    # a glob then releases what is left of the module
+    assert {id(p) for p in groups["backbone.3"]["params"]} == param_ids(model, "backbone.3") - {
+        id(model.backbone[3][0].weight)
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"schedule": {1: 42}}, r"`schedule\[1\]` is 42"),
+        ({"backbone": ""}, r"`backbone` must be the name of a module.*got ''"),
+        ({"layer_decay": 0.7, "schedule": {1: "backbone.3"}}, r"cannot be combined with `layer_decay`"),
+        ({"granularity": "layers"}, r"`granularity` must be one of.*'layers'"),
+        ({"blocks_per_release": 0}, r"`blocks_per_release` must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradualUnfreeze(**kwargs).plan(build_model())
+
+
+def test_an_unknown_backbone_lists_the_top_level_modules_with_parameters() -> None:
+    with pytest.raises(
+        ValueError, match=r"`backbone` is 'encoder'.*top-level modules with parameters: 'backbone', 'head'"
+    ):
+        fit(build_model(), [GradualUnfreeze(backbone="encoder")])
+
+
+# --------------------------------------------------------------------------------------------- several optimizers
+
+
+class TwoOptimizerModel(UnfreezeModel):
+    """Optimizer 0 holds everything; optimizer 1 holds the backbone (manual optimization steps both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.backbone.parameters(), lr=0.1)
+
+
+def test_released_parameters_leave_every_other_optimizer() -> None:
+    torch.manual_seed(0)
+    model = TwoOptimizerModel()
+    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"}, optimizer_index=1)], max_epochs=2)
+    backbone = param_ids(model, "backbone")
+    first, second = trainer.optimizers
+    assert not any(id(p) in backbone for g in first.param_groups for p in g["params"])
+    assert {id(p) for p in groups_by_name(second)["backbone.3"]["params"]} == param_ids(model, "backbone.3")
+
+
+# --------------------------------------------------------------------------------------------- two instances
+
+
+class TwoBackboneModel(UnfreezeModel):
+    """Two backbones side by side, summed: ``backbone`` and ``backbone2``, each with its own GradualUnfreeze."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="adam", batches_by_index=True)
+        self.backbone2 = tiny_backbone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x) + self.backbone2(x))
+
+
+def two_instances() -> list[GradualUnfreeze]:
+    # interleaved releases: backbone.3, backbone2.3 (epoch 1), then backbone.1 (epoch 2)
+    return [
+        GradualUnfreeze(schedule={1: "backbone.3", 2: "backbone.1"}),
+        GradualUnfreeze(backbone="backbone2", schedule={1: "backbone2.3", 2: ["backbone2.1", "backbone2.0"]}),
+    ]
+
+
+def test_two_instances_resume_their_groups_in_the_saved_order(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = TwoBackboneModel()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = fit(reference, [*two_instances(), checkpoint], max_epochs=4, enable_checkpointing=True)
+    saved = [g["name"] for g in trainer.optimizers[0].param_groups]
+    # the second instance's groups sit between the first's: resumed per instance, they would not
+    assert saved == ["head", "backbone.3", "backbone2.3", "backbone.1", "backbone2.1", "backbone2.0"]
+
+    torch.manual_seed(0)
+    resumed = TwoBackboneModel()
+    trainer2 = make_trainer([*two_instances()], max_epochs=4)
+    trainer2.fit(resumed, ckpt_path=tmp_path / "epoch=2.ckpt")
+    assert [g["name"] for g in trainer2.optimizers[0].param_groups] == saved
+    for name, param in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], param, rtol=0, atol=0, msg=name)
+    assert resumed.steps_run == STEPS_PER_EPOCH  # only the last epoch ran again
+
+
+# --------------------------------------------------------------------------------------------- configure_model
+
+
+class ConfiguredBackboneModel(UnfreezeModel):
+    """The backbone is built in ``configure_model``, as FSDP2 models are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.backbone
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "backbone"):
+            self.backbone = tiny_backbone()
+
+
+def test_a_backbone_built_in_configure_model_is_planned_frozen_and_released() -> None:
+    torch.manual_seed(0)
+    model = ConfiguredBackboneModel()
+    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"})], max_epochs=2)
+    groups = groups_by_name(trainer.optimizers[0])
+    assert {id(p) for p in groups["backbone.3"]["params"]} == param_ids(model, "backbone.3")
+    assert not any(p.requires_grad for p in model.backbone[0].parameters())
+    assert isinstance(model.backbone[3][1], nn.BatchNorm2d) and model.backbone[3][1].num_features == FEATURES
