@@ -77,6 +77,11 @@ VIT_CONFIG: dict[str, Any] = dict(
 PRETRAIN: dict[str, Any] = dict(epochs=60, lr=3e-3, batch_size=64, seed=0)
 DEPTH = VIT_CONFIG["depth"]
 VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", *(f"blocks.{i}" for i in range(DEPTH)), "norm")
+BEHAVIOUR_ARGUMENTS = (
+    *("lr_scale", "lr_decay", "layer_decay", "granularity", "blocks_per_release", "first_release", "release_every"),
+    *("train_bn", "warmup_steps", "adapt_batches", "unit", "monitor"),
+)
+"""``GradualUnfreeze`` arguments whose defaults, when they change, change what ``ours_*`` recipes run."""
 OURS_PRESETS: dict[str, dict[str, Any]] = {"ours_default": {}, "ours_llrd": {"layer_decay": 0.75}}
 
 
@@ -191,9 +196,11 @@ def fts_schedule(
 
 
 def fingerprint(recipe: str) -> str:
-    """A ``GradualUnfreeze`` recipe as it resolves today (every argument, defaults included, and the plan), hashed.
+    """A ``GradualUnfreeze`` recipe as it resolves today, hashed; ``""`` for the other recipes.
 
-    ``""`` for the other recipes.
+    It covers the release plan, the arguments given and the defaults of :data:`BEHAVIOUR_ARGUMENTS`, so
+    that a change of those defaults reruns ``ours_default`` while a new argument that is off by
+    default does not invalidate the runs done.
     """
     kwargs = gradual_kwargs_of(recipe)
     if kwargs is None:
@@ -204,9 +211,8 @@ def fingerprint(recipe: str) -> str:
     arguments.apply_defaults()
     model = nn.Module()
     model.backbone = digits_vit()
-    described = [sorted((key, repr(value)) for key, value in arguments.arguments.items())]
-    described.append(GradualUnfreeze(**kwargs).dry_run(model))
-    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:12]
+    resolved = sorted((k, repr(v)) for k, v in arguments.arguments.items() if k in kwargs or k in BEHAVIOUR_ARGUMENTS)
+    return hashlib.sha256(json.dumps([resolved, GradualUnfreeze(**kwargs).dry_run(model)]).encode()).hexdigest()[:12]
 
 
 def make_callbacks(recipe: str, epochs: int, lr: float, log_dir: str) -> list[Any]:

@@ -36,9 +36,10 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.lr_preview import Budget, LrPreview, simulate
 from lightning_bnfreeze.lr_schedulers import check_extendable
 from lightning_bnfreeze.names import get_module
-from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups, pick_optimizer
-from lightning_bnfreeze.schedule import Release, ReleasePlan, format_plan, plan_blocks, plan_releases
-from lightning_bnfreeze.triggers import UNITS, PlateauTrigger, ReleaseRecord, ScheduleTrigger, describe_release
+from lightning_bnfreeze.released_groups import ReleasedGroups, pick_optimizer
+from lightning_bnfreeze.releaser import Releaser
+from lightning_bnfreeze.schedule import ReleasePlan, format_plan, plan_blocks, plan_releases
+from lightning_bnfreeze.triggers import UNITS, PlateauTrigger, ReleaseRecord, ScheduleTrigger
 
 __all__ = ["GradualUnfreeze"]
 
@@ -216,9 +217,8 @@ class GradualUnfreeze(NormFreezingCallback):
         self._plan: ReleasePlan | None = None
         self._trigger: ScheduleTrigger | None = None
         self._history: list[ReleaseRecord] = []
-        self._groups: ReleasedGroups | None = None
+        self._releaser: Releaser | None = None
         self._norms: BackboneNorms | None = None
-        self._gradients = GradientSync(None)
 
     @property
     @override
@@ -288,7 +288,7 @@ class GradualUnfreeze(NormFreezingCallback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy, "GradualUnfreeze")
-        self._history = []  # a checkpoint's state, loaded after `setup`, may say otherwise
+        self._history.clear()  # a checkpoint's state, loaded after `setup`, may say otherwise
         self._unsettled = False
         self._adaptation.reset()
         if self._plateau is not None:
@@ -322,27 +322,24 @@ class GradualUnfreeze(NormFreezingCallback):
         ]
         for scheduler in schedulers:
             check_extendable(scheduler)
-        self._groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
+        groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
         backbone_params = list(self._backbone(pl_module).parameters())
-        self._groups.withdraw(backbone_params)
+        groups.withdraw(backbone_params)
         for other in trainer.optimizers:
             if other is not optimizer:
                 ReleasedGroups(other).withdraw(backbone_params)
         # Named from the start, so that LearningRateMonitor's key for it does not change at the first release.
         optimizer.param_groups[0].setdefault("name", "head")
-        self._gradients = GradientSync(trainer.strategy.model)
-        self._restore_groups(pl_module)
-        restore_before_optimizers(trainer.strategy, self.state_key, lambda state: self._restore_late(pl_module, state))
+        assert self._plan is not None
+        gradients = GradientSync(trainer.strategy.model)
+        self._releaser = Releaser(pl_module, self._plan, groups, gradients, self._history)
+        self._releaser.restore()
+        restore_before_optimizers(trainer.strategy, self.state_key, self._restore_late)
 
-    def _restore_groups(self, pl_module: pl.LightningModule) -> None:
-        assert self._groups is not None
-        for record in self._history:
-            added = self._add_groups(pl_module, self._release(record.index), record.step)
-            self._groups.restore_order(added, record.positions)
-
-    def _restore_late(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+    def _restore_late(self, state: dict[str, Any]) -> None:
+        assert self._releaser is not None
         self.load_state_dict(state)
-        self._restore_groups(pl_module)
+        self._releaser.restore()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -353,7 +350,7 @@ class GradualUnfreeze(NormFreezingCallback):
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
         self._norms = BackboneNorms(pl_module, self.backbone, self.train_bn, holder=self)
         self._freezer = self._norms.freezer
-        self._norms.update(self._released_ids(pl_module))
+        self._norms.update(self._releaser_now().released_ids())
         self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
         self._release_due(trainer, pl_module)
 
@@ -374,16 +371,16 @@ class GradualUnfreeze(NormFreezingCallback):
             self._settle(trainer, pl_module)
         if self._freezer is not None:
             self._freezer.enforce()
-        if self._groups is not None:
-            self._groups.tie_to_head(trainer.global_step)
+        if self._releaser is not None:
+            self._releaser.groups.tie_to_head(trainer.global_step)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
-        if self._groups is not None:
-            self._groups.tie_to_head(trainer.global_step)
+        if self._releaser is not None:
+            self._releaser.groups.tie_to_head(trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -398,7 +395,8 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before a gradient scaler checks for infs: every rank then skips the same steps.
-        self._gradients.finish_backward()
+        if self._releaser is not None:
+            self._releaser.gradients.finish_backward()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -407,7 +405,7 @@ class GradualUnfreeze(NormFreezingCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._history = [ReleaseRecord.from_dict(record) for record in state_dict["history"]]
+        self._history[:] = [ReleaseRecord.from_dict(record) for record in state_dict["history"]]
         self._adaptation.load_state_dict(state_dict)
         if self._plateau is not None and "plateau" in state_dict:
             self._plateau.load_state_dict(state_dict["plateau"])
@@ -415,8 +413,10 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._gradients.close()
-        self._groups = self._norms = None
+        forget_restore_hook(trainer.strategy)  # a fit that failed before training started
+        if self._releaser is not None:
+            self._releaser.gradients.close()
+        self._releaser = self._norms = None
         if self._early_stopping is not None:
             self._early_stopping.restore()
 
@@ -434,24 +434,6 @@ class GradualUnfreeze(NormFreezingCallback):
     def _backbone(self, pl_module: nn.Module) -> nn.Module:
         return get_module(pl_module, self.backbone, "backbone")
 
-    def _release(self, index: int) -> Release:
-        assert self._plan is not None
-        if index >= len(self._plan.releases):
-            raise ValueError(
-                f"GradualUnfreeze: the checkpoint holds release {index} (0-based), but the schedule has"
-                f" {len(self._plan.releases)}: resume with the configuration the checkpoint was saved with."
-            )
-        return self._plan.releases[index]
-
-    def _released_ids(self, pl_module: nn.Module) -> set[int]:
-        params = dict(pl_module.named_parameters())
-        return {
-            id(params[name])
-            for record in self._history
-            for part in self._release(record.index).parts
-            for name in part.params
-        }
-
     def _release_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._trigger is None:
             return
@@ -461,9 +443,9 @@ class GradualUnfreeze(NormFreezingCallback):
 
     def _check_plateau(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         plateau = self._plateau
-        if plateau is None or self._groups is None or trainer.sanity_checking:
+        if plateau is None or self._releaser is None or trainer.sanity_checking:
             return
-        if trainer.state.fn != "fit" or len(self._history) == len(self._release_plan().releases):
+        if trainer.state.fn != "fit" or not self._releaser.remaining():
             return
         value = monitored_value(trainer, plateau.monitor)
         reason = plateau.update(value, epoch_clock(trainer), trainer.global_step)
@@ -479,12 +461,10 @@ class GradualUnfreeze(NormFreezingCallback):
         """Release the plan's next release now (a plateau, an early stop); ``False`` when none is left."""
         if self._released_at_this_check(trainer):
             return True  # one release per check, whichever trigger saw the plateau first
-        done = {record.index for record in self._history}
-        left = [index for index in range(len(self._release_plan().releases)) if index not in done]
-        if not left:
-            return False
-        self._release_now(trainer, pl_module, left[0], reason, value, metric)
-        return True
+        left = self._releaser_now().remaining()
+        if left:
+            self._release_now(trainer, pl_module, left[0], reason, value, metric)
+        return bool(left)
 
     def _release_now(
         self,
@@ -495,14 +475,8 @@ class GradualUnfreeze(NormFreezingCallback):
         value: float | None = None,
         metric: str | None = None,
     ) -> None:
-        assert self._groups is not None and self._norms is not None
         register_sharded_parameters(pl_module)  # FSDP2: release those it trains
-        release = self._release(index)
-        added = self._add_groups(pl_module, release, trainer.global_step)
-        positions = self._groups.positions(added)
-        record = ReleaseRecord(index, trainer.current_epoch, trainer.global_step, reason, positions, value)
-        self._history.append(record)
-        self._groups.tie_to_head(trainer.global_step)
+        record = self._releaser_now().release(index, trainer.current_epoch, trainer.global_step, reason, value)
         if self._plateau is not None:
             self._plateau.start_phase(epoch_clock(trainer), trainer.global_step)
         if self._early_stopping is not None:
@@ -517,21 +491,12 @@ class GradualUnfreeze(NormFreezingCallback):
             logged["gradual_unfreeze/release_value"] = value
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
-        head_lr = self._groups.optimizer.param_groups[0]["lr"]
-        factors = sorted({part.lr_factor for part in release.parts})
-        announce(
-            trainer,
-            f"GradualUnfreeze: {describe_release(record, self.unit, metric)}: released"
-            f" {', '.join(part.name for part in release.parts)}"
-            f" ({sum(part.numel for part in release.parts):,} parameters)"
-            f" at lr {', '.join(f'{head_lr * f:.3g}' for f in factors)}"
-            f" ({', '.join(f'{f:.3g}' for f in factors)} x head).",
-        )
+        announce(trainer, f"GradualUnfreeze: {self._releaser_now().describe(record, metric)}")
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Norm layers as the releases done leave them (and re-estimated, with ``adapt_on_release``)."""
         assert self._norms is not None
-        self._norms.update(self._released_ids(pl_module))
+        self._norms.update(self._releaser_now().released_ids())
         if self.adapt_on_release:
             self._adaptation.run(trainer, pl_module, self._norms.freezer.layers)
         self._unsettled = False
@@ -540,19 +505,9 @@ class GradualUnfreeze(NormFreezingCallback):
         last = self._history[-1] if self._history else None
         return last is not None and last.reason != "scheduled" and last.step == trainer.global_step
 
-    def _release_plan(self) -> ReleasePlan:
-        assert self._plan is not None
-        return self._plan
-
-    def _add_groups(self, pl_module: nn.Module, release: Release, step: int) -> list[ReleasedGroup]:
-        assert self._groups is not None
-        params = dict(pl_module.named_parameters())
-        added = []
-        for part in release.parts:
-            group = [params[name] for name in part.params]
-            added += self._groups.add(group, part.name, part.lr_factor, step)
-            self._gradients.track(group)
-        return added
+    def _releaser_now(self) -> Releaser:
+        assert self._releaser is not None, "GradualUnfreeze: no fit in progress"
+        return self._releaser
 
     def _pick_optimizer(self, optimizers: list[Optimizer], pl_module: nn.Module) -> Optimizer:
         return pick_optimizer(optimizers, self._backbone(pl_module).parameters(), self.optimizer_index)
