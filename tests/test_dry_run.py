@@ -46,7 +46,7 @@ def test_unknown_model_name_lists_the_closest() -> None:
 
 
 def test_vit_b_16_plan_releases_its_encoder_layers_output_side_first() -> None:
-    plan = dry_run.main(["--model", "torchvision:vit_b_16"])
+    plan = dry_run.main(["--model", "torchvision:vit_b_16", "--blocks_per_release", "1"])
     assert "on torchvision:vit_b_16 as `backbone` (86,567,656 parameters; built on the meta device" in plan
     released = [row[1] for row in rows(plan.partition("Releases:")[2]) if row and row[0].isdigit()]
     layer_11 = next(i for i, name in enumerate(released) if "encoder_layer_11" in name)

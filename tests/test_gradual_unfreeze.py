@@ -68,7 +68,9 @@ def close(a: float, b: float) -> bool:
 def test_default_schedule_is_children_with_params_output_side_first_on_a_cadence(
     first_release: int, release_every: int, epochs: list[int]
 ) -> None:
-    plan = GradualUnfreeze(first_release=first_release, release_every=release_every).plan(build_model())
+    plan = GradualUnfreeze(first_release=first_release, release_every=release_every, blocks_per_release=1).plan(
+        build_model()
+    )
     # backbone.2 (MaxPool2d), backbone.4 and backbone.5 hold no parameters: not released
     assert [(r.at, [m.name for m in r.parts]) for r in plan.releases] == list(
         zip(epochs, [["backbone.3"], ["backbone.1"], ["backbone.0"]], strict=True)
@@ -77,7 +79,7 @@ def test_default_schedule_is_children_with_params_output_side_first_on_a_cadence
 
 def test_default_schedule_trains_head_alone_in_epoch_0_then_releases_one_child_per_epoch() -> None:
     model, probe = build_model(), LrProbe()
-    fit(model, [GradualUnfreeze(lr_scale=LR_SCALE, lr_decay=LR_DECAY), probe], max_epochs=4)
+    fit(model, [GradualUnfreeze(lr_scale=LR_SCALE, lr_decay=LR_DECAY, blocks_per_release=1), probe], max_epochs=4)
     by_epoch = {r.epoch: r for r in probe.records}
     assert [by_epoch[e].names[1:] for e in range(4)] == [
         [],
@@ -545,7 +547,7 @@ def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_st
     resnet = torchvision.models.resnet18(weights=None)
     resnet.fc = nn.Identity()
     model = UnfreezeModel(backbone=(resnet, 512), record=False)
-    releases = GradualUnfreeze(granularity="stage").dry_run(model).partition("Releases:\n")[2]
+    releases = GradualUnfreeze(granularity="stage", blocks_per_release=1).dry_run(model).partition("Releases:\n")[2]
     assert [row[:2] for row in table_rows(releases)] == [
         ["1", "backbone.layer4"],
         ["2", "backbone.layer3"],
@@ -556,7 +558,12 @@ def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_st
     ]
     probe = EpochProbe()
     with pytest.warns(UserWarning, match="max_epochs"):
-        trainer = fit(model, [GradualUnfreeze(granularity="stage"), probe], max_epochs=2, limit_train_batches=2)
+        trainer = fit(
+            model,
+            [GradualUnfreeze(granularity="stage", blocks_per_release=1), probe],
+            max_epochs=2,
+            limit_train_batches=2,
+        )
     assert [g.get("name") for g in trainer.optimizers[0].param_groups[1:]] == ["backbone.layer4"]
     stats = [k for k in probe.states[0] if k.startswith("backbone.") and k.endswith("running_mean")]
     assert len(stats) == 20

@@ -136,7 +136,7 @@ def test_a_plateau_releases_the_next_block_at_the_epoch_end_and_records_why(
 ) -> None:
     torch.manual_seed(0)
     model, probe = ScriptedScore(SCORES), LrProbe()
-    callback = GradualUnfreeze(monitor="score", patience=2, lr_scale=0.3, lr_decay=0.5)
+    callback = GradualUnfreeze(monitor="score", patience=2, lr_scale=0.3, lr_decay=0.5, blocks_per_release=1)
     logger = CSVLogger(tmp_path, name="", version=0)
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with caplog.at_level(logging.INFO):
@@ -165,7 +165,7 @@ def test_checks_follow_validation_inside_epochs_and_min_phase_holds(min_phase: i
     """Validation twice per epoch: a check after each; a flat score and patience 1 release at every check but the
     first, unless ``min_phase`` (in epochs) keeps the phase longer."""
     model = ScriptedScore([0.5] * 20)
-    callback = GradualUnfreeze(monitor="score", patience=1, min_phase=min_phase)
+    callback = GradualUnfreeze(monitor="score", patience=1, min_phase=min_phase, blocks_per_release=1)
     fit(model, [callback], epochs=4, val_check_interval=0.5)
     assert [(r.step, r.reason) for r in callback._history] == [(step, "plateau") for step in release_steps]
 
@@ -173,7 +173,7 @@ def test_checks_follow_validation_inside_epochs_and_min_phase_holds(min_phase: i
 def test_a_release_right_after_a_validation_trains_its_norm_layers_from_the_next_step() -> None:
     """Validation leaves every module in the mode it found: a block released then still trains its statistics."""
     model = ScriptedScore([0.5] * 20, record=True)
-    fit(model, [GradualUnfreeze(monitor="score", patience=1)], epochs=3, val_check_interval=0.5)
+    fit(model, [GradualUnfreeze(monitor="score", patience=1, blocks_per_release=1)], epochs=3, val_check_interval=0.5)
     assert model.recorder is not None
     tags = [record.tag for record in model.recorder.records if record.layer == "backbone.3.1"]
     assert len(tags) == 3 * STEPS_PER_EPOCH
@@ -185,7 +185,7 @@ def test_a_release_right_after_a_validation_trains_its_norm_layers_from_the_next
 
 def test_max_phase_releases_while_the_metric_still_improves() -> None:
     model = ScriptedScore([1.0 - 0.01 * i for i in range(10)])
-    callback = GradualUnfreeze(monitor="score", patience=1, max_phase=2)
+    callback = GradualUnfreeze(monitor="score", patience=1, max_phase=2, blocks_per_release=1)
     fit(model, [callback], epochs=8)
     assert [(r.epoch, r.step, r.reason) for r in callback._history] == [
         (1, 8, "max_phase"),
@@ -196,7 +196,7 @@ def test_max_phase_releases_while_the_metric_still_improves() -> None:
 
 def test_the_dry_run_gives_the_order_and_says_the_times_are_not_used() -> None:
     model = ScriptedScore(SCORES)
-    table = GradualUnfreeze(monitor="score").dry_run(model, max_epochs=2)
+    table = GradualUnfreeze(monitor="score", blocks_per_release=1).dry_run(model, max_epochs=2)
     released = [line.split()[1] for line in table.partition("Releases:")[2].splitlines() if line[:1].isdigit()]
     assert released == ["backbone.3", "backbone.1", "backbone.0"]
     assert "On plateaus of 'score'" in table and "never)" not in table
@@ -206,7 +206,7 @@ def test_the_dry_run_gives_the_order_and_says_the_times_are_not_used() -> None:
 def test_an_unlogged_monitor_raises_naming_the_closest_metric() -> None:
     model = ScriptedScore(SCORES)
     with pytest.raises(RuntimeError, match=r"`monitor='scor'`.*Closest: 'score'"):
-        fit(model, [GradualUnfreeze(monitor="scor")], epochs=2)
+        fit(model, [GradualUnfreeze(monitor="scor", blocks_per_release=1)], epochs=2)
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -215,7 +215,7 @@ def test_an_unlogged_monitor_raises_naming_the_closest_metric() -> None:
 def train(directory: Path, ckpt_path: Path | None = None, strip: bool = False) -> tuple[GradualUnfreeze, dict]:
     torch.manual_seed(0)
     model = ScriptedScore(SCORES)
-    callback = GradualUnfreeze(monitor="score", patience=2)
+    callback = GradualUnfreeze(monitor="score", patience=2, blocks_per_release=1)
     checkpoints = ModelCheckpoint(directory, "{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer(
         [callback, checkpoints], max_epochs=8, num_sanity_val_steps=0, limit_val_batches=1, enable_checkpointing=True
@@ -270,7 +270,7 @@ def test_early_stopping_releases_the_next_block_instead_of_stopping_until_all_ar
 
 def test_early_stopping_and_a_plateau_on_the_same_check_release_once() -> None:
     stopper = EarlyStopping("score", patience=2)
-    callback = GradualUnfreeze(monitor="score", patience=2)
+    callback = GradualUnfreeze(monitor="score", patience=2, blocks_per_release=1)
     trainer = fit(ScriptedScore(SCORES + [0.9] * 12), [stopper, callback], epochs=20)
     # the plateau releases at epochs 3, 6, 8; at each, EarlyStopping's patience restarts with that very check
     assert [(r.index, r.epoch, r.reason) for r in callback._history] == [

@@ -15,8 +15,15 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_bnfreeze import GradualUnfreeze
-from tests.test_gradual_unfreeze_resume import Run, ValidatedModel, cosine
-from tests.unfreeze_helpers import STEPS_PER_EPOCH, assert_same_nested, build_model, clone_state, make_trainer
+from tests.test_gradual_unfreeze_resume import ValidatedModel, cosine
+from tests.unfreeze_helpers import (
+    STEPS_PER_EPOCH,
+    Run,
+    assert_resumed_like,
+    build_model,
+    fit_run,
+    make_trainer,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
@@ -63,7 +70,7 @@ def test_a_release_at_step_s_trains_from_optimizer_step_s(accumulate: int) -> No
 
 def test_the_default_cadence_counts_optimizer_steps() -> None:
     model = build_model()
-    callback = GradualUnfreeze(unit="step", first_release=2, release_every=3)
+    callback = GradualUnfreeze(unit="step", first_release=2, release_every=3, blocks_per_release=1)
     plan = callback.plan(model)
     assert plan.unit == "step"
     assert [(release.at, [part.name for part in release.parts]) for release in plan.releases] == [
@@ -102,20 +109,7 @@ def train(ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> 
         val_check_interval=0.5,
         limit_val_batches=1,
     )
-    trainer.fit(model, ckpt_path=ckpt_path)
-    assert model.recorder is not None
-    verdicts: dict[tuple[int, int], dict[str, str]] = {}
-    for record in model.recorder.records:
-        verdicts.setdefault(record.tag, {})[record.layer] = record.verdict
-    return Run(
-        model,
-        callback,
-        clone_state(model),
-        trainer.optimizers[0].state_dict(),
-        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
-        {name: p.requires_grad for name, p in model.named_parameters()},
-        verdicts,
-    )
+    return fit_run(trainer, model, callback, ckpt_path)
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +138,4 @@ def test_mid_epoch_resume_ends_bitwise_where_the_uninterrupted_fit_ends(
     resumed = train(ckpt_path=directory / checkpoint)
 
     assert [(r.index, r.step) for r in reference.callback._history] == [(0, 3), (1, 9)]
-    assert_same_nested(resumed.state, reference.state, "state_dict")
-    assert_same_nested(resumed.optimizer, reference.optimizer, "optimizer")
-    assert_same_nested(resumed.scheduler, reference.scheduler, "scheduler")
-    assert resumed.requires_grad == reference.requires_grad
-    assert resumed.callback.state_dict() == reference.callback.state_dict()
-    assert resumed.verdicts, "no training step ran after the resume"
-    assert resumed.verdicts == {tag: reference.verdicts[tag] for tag in resumed.verdicts}
-    assert min(resumed.verdicts) == divmod(content["global_step"], STEPS_PER_EPOCH)
+    assert_resumed_like(resumed, reference, content["global_step"])

@@ -83,7 +83,7 @@ def logged_lrs(log_dir: str) -> dict[str, dict[int, float]]:
 def test_preview_equals_what_learning_rate_monitor_logs_step_by_step(case: str, tmp_path: Path) -> None:
     config = CASES[case]
     model = build_model(optimizer="adam", lr=0.01, scheduler=config["scheduler"])
-    callback = GradualUnfreeze(lr_scale=0.3, lr_decay=0.5, **config["unfreeze"])
+    callback = GradualUnfreeze(lr_scale=0.3, lr_decay=0.5, blocks_per_release=1, **config["unfreeze"])
     before = clone_state(model)
 
     preview = callback.preview(
@@ -132,7 +132,7 @@ def test_plateau_preview_gives_the_earliest_releases_a_never_improving_metric_ge
 
     torch.manual_seed(0)
     model = FlatMetric(scheduler=cosine_per_step)
-    callback = GradualUnfreeze(monitor="flat", patience=2)
+    callback = GradualUnfreeze(monitor="flat", patience=2, blocks_per_release=1)
     preview = callback.preview(model, batches_per_epoch=STEPS_PER_EPOCH, max_epochs=8)
     assert [(r.step, r.epoch, r.names, r.earliest) for r in preview.releases] == [
         (3 * STEPS_PER_EPOCH, 3, ("backbone.3",), True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_bnfreeze import GradualUnfreeze
 from tests import helpers
 from tests.helpers import NormForwardRecorder, randomize_norm_stats
 
@@ -239,6 +241,51 @@ def assert_same_nested(a: Any, b: Any, path: str = "") -> None:
             assert_same_nested(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@dataclass
+class Run:
+    """What a fit ended with: the model's state, the optimizer's and scheduler's, which parameters train, and the
+    recorder's verdict on each norm layer's training forward, by (epoch, batch)."""
+
+    model: UnfreezeModel
+    callback: GradualUnfreeze
+    state: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    requires_grad: dict[str, bool]
+    verdicts: dict[tuple[int, int], dict[str, str]]
+
+
+def fit_run(trainer: pl.Trainer, model: UnfreezeModel, callback: GradualUnfreeze, ckpt_path: Path | None = None) -> Run:
+    """Fits ``model`` (built with ``record=True``) and returns what the fit ended with."""
+    trainer.fit(model, ckpt_path=ckpt_path)
+    assert model.recorder is not None
+    verdicts: dict[tuple[int, int], dict[str, str]] = {}
+    for record in model.recorder.records:
+        verdicts.setdefault(record.tag, {})[record.layer] = record.verdict
+    return Run(
+        model,
+        callback,
+        clone_state(model),
+        trainer.optimizers[0].state_dict(),
+        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        verdicts,
+    )
+
+
+def assert_resumed_like(resumed: Run, reference: Run, resumed_at_step: int) -> None:
+    """The fit resumed at global step ``resumed_at_step`` ends bitwise where the uninterrupted one ends, and every
+    training forward after the resume used the statistics the uninterrupted run's did."""
+    assert_same_nested(resumed.state, reference.state, "state_dict")
+    assert_same_nested(resumed.optimizer, reference.optimizer, "optimizer")
+    assert_same_nested(resumed.scheduler, reference.scheduler, "scheduler")
+    assert resumed.requires_grad == reference.requires_grad
+    assert resumed.callback.state_dict() == reference.callback.state_dict()
+    assert resumed.verdicts, "no training step ran after the resume"
+    assert resumed.verdicts == {tag: reference.verdicts[tag] for tag in resumed.verdicts}
+    assert min(resumed.verdicts) == divmod(resumed_at_step, STEPS_PER_EPOCH)
 
 
 @dataclass
