@@ -4,6 +4,8 @@ decay, parameters named in a schedule, several optimizers, several instances res
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +231,63 @@ def test_a_backbone_built_in_configure_model_is_planned_frozen_and_released() ->
     assert {id(p) for p in groups["backbone.3"]["params"]} == param_ids(model, "backbone.3")
     assert not any(p.requires_grad for p in model.backbone[0].parameters())
     assert isinstance(model.backbone[3][1], nn.BatchNorm2d) and model.backbone[3][1].num_features == FEATURES
+
+
+# --------------------------------------------------------------------------------------------- what a user sees
+
+
+RELEASE_RUN = """
+import sys
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from tests.unfreeze_helpers import build_model, make_trainer
+from lightning_bnfreeze import GradualUnfreeze
+bar = RichProgressBar() if sys.argv[1] == "rich" else TQDMProgressBar()
+trainer = make_trainer([GradualUnfreeze(schedule={1: "backbone.3"}), bar], max_epochs=2, enable_progress_bar=True)
+trainer.fit(build_model())
+"""
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_a_release_line_starts_a_line_of_its_own_under_the_progress_bar(bar: str) -> None:
+    """Output redirected to a file (stdout and stderr together), as a batch job's log: the release line is
+    printed through the bar, never glued to the bar's last state."""
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_RUN, bar],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.replace("\r", "\n").splitlines()
+    released = [line for line in lines if "GradualUnfreeze: epoch 1: released backbone.3" in line]
+    assert len(released) == 1 and released[0].startswith("GradualUnfreeze:"), released
+
+
+class ReorderedModel(UnfreezeModel):
+    """Its backbone's children are registered in the reverse of the order its forward runs them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*reversed([nn.Conv2d(3, 3, 3, padding=1) for _ in range(3)]))
+        self.backbone_forward_order = [self.backbone[2], self.backbone[1], self.backbone[0]]
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+        self.example_input_array = torch.zeros(1, 3, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.backbone_forward_order:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_blocks_in_another_order_than_the_forward_pass_are_reported() -> None:
+    with pytest.warns(UserWarning, match="GradualUnfreeze: .*blocks=\\["):
+        fit(ReorderedModel(), [GradualUnfreeze(granularity="block")], max_epochs=1)
+
+
+def test_contrast_blocks_in_forward_order_raise_no_warning(recwarn: pytest.WarningsRecorder) -> None:
+    model = build_model()
+    model.example_input_array = model.x[:1]
+    fit(model, [GradualUnfreeze(granularity="block")], max_epochs=1)
+    assert not [w for w in recwarn if "blocks=[" in str(w.message)]
