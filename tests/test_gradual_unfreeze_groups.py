@@ -291,3 +291,8 @@ def test_contrast_blocks_in_forward_order_raise_no_warning(recwarn: pytest.Warni
     model.example_input_array = model.x[:1]
     fit(model, [GradualUnfreeze(granularity="block")], max_epochs=1)
     assert not [w for w in recwarn if "blocks=[" in str(w.message)]
+
+
+def test_a_checkpoint_of_the_previous_state_format_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match=r"no release history .* lightning_bnfreeze 0\.1"):
+        GradualUnfreeze().load_state_dict({"released": [{"epoch": 1, "step": 4}], "adapted": False})

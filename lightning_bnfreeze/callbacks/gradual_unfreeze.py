@@ -408,6 +408,11 @@ class GradualUnfreeze(NormFreezingCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "history" not in state_dict:
+            raise ValueError(
+                "GradualUnfreeze: the checkpoint's state has no release history (it was saved by lightning_bnfreeze"
+                " 0.1, whose groups were laid out otherwise): resume it with that version, or start the fit anew."
+            )
         self._history[:] = [ReleaseRecord.from_dict(record) for record in state_dict["history"]]
         self._adaptation.load_state_dict(state_dict)
         if self._plateau is not None and "plateau" in state_dict:
