@@ -90,3 +90,21 @@ def write_report(text: str, results: dict[str, Any], markdown: Path | None, json
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)  # benchmarks/raw/ is git-ignored: not in a fresh clone
         json_path.write_text(json.dumps({**results, "argv": sys.argv[1:]}, indent=2) + "\n")
+
+
+def transfer_trainer(epochs: int, recipe: str, root: str, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The Trainer of one transfer-benchmark run: CPU, deterministic, quiet, no logger; checkpoints
+    only for finetuning-scheduler, which restores from them between phases."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=recipe.startswith("finetuning_scheduler"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )

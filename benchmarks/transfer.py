@@ -143,6 +143,7 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
     import torch
     from lightning.pytorch.callbacks import BackboneFinetuning
 
+    from benchmarks.common import transfer_trainer
     from examples.digits import DigitsClassifier, DigitsTransfer
     from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
 
@@ -185,19 +186,7 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
         callbacks.append(GradualUnfreeze(**gradual))
     else:
         raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}, 'gradual:key=value,...', 'probe_adapted:...'")
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=recipe.startswith("finetuning_scheduler"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp.name,
-        callbacks=callbacks,
-    )
+    trainer = transfer_trainer(epochs, recipe, tmp.name, callbacks)
     trainer.fit(model, datamodule=data)
     val_acc = float(trainer.callback_metrics.get("val_acc", torch.tensor(float("nan"))))
     trained = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)  # before `test`: the

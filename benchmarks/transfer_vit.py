@@ -258,6 +258,8 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int, lr: float) -> dict[
     """Fine-tune with one recipe and return the held-out target test accuracy (and a few facts about the run)."""
     import lightning.pytorch as pl
 
+    from benchmarks.common import transfer_trainer
+
     _quiet()
     start = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
@@ -267,19 +269,7 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int, lr: float) -> dict[
     pretrained = copy.deepcopy(model.backbone.state_dict())
     tmp = tempfile.TemporaryDirectory()
     callbacks = make_callbacks(recipe, epochs, lr, tmp.name)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=recipe.startswith("finetuning_scheduler"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp.name,
-        callbacks=callbacks,
-    )
+    trainer = transfer_trainer(epochs, recipe, tmp.name, callbacks)
     trainer.fit(model, datamodule=data)
     val_acc = float(trainer.callback_metrics.get("val_acc", torch.tensor(float("nan"))))
     trained = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
@@ -306,27 +296,34 @@ def run_one(seed: int, shift: str, recipe: str, epochs: int, lr: float) -> dict[
 
 # ------------------------------------------------------------------------------------------------- report
 
-Key = tuple[int, str, str]
+Config = tuple[int, float]
+"""(epochs, head lr)."""
+Key = tuple[int, float, int, str, str]
+"""(epochs, head lr, seed, shift, recipe)."""
 
 
-def _load(path: Path, epochs: int, lr: float) -> dict[Key, dict[str, Any]]:
-    """The raw rows of this configuration whose recipe still resolves as it did (stale ones are reported, not used)."""
+def _key(row: dict[str, Any]) -> Key:
+    return row["epochs"], row["head_lr"], row["seed"], row["shift"], row["recipe"]
+
+
+def _load(path: Path) -> dict[Key, dict[str, Any]]:
+    """The raw rows whose recipe still resolves as it did when they ran (stale ones are reported, not used)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    rows = [r for r in rows if (r["epochs"], r["head_lr"], r["k_per_class"]) == (epochs, lr, K_PER_CLASS)]
+    rows = [row for row in rows if row["k_per_class"] == K_PER_CLASS]
     current = {recipe: fingerprint(recipe) for recipe in {row["recipe"] for row in rows}}
     stale = sorted({row["recipe"] for row in rows if row["fingerprint"] != current[row["recipe"]]})
     if stale:
         print(f"ignoring runs of {stale}: they resolved to another schedule or arguments than today", flush=True)
-    return {(r["seed"], r["shift"], r["recipe"]): r for r in rows if r["fingerprint"] == current[r["recipe"]]}
+    return {_key(row): row for row in rows if row["fingerprint"] == current[row["recipe"]]}
 
 
-def report(rows: dict[Key, dict[str, Any]], epochs: int, lr: float, command: str) -> str:
-    """The Markdown summary: accuracy per recipe and shift, paired differences vs the best peer, feature movement."""
-    from benchmarks.common import environment, markdown_table
+def _section(rows: list[dict[str, Any]], movement: bool) -> list[str]:
+    """Accuracy per recipe and shift, paired differences vs the best peer (and how far the weights moved)."""
+    from benchmarks.common import markdown_table
 
     acc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for (seed, shift, recipe), row in rows.items():
-        acc[(recipe, shift)][seed] = 100.0 * row["test_acc"]
+    for row in rows:
+        acc[(row["recipe"], row["shift"])][row["seed"]] = 100.0 * row["test_acc"]
     shifts = [s for s in SHIFTS if any(key[1] == s for key in acc)]
     mean = {key: statistics.fmean(v.values()) for key, v in acc.items()}
 
@@ -346,17 +343,6 @@ def report(rows: dict[Key, dict[str, Any]], epochs: int, lr: float, command: str
 
     named = [r for r in RECIPES if any(key[0] == r for key in acc)]
     recipes = named + sorted({key[0] for key in acc} - set(named), key=worst_shift, reverse=True)
-    lines = [
-        "# Transfer accuracy on a small ViT: fine-tuning recipes on the digits example",
-        "",
-        f"Held-out target test accuracy (%), mean ± sd over seeds [n]; timm `VisionTransformer` ({VIT_CONFIG}),"
-        f" pretrained on digits 0-4 ({PRETRAIN}), fine-tuned on digits 5-9 from {K_PER_CLASS} labelled images per"
-        f" class; {epochs} epochs, AdamW (head lr {lr}, weight decay 1e-4), cosine schedule, batch 10; the same"
-        " backbone, data split and batch order per seed for every recipe.",
-        "",
-        f"Command: `{command}`",
-        "",
-    ]
     table = [
         [
             f"`{recipe}`",
@@ -364,12 +350,11 @@ def report(rows: dict[Key, dict[str, Any]], epochs: int, lr: float, command: str
         ]
         for recipe in recipes
     ]
-    lines += [markdown_table(["recipe", *shifts], table), ""]
+    lines = [markdown_table(["recipe", *shifts], table), ""]
     if best_peer:
         lines += [
-            "## Paired differences vs the best peer of each shift",
-            "",
-            "Percentage points, mean ± sd of the per-seed difference, [min, max], (wins/ties/losses). Best peer: "
+            "Paired differences vs the best peer of each shift: percentage points, mean ± sd of the per-seed"
+            " difference, [min, max], (wins/ties/losses). Best peer: "
             + ", ".join(f"{shift}: `{peer}`" for shift, peer in best_peer.items())
             + ". Rows after the named recipes are sorted by their worst shift.",
             "",
@@ -385,21 +370,42 @@ def report(rows: dict[Key, dict[str, Any]], epochs: int, lr: float, command: str
                 )
             table.append([f"`{recipe}`", *cells])
         lines += [markdown_table(["recipe", *shifts], table), ""]
-    moved: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for (_, _, recipe), row in rows.items():
-        moved[recipe].append(row["relative_change"])
-    lines += [
-        "## How far the pretrained weights moved",
+    if movement:
+        moved: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for row in rows:
+            moved[row["recipe"]].append(row["relative_change"])
+        lines += [
+            "How far the pretrained weights moved: `||w - w_pretrained|| / ||w_pretrained||` at the end of training,"
+            " per part of the backbone, mean over seeds and shifts.",
+            "",
+            markdown_table(
+                ["recipe", *VIT_PARTS],
+                [[f"`{r}`", *(f"{statistics.fmean(m[p] for m in moved[r]):.3f}" for p in VIT_PARTS)] for r in recipes],
+            ),
+            "",
+        ]
+    return lines
+
+
+def report(rows: dict[Key, dict[str, Any]], configs: Sequence[Config], command: str) -> str:
+    """The Markdown summary: one section per (epochs, head lr), the first one with the weights' movement."""
+    from benchmarks.common import environment
+
+    lines = [
+        "# Transfer accuracy on a small ViT: fine-tuning recipes on the digits example",
         "",
-        "`||w - w_pretrained|| / ||w_pretrained||` at the end of training, per part of the backbone, mean over"
-        " seeds and shifts.",
+        f"Held-out target test accuracy (%), mean ± sd over seeds [n]; timm `VisionTransformer` ({VIT_CONFIG}),"
+        f" pretrained on digits 0-4 ({PRETRAIN}), fine-tuned on digits 5-9 from {K_PER_CLASS} labelled images per"
+        " class; AdamW (weight decay 1e-4) with a cosine schedule over the epochs, batch 10; the same backbone,"
+        " data split and batch order per seed for every recipe.",
         "",
-        markdown_table(
-            ["recipe", *VIT_PARTS],
-            [[f"`{r}`", *(f"{statistics.fmean(m[p] for m in moved[r]):.3f}" for p in VIT_PARTS)] for r in recipes],
-        ),
+        f"Command: `{command}`",
         "",
     ]
+    for number, (epochs, lr) in enumerate(configs):
+        chosen = [row for key, row in rows.items() if key[:2] == (epochs, lr)]
+        if chosen:
+            lines += [f"## {epochs} epochs, head lr {lr:g}", "", *_section(chosen, movement=number == 0)]
     seconds = [row["seconds"] for row in rows.values()]
     if seconds:
         lines += [
@@ -415,8 +421,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=HEAD_LR, help="the head's learning rate")
+    parser.add_argument("--epochs", type=int, nargs="+", help="default: 20 (report only: every value in the raw file)")
+    parser.add_argument(
+        "--lr", type=float, nargs="+", help=f"the head's learning rate; default: {HEAD_LR:g} (report only: every value)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
     parser.add_argument("--raw", type=Path, default=HERE / "raw" / "transfer_vit.jsonl", help="raw results (appended)")
     parser.add_argument("--out", type=Path, default=HERE / "transfer_vit.md", help="the Markdown report")
@@ -426,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for recipe in args.recipes:
         try:
-            make_callbacks(recipe, args.epochs, args.lr, "")
+            make_callbacks(recipe, 20, HEAD_LR, "")
         except (ValueError, TypeError, SyntaxError) as error:
             parser.error(f"recipe {recipe!r}: {error}")
     if args.show_plans:
@@ -434,48 +442,62 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.backbone, model.head = digits_vit(), nn.Linear(VIT_CONFIG["embed_dim"], len(TARGET_DIGITS))
         for recipe in args.recipes:
             print(f"== {recipe}")
-            for callback in make_callbacks(recipe, args.epochs, args.lr, ""):
+            for callback in make_callbacks(recipe, 20, HEAD_LR, ""):
                 if hasattr(callback, "dry_run"):
-                    print(callback.dry_run(model, args.epochs))
+                    print(callback.dry_run(model, (args.epochs or [20])[0]))
         return
     command = "OMP_NUM_THREADS=1 python -m benchmarks.transfer_vit " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     _init_worker()
-    done = _load(args.raw, args.epochs, args.lr)
-    todo = [
-        (seed, shift, recipe, args.epochs, args.lr)
-        for seed in args.seeds
-        for shift in args.shifts
-        for recipe in args.recipes
-        if (seed, shift, recipe) not in done
-    ]
-    if todo and not args.report_only:
-        pretrained_vit()  # build the cache once, before the workers read it
-        args.raw.parent.mkdir(parents=True, exist_ok=True)
-        print(f"{len(todo)} runs to do ({len(done)} already in {args.raw})", flush=True)
-        start = time.perf_counter()
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = [pool.submit(run_one, *task) for task in todo]
-            for n, future in enumerate(as_completed(futures), start=1):
-                row = future.result()
-                with args.raw.open("a") as raw:
-                    raw.write(json.dumps(row) + "\n")
-                done[(row["seed"], row["shift"], row["recipe"])] = row
-                print(
-                    f"[{n}/{len(todo)} {time.perf_counter() - start:.0f}s] seed {row['seed']} {row['shift']:8}"
-                    f" {row['recipe']}: {100 * row['test_acc']:.1f}% ({row['seconds']:.1f}s)",
-                    flush=True,
-                )
+    done = _load(args.raw)
     if args.report_only:
-        rows = done
+        found = {key[:2] for key in done}
+        configs = sorted(
+            (c for c in found if c[0] in (args.epochs or [c[0]]) and c[1] in (args.lr or [c[1]])),
+            key=lambda c: (c != (20, HEAD_LR), c),
+        )
+        markdown = report(done, configs, command.strip())
     else:
-        rows = {key: row for key, row in done.items() if key[0] in args.seeds and key[2] in args.recipes}
-    markdown = report(rows, args.epochs, args.lr, command.strip())
+        configs = [(epochs, lr) for epochs in args.epochs or [20] for lr in args.lr or [HEAD_LR]]
+        _train(args, configs, done)
+        chosen = {key: row for key, row in done.items() if key[2] in args.seeds and key[4] in args.recipes}
+        markdown = report(chosen, configs, command.strip())
     if args.notes is not None:
         markdown += "\n" + args.notes.read_text()
     args.out.write_text(markdown)
     print(markdown)
+
+
+def _train(args: argparse.Namespace, configs: Sequence[Config], done: dict[Key, dict[str, Any]]) -> None:
+    """Run what ``done`` lacks, appending each result to ``args.raw`` (and ``done``) as it finishes."""
+    todo = [
+        (seed, shift, recipe, epochs, lr)
+        for epochs, lr in configs
+        for seed in args.seeds
+        for shift in args.shifts
+        for recipe in args.recipes
+        if (epochs, lr, seed, shift, recipe) not in done
+    ]
+    if not todo:
+        return
+    pretrained_vit()  # build the cache once, before the workers read it
+    args.raw.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{len(todo)} runs to do ({len(done)} already in {args.raw})", flush=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = [pool.submit(run_one, *task) for task in todo]
+        for n, future in enumerate(as_completed(futures), start=1):
+            row = future.result()
+            with args.raw.open("a") as raw:
+                raw.write(json.dumps(row) + "\n")
+            done[_key(row)] = row
+            print(
+                f"[{n}/{len(todo)} {time.perf_counter() - start:.0f}s] {row['epochs']} epochs, lr {row['head_lr']:g},"
+                f" seed {row['seed']} {row['shift']:8} {row['recipe']}: {100 * row['test_acc']:.1f}%"
+                f" ({row['seconds']:.1f}s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
