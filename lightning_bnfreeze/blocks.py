@@ -3,9 +3,10 @@
 Every parameter of the backbone lies in exactly one block (a parameter shared by several modules
 counts once, under the first name ``named_parameters()`` gives it). The blocks come from, in order:
 
-1. ``blocks=``: the user's names or globs (modules or parameters, relative to the LightningModule),
-   each entry one block; or a callable that gets the backbone and returns a list of such lists. A
-   parameter two entries hold belongs to the first.
+1. ``names``: the user's blocks (modules or parameters, relative to the LightningModule): a name
+   is one block, a glob one block per module or parameter it matches, a list of names and globs one
+   block; or a callable that gets the backbone and returns such a list. A parameter two entries
+   hold belongs to the first.
 2. The model's own ``group_matcher(coarse)`` (timm models): timm's grouping exactly, ``coarse`` for
    ``granularity="stage"``; its last group (what no rule matches: the classifier) is the last block.
 3. Discovery, for any module. The *block list* is the largest family of repeated siblings (same
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_bnfreeze.names import as_name_list, match_names, unknown_name_message
+from lightning_bnfreeze.names import as_name_list, is_glob, match_names, unknown_name_message
 from lightning_bnfreeze.tables import format_table
 
 __all__ = ["GRANULARITIES", "Block", "check_block_order", "find_blocks", "format_blocks", "forward_order"]
@@ -50,7 +51,7 @@ _NUMBER = re.compile(r"\d+[a-z]?")  # `layer1`, `Mixed_5b`, `inception3a`: numbe
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _MATCH_PREVIOUS = 99999.0  # timm's MATCH_PREV_GROUP: an ordinal ending with it joins the group before
 
-UserBlocks = Sequence[str] | Callable[[nn.Module], Sequence[str | Sequence[str]]]
+UserBlocks = Sequence[str | Sequence[str]] | Callable[[nn.Module], Sequence[str | Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -145,24 +146,30 @@ def _with_leftovers(params: _Params, groups: list[list[int]]) -> list[list[int]]
 
 
 def _user_groups(backbone: nn.Module, params: _Params, prefix: str, blocks: UserBlocks) -> list[list[int]]:
-    argument = "blocks(backbone)" if callable(blocks) else "blocks"
-    listed = blocks(backbone) if callable(blocks) else as_name_list(blocks, argument)
+    """The parameters of the user's blocks: a name is one block, a glob one block per match, a list one block."""
+    argument = "names(backbone)" if callable(blocks) else "names"
+    listed = blocks(backbone) if callable(blocks) else blocks
     if isinstance(listed, str) or not isinstance(listed, Sequence) or not listed:
         raise ValueError(f"`{argument}` = {listed!r}: expected a non-empty list of names or lists of names.")
-    entries = [as_name_list(entry, f"{argument}[{i}]") for i, entry in enumerate(listed)]
     local = {_join(prefix, name): name for name in [n for n, _ in backbone.named_modules() if n] + params.names}
-    members: list[list[str]] = [[] for _ in entries]
-    for entry, names in zip(entries, members, strict=True):
-        for pattern in entry:
+    entries: list[tuple[str, list[str]]] = []  # (what the user wrote, the backbone's member names)
+    for i, entry in enumerate(listed):
+        patterns = as_name_list(entry, f"{argument}[{i}]")
+        matched = []
+        for pattern in patterns:
             matches = match_names(pattern, local)
             if not matches:
                 raise ValueError(unknown_name_message(pattern, local, argument))
-            names += (local[name] for name in matches)
-    groups = _claim(params, members)
-    for entry, group in zip(entries, groups, strict=True):
+            matched.append(matches)
+        if isinstance(entry, str) and is_glob(entry):
+            entries += [(repr(entry), [local[name]]) for name in matched[0]]
+        else:
+            entries.append((repr(entry), [local[name] for matches in matched for name in matches]))
+    groups = _claim(params, [members for _, members in entries])
+    for (written, _), group in zip(entries, groups, strict=True):
         if not group:
             raise ValueError(
-                f"`{argument}` holds {entry!r}, which has no parameters that an earlier entry does not hold."
+                f"`{argument}` holds {written}, which has no parameters that an earlier entry does not hold."
             )
     return groups
 

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bnfreeze.internals import ddp_ignored_names, ddp_process_group, ddp_syncs_gradients, sparse_nnz
+
 __all__ = ["BUCKET_BYTES", "GradientSync", "ddp_reduced_parameters", "sparse_gradient_parameters"]
 
 BUCKET_BYTES = 25 * 2**20
@@ -32,7 +34,7 @@ def ddp_reduced_parameters(model: DistributedDataParallel) -> set[int]:
 
     Those that required grad then (and were not ignored): this reads ``requires_grad`` now.
     """
-    ignored: set[str] = getattr(model, "parameters_to_ignore", set())
+    ignored = ddp_ignored_names(model)
     return {id(param) for name, param in model.module.named_parameters() if param.requires_grad and name not in ignored}
 
 
@@ -98,7 +100,7 @@ class GradientSync:
         if not new:
             return
         if self._group is None:
-            group = dist.new_group(dist.get_process_group_ranks(self._ddp.process_group))
+            group = dist.new_group(dist.get_process_group_ranks(ddp_process_group(self._ddp)))
             assert isinstance(group, dist.ProcessGroup)  # this rank is in DDP's group
             self._group = group
             self._hooks.append(self._ddp.register_forward_pre_hook(self._on_forward))
@@ -129,7 +131,7 @@ class GradientSync:
 
     def _on_forward(self, model: nn.Module, args: object) -> None:
         assert self._ddp is not None
-        self._expecting = torch.is_grad_enabled() and self._ddp.require_backward_grad_sync
+        self._expecting = torch.is_grad_enabled() and ddp_syncs_gradients(self._ddp)
 
     def _syncing(self) -> bool:
         return self._expecting and bool(self._buckets)
@@ -194,7 +196,7 @@ class GradientSync:
         bucket.work.wait()
         reduced, bucket.work, bucket.buffer, bucket.ready = bucket.buffer, None, None, 0
         if bucket.sparse:
-            if reduced._nnz() > 0:
+            if sparse_nnz(reduced) > 0:
                 bucket.params[0].grad = reduced
             return
         sizes = [param.numel() for param in bucket.params]

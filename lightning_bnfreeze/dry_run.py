@@ -177,7 +177,7 @@ def _config_plan(argv: list[str]) -> str:
     max_epochs = cli.trainer.max_epochs if cli.trainer.max_epochs is not None else -1
     tables = []
     for callback in callbacks:
-        last = cli.trainer.max_steps if callback.unit == "step" else max_epochs
+        last = cli.trainer.max_steps if callback.when.unit == "step" else max_epochs
         table = f"GradualUnfreeze(backbone={callback.backbone!r}):\n{callback.dry_run(cli.model, last)}"
         if options.batches_per_epoch is not None:
             trainer = cli.trainer

@@ -167,32 +167,39 @@ class KerasFreezer:
 class BackboneNorms:
     """The norm layers of a backbone released part by part: each frozen, affine included, until released.
 
-    Once all its governing parameters (see :func:`governing_parameters`) are released, a layer
-    trains normally (``train_bn=True``) or keeps inference mode and frozen statistics while its
-    affine parameters train (``train_bn=False``, and while only some of them are released).
+    Once all its governing parameters (see :func:`governing_parameters`) are released, a layer trains
+    normally if its release says so, else keeps inference mode and frozen statistics while its affine
+    parameters train (as it does while only some of them are released).
     """
 
-    def __init__(self, root: nn.Module, backbone: str, train_bn: bool, holder: Hashable = None) -> None:
+    def __init__(self, root: nn.Module, backbone: str, holder: Hashable = None) -> None:
         self.freezer = NormFreezer(root, holder)
-        self.train_bn = train_bn
         prefix = f"{backbone}." if backbone else ""
         self._governing = {
             name: params
             for name, params in governing_parameters(root).items()
             if name == backbone or name.startswith(prefix)
         }
+        self._governed = {id(param) for params in self._governing.values() for param in params}
 
-    def update(self, released: set[int]) -> None:
-        """Put each layer in the state that the released parameters (by ``id``) give it."""
+    def holds_norms(self, params: Iterable[nn.Parameter]) -> bool:
+        """Whether releasing ``params`` releases some norm layer (they govern one)."""
+        return any(id(param) in self._governed for param in params)
+
+    def update(self, released: dict[int, bool]) -> None:
+        """Put each layer in the state the released parameters give it: ``id(parameter) -> whether its norms train``."""
         frozen, stats_only, let_go = [], [], []
         for name, params in self._governing.items():
-            count = sum(id(param) in released for param in params)
-            if params and count == len(params) and self.train_bn:
+            flags = [released[id(param)] for param in params if id(param) in released]
+            if params and len(flags) == len(params) and all(flags):
                 let_go.append(name)
-            elif count:  # released, or partly: the released parameters must keep training
+            elif flags:  # released, or partly: the released parameters must keep training
                 stats_only.append(name)
             else:
                 frozen.append(name)
         self.freezer.unfreeze(let_go)
         self.freezer.freeze(frozen, freeze_affine=True)
         self.freezer.freeze(stats_only, freeze_affine=False)
+
+    def enforce(self) -> None:
+        self.freezer.enforce()

@@ -11,10 +11,11 @@ first, or it would release, track and freeze copies that FSDP2 discards at the n
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["register_sharded_parameters"]
+__all__ = ["register_sharded_parameters", "squared_norm"]
 
 
 def register_sharded_parameters(module: nn.Module) -> None:
@@ -30,3 +31,23 @@ def register_sharded_parameters(module: nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, FSDPModule):
             submodule.reshard()
+
+
+def squared_norm(tensors: list[torch.Tensor]) -> float:
+    """The sum of squares of ``tensors``' elements, whole: a sharded tensor's (DTensor) over its shards.
+
+    A collective over the sharded mesh dimensions when some tensors are sharded: call it on every rank alike.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for tensor in tensors:
+        placements = getattr(tensor, "placements", None)
+        if placements is None:
+            total += tensor.detach().double().pow(2).sum().cpu()
+            continue
+        mesh = tensor.device_mesh  # type: ignore[attr-defined]
+        local = tensor.to_local().detach().double().pow(2).sum()  # type: ignore[attr-defined]
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():
+                dist.all_reduce(local, group=mesh.get_group(dim))
+        total += local.cpu()
+    return float(total)

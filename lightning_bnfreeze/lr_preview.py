@@ -2,15 +2,14 @@
 
 :func:`simulate` runs the real optimizer's real LR schedulers on a budget (epochs, batches per
 epoch, gradient accumulation) the way Lightning steps them (``interval``, ``frequency``), and
-applies a release plan with the real :class:`~lightning_bnfreeze.released_groups.ReleasedGroups`
-(scaled groups, warm-up, schedulers extended): no forward, no backward, no optimizer step.
-Releases on a plateau are placed at their earliest possible step: a metric that never improves
-after its first check, checked at each epoch end.
+drives the same :class:`~lightning_bnfreeze.release.Unfreezer` as a fit (its trigger, scaled groups,
+warm-up, schedulers extended): no forward, no backward, no optimizer step. Releases on a plateau
+are placed at their earliest possible step: a metric that never improves after its first check,
+checked at each epoch end.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -18,12 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-from torch.optim import Optimizer
-
-from lightning_bnfreeze.released_groups import ReleasedGroups
-from lightning_bnfreeze.schedule import Release, ReleasePlan
-from lightning_bnfreeze.triggers import PlateauTrigger
+from lightning_bnfreeze.release import Unfreezer
 
 __all__ = ["Budget", "LrPreview", "PreviewRelease", "SchedulerStep", "simulate"]
 
@@ -142,42 +136,38 @@ class LrPreview:
         return Path(path)
 
 
-def simulate(
-    model: nn.Module,
-    plan: ReleasePlan,
-    optimizer: Optimizer,
-    schedulers: Sequence[SchedulerStep],
-    budget: Budget,
-    warmup_steps: int = 0,
-    plateau: PlateauTrigger | None = None,
-) -> LrPreview:
-    """The learning rates of ``optimizer``'s groups over ``budget`` as ``plan`` releases ``model``'s backbone.
+def simulate(unfreezer: Unfreezer, schedulers: Sequence[SchedulerStep], budget: Budget) -> LrPreview:
+    """The learning rates of the unfreezer's optimizer groups over ``budget``, as its trigger releases its plan.
 
-    ``optimizer`` and ``schedulers`` are consumed (use those of a copy of the model); ``plateau``
-    (the trigger of a plan released on plateaus) places each release at its earliest possible step.
+    ``unfreezer`` (on a copy of the model, with that copy's optimizer and ``schedulers``) is driven as a
+    fit would drive it, without forward, backward or optimizer step. A trigger checked on metrics sees
+    its metric never improve after its first check, at each epoch end: a plateau's earliest releases.
     """
-    groups = ReleasedGroups(optimizer, [s.scheduler for s in schedulers], warmup_steps)
-    groups.withdraw(model.get_submodule(plan.backbone).parameters())
-    optimizer.param_groups[0].setdefault("name", "head")
-    params = dict(model.named_parameters())
-    pending = _release_steps(plan, budget, plateau)
+    unfreezer.freeze()
+    optimizer = unfreezer.groups.optimizer
+    trigger = unfreezer.trigger
+    on_metrics = trigger.checked_at == "metrics"
+    monitor = getattr(trigger, "monitor", None)
     lrs: dict[str, list[float | None]] = {}
     releases: list[PreviewRelease] = []
     step, epoch, per_epoch = 0, 0, budget.steps_per_epoch
+
+    def advance(checked_at: str, metrics: dict[str, float] | None = None) -> None:
+        moment = unfreezer.moment(epoch, step, metrics)
+        for record in unfreezer.advance(moment, checked_at):
+            names = tuple(part.name for part in unfreezer.plan.releases[record.index])
+            releases.append(PreviewRelease(step, epoch, names, on_metrics))
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
         while step < budget.total_steps:
+            advance("epoch")
             for batch in range(budget.batches_per_epoch):
                 if step >= budget.total_steps:
                     break
                 if batch % budget.accumulate_grad_batches == 0:  # the first batch of an optimizer step
-                    while pending and pending[0][0] <= step:
-                        _, release = pending.pop(0)
-                        for part in release.parts:
-                            groups.add([params[name] for name in part.params], part.name, part.lr_factor, step)
-                        names = tuple(part.name for part in release.parts)
-                        releases.append(PreviewRelease(step, epoch, names, plateau is not None))
-                    groups.tie_to_head(step)
+                    advance("step")
+                    unfreezer.before_step(step)
                     for i, group in enumerate(optimizer.param_groups):
                         lrs.setdefault(str(group.get("name", f"pg{i + 1}")), [None] * step).append(float(group["lr"]))
                 last_batch = batch == budget.batches_per_epoch - 1
@@ -187,12 +177,16 @@ def simulate(
                 if last_batch:
                     _step_schedulers(schedulers, "epoch", epoch + 1)
             epoch += 1
+            if on_metrics and isinstance(monitor, str):
+                advance("metrics", {monitor: 0.0})  # never better than the first check
     notes = [
         f"{type(s.scheduler).__name__}: held constant (it follows a metric)." for s in schedulers if s.reduce_on_plateau
     ]
-    if plateau is not None:
+    if on_metrics:
         notes.append(
-            f"Releases on a plateau of {plateau.monitor!r}, checked at each epoch end: earliest possible steps."
+            f"Releases on {monitor!r}, checked at each epoch end: the earliest possible steps."
+            if isinstance(monitor, str)
+            else f"Releases of {trigger!r} depend on the logged metrics: not previewed."
         )
     return LrPreview(per_epoch, lrs, releases, notes)
 
@@ -202,19 +196,3 @@ def _step_schedulers(schedulers: Sequence[SchedulerStep], interval: str, count: 
     for item in schedulers:
         if item.interval == interval and not item.reduce_on_plateau and count % item.frequency == 0:
             item.scheduler.step()
-
-
-def _release_steps(plan: ReleasePlan, budget: Budget, plateau: PlateauTrigger | None) -> list[tuple[int, Release]]:
-    """The optimizer step from which each release trains, in order, within the budget."""
-    per_epoch = budget.steps_per_epoch
-    if plateau is None:
-        at = [release.at * (per_epoch if plan.unit == "epoch" else 1) for release in plan.releases]
-        return [(step, release) for step, release in zip(at, plan.releases, strict=True) if step < budget.total_steps]
-    trigger = copy.deepcopy(plateau)
-    trigger.reset()
-    steps: list[int] = []
-    for epoch in range(1, budget.total_steps // per_epoch + 1):  # a check at each epoch end, the metric never improving
-        if len(steps) < len(plan.releases) and trigger.update(0.0, epoch, epoch * per_epoch) is not None:
-            trigger.start_phase(epoch, epoch * per_epoch)
-            steps.append(epoch * per_epoch)
-    return [(step, release) for step, release in zip(steps, plan.releases, strict=False) if step < budget.total_steps]

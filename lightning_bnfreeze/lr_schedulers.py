@@ -55,15 +55,15 @@ def check_extendable(scheduler: Any) -> None:
         check_extendable(nested)
 
 
-def extend_for_new_group(scheduler: LRScheduler, ratio: float) -> None:
+def extend_for_new_group(scheduler: LRScheduler, ratio: float, template: int = 0) -> None:
     """Extend ``scheduler``'s per-group state for the group just appended to its optimizer.
 
-    Entries are copied from the first (head) group; learning rates are multiplied by ``ratio``.
+    Entries are copied from group ``template`` (the head's); learning rates are multiplied by ``ratio``.
     """
     for nested in _nested(scheduler):
-        extend_for_new_group(nested, ratio)
+        extend_for_new_group(nested, ratio, template)
     groups = len(scheduler.optimizer.param_groups)
     for attribute, is_lr in _PER_GROUP.items():
         values = getattr(scheduler, attribute, None)
         if isinstance(values, list) and len(values) == groups - 1:
-            values.append(values[0] * ratio if is_lr else values[0])
+            values.append(values[template] * ratio if is_lr else values[template])

@@ -20,9 +20,9 @@ from collections.abc import Hashable, Iterator
 from typing import Any, TypeGuard
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+
+from lightning_bnfreeze.internals import BatchNormBase, InstanceNormBase, NormBase
 
 __all__ = [
     "NormLayer",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-NormLayer = _NormBase
+NormLayer = NormBase
 """The base class of every covered norm layer (BatchNorm and InstanceNorm variants)."""
 
 
@@ -44,9 +44,9 @@ def is_norm_layer(module: nn.Module) -> TypeGuard[NormLayer]:
     Every ``_BatchNorm`` subclass (BatchNorm1d/2d/3d, SyncBatchNorm, the Lazy variants, third-party
     subclasses) and InstanceNorm1d/2d/3d with ``track_running_stats=True``.
     """
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, BatchNormBase):
         return True
-    return isinstance(module, _InstanceNorm) and module.track_running_stats
+    return isinstance(module, InstanceNormBase) and module.track_running_stats
 
 
 def named_norm_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, NormLayer]]:

@@ -3,14 +3,16 @@
 :class:`ReleasedGroups` owns the bookkeeping of one optimizer: it takes the backbone's parameters
 out of it (remembering which of the user's groups each came from), adds a named group per released
 part and origin, extends the LR schedulers for each new group, and ties every released group's
-learning rate to the head's (group 0) times its factor, with an optional linear warm-up.
+learning rate to the head's times its factor, with an optional linear warm-up. The head is the
+first group that holds parameters outside the backbone. A released parameter that the optimizer
+never held goes to the group the user's own rule would have put it in (:func:`origin_rule`).
 Groups are tracked by object identity, never by index, and parameters by identity, never by value.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +23,14 @@ from torch.optim.lr_scheduler import LRScheduler
 from lightning_bnfreeze.lr_schedulers import extend_for_new_group
 from lightning_bnfreeze.param_groups import add_group_like, remove_parameters
 
-__all__ = ["ReleasedGroup", "ReleasedGroups", "pick_optimizer"]
+__all__ = ["ReleasedGroup", "ReleasedGroups", "origin_rule", "pick_optimizer"]
 
 # Saved position of each restored group, per optimizer, shared by every ReleasedGroups on it: several
 # callbacks restoring groups into one optimizer together put them back in the order they were saved.
 _SAVED_POSITIONS: weakref.WeakKeyDictionary[Optimizer, dict[int, int]] = weakref.WeakKeyDictionary()
+
+OriginRule = Callable[[str, nn.Parameter], int]
+"""``rule(name, parameter)``: the index of the user's param group a parameter belongs in."""
 
 
 @dataclass
@@ -41,11 +46,47 @@ class ReleasedGroup:
         return str(self.group["name"])
 
 
+def origin_rule(
+    optimizer: Optimizer, named: Iterable[tuple[str, nn.Parameter]], no_decay: Iterable[str] = ()
+) -> OriginRule | None:
+    """The no-weight-decay rule of timm and Hugging Face, if ``optimizer``'s groups follow it, else ``None``.
+
+    timm's ``param_groups_weight_decay`` (and ``create_optimizer_v2``), and Hugging Face's Trainer,
+    put parameters with ``ndim <= 1`` (biases, norm weights) and those named in the model's
+    ``no_weight_decay()`` in a group with weight decay 0, the others in a group with weight decay.
+    When every group with weight decay holds only ``ndim >= 2`` parameters and some group without
+    holds only ``ndim <= 1`` or ``no_decay`` ones, the rule returns the first of each kind.
+    """
+    skip = set(no_decay)
+    names = {id(param): name for name, param in named}
+    decay, plain = None, None
+    for index, group in enumerate(optimizer.param_groups):
+        if not group["params"]:
+            continue
+        exempt = [
+            p.ndim <= 1 or names.get(id(p), "").rpartition(".")[2] in skip or names.get(id(p)) in skip
+            for p in group["params"]
+        ]
+        if group.get("weight_decay", 0.0) > 0 and not any(exempt):
+            decay = index if decay is None else decay
+        elif group.get("weight_decay", 0.0) == 0 and all(exempt):
+            plain = index if plain is None else plain
+    if decay is None or plain is None:
+        return None
+    first_decay, first_plain = decay, plain
+
+    def rule(name: str, param: nn.Parameter) -> int:
+        exempt = param.ndim <= 1 or name in skip or name.rpartition(".")[2] in skip
+        return first_plain if exempt else first_decay
+
+    return rule
+
+
 class ReleasedGroups:
     """The released param groups of ``optimizer`` (stepped by ``schedulers``).
 
     Args:
-        optimizer: the optimizer that receives released parameters; its group 0 is the head.
+        optimizer: the optimizer that receives released parameters.
         schedulers: the LR schedulers of ``optimizer``; each is extended for every added group.
         warmup_steps: optimizer steps over which a new group's learning rate ramps up linearly.
     """
@@ -55,18 +96,41 @@ class ReleasedGroups:
         self.schedulers = list(schedulers)
         self.warmup_steps = warmup_steps
         self.records: list[ReleasedGroup] = []
+        self.rule: OriginRule | None = None
         self._origin: dict[int, int] = {}  # id(parameter) -> index of the user's group it was in
+        self._head: dict[str, Any] = optimizer.param_groups[0]
 
-    def withdraw(self, params: Iterable[nn.Parameter]) -> None:
-        """Take ``params`` out of the optimizer, remembering each one's group (its hyperparameters' origin).
+    @property
+    def head(self) -> dict[str, Any]:
+        """The head's param group: released groups follow its learning rate."""
+        return self._head
 
-        Parameters the optimizer did not hold take the head's hyperparameters when released.
+    def withdraw(self, named: Iterable[tuple[str, nn.Parameter]]) -> None:
+        """Take the (named) backbone parameters out of the optimizer, remembering each one's group.
+
+        The head is then the first group left with parameters, named ``"head"`` unless it has a name.
+        A parameter the optimizer did not hold goes, when released, to the group :attr:`rule` gives it
+        (set it, or :func:`origin_rule` finds it), else to the head's.
         """
-        params = list(params)
+        named = list(named)
         for index, group in enumerate(self.optimizer.param_groups):
             for param in group["params"]:
                 self._origin.setdefault(id(param), index)
-        remove_parameters(self.optimizer, params)
+        for name, param in named:
+            if id(param) not in self._origin and self.rule is not None:
+                self._origin[id(param)] = self.rule(name, param)
+        remove_parameters(self.optimizer, [param for _, param in named])
+        held = [group for group in self.optimizer.param_groups if group["params"]]
+        self._head = held[0] if held else self.optimizer.param_groups[0]
+        self._head.setdefault("name", "head")
+
+    @property
+    def head_index(self) -> int:
+        return next(i for i, group in enumerate(self.optimizer.param_groups) if group is self._head)
+
+    def origin_label(self, param: nn.Parameter) -> str:
+        """The name (or ``group<index>``) of the user's group whose hyperparameters a released ``param`` gets."""
+        return self._origin_label(self._origin.get(id(param), self.head_index))
 
     def add(self, params: Sequence[nn.Parameter], name: str, lr_factor: float, step: int) -> list[ReleasedGroup]:
         """Make ``params`` trainable in new groups at ``lr_factor`` times the head's learning rate.
@@ -75,17 +139,18 @@ class ReleasedGroups:
         (weight decay, betas, ...): named ``name`` when there is one origin, else ``name/<origin>``,
         where ``<origin>`` is the user's group name or ``group<index>``.
         """
+        head = self.head_index
         by_origin: dict[int, list[nn.Parameter]] = {}
         for param in params:
-            by_origin.setdefault(self._origin.get(id(param), 0), []).append(param)
+            by_origin.setdefault(self._origin.get(id(param), head), []).append(param)
         added = []
         for origin, group_params in by_origin.items():
             for param in group_params:
                 param.requires_grad = True
             label = name if len(by_origin) == 1 else f"{name}/{self._origin_label(origin)}"
-            add_group_like(self.optimizer, group_params, label, lr_factor, template=origin, lr_template=0)
+            add_group_like(self.optimizer, group_params, label, lr_factor, template=origin, lr_template=head)
             for scheduler in self.schedulers:
-                extend_for_new_group(scheduler, lr_factor)
+                extend_for_new_group(scheduler, lr_factor, head)
             added.append(ReleasedGroup(self.optimizer.param_groups[-1], lr_factor, step))
         self.records.extend(added)
         return added
@@ -114,10 +179,11 @@ class ReleasedGroups:
         """Set each released group's learning rate to the head's times its factor and warm-up at ``step``.
 
         ``optimizer.load_state_dict`` (a resumed fit) replaces the group dicts but keeps each group's
-        ``params`` list: records follow their group through it.
+        ``params`` list: the head and the records follow their group through it.
         """
         current = {id(group["params"]): group for group in self.optimizer.param_groups}
-        head_lr = self.optimizer.param_groups[0]["lr"]
+        self._head = current.get(id(self._head["params"]), self._head)
+        head_lr = self._head["lr"]
         for record in self.records:
             record.group = current.get(id(record.group["params"]), record.group)
             record.group["lr"] = head_lr * record.lr_factor * self._warmup(step - record.release_step)

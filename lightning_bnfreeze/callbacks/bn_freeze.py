@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_bnfreeze.callbacks.freezing_callback import NormFreezingCallback, after_configure_model
-from lightning_bnfreeze.callbacks.swa import keep_frozen_statistics_through_swa
-from lightning_bnfreeze.callbacks.train_data_adaptation import DEFAULT_ADAPT_PRIOR, TrainDataAdaptation
+from lightning_bnfreeze.adapt import AdaBN
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
 from lightning_bnfreeze.freezer import KerasFreezer, NormFreezer, norm_layer_names, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.internals import callback_state_key
 from lightning_bnfreeze.names import as_name_list, resolve_names
 from lightning_bnfreeze.norm import named_norm_layers
 
@@ -44,16 +45,11 @@ class BNFreezeCallback(NormFreezingCallback):
             frozen, affine parameters included; the modules' other parameters are left alone.
         train_affine: with ``modules`` given, freeze the statistics but let ``weight`` and ``bias``
             train (Keras' fine-tuning recipe after unfreezing).
-        adapt_batches: re-estimate the frozen layers' statistics on the training data before the
-            first step (AdaBN), then keep them frozen: a number of batches, or a fraction of an
-            epoch in (0, 1]. ``None`` (default): keep the statistics the model has. A batch reaches
-            the model through ``pl_module.adapt_norm_step(batch)`` if defined, else
-            ``pl_module(batch[0])`` for a tuple or list batch, ``pl_module(batch)`` otherwise. A
-            resumed run keeps the statistics of its checkpoint.
-        adapt_prior: with ``adapt_batches``, the source statistics count as this many samples
-            against the target's (Schneider et al. 2020): ``N/(N+n)`` of the result is the source's,
-            for ``n`` target samples. ``0``: the target statistics alone (plain AdaBN). The default
-            (32) was the best of a sweep on the digits transfer benchmark (see the README).
+        adapt: re-estimate the frozen layers' statistics on the training data before the first step,
+            then keep them frozen (:class:`~lightning_bnfreeze.AdaBN`, blended with a source prior);
+            ``None`` (default): keep the statistics the model has. A batch reaches the model through
+            ``pl_module.adapt_norm_step(batch)`` if defined, else ``pl_module(batch[0])`` for a tuple
+            or list batch, ``pl_module(batch)`` otherwise. A resumed run keeps its checkpoint's.
 
     Raises:
         ValueError: ``train_affine=True`` without ``modules``, or (at ``setup``, before training)
@@ -73,8 +69,7 @@ class BNFreezeCallback(NormFreezingCallback):
         self,
         modules: str | Sequence[str] | None = None,
         train_affine: bool = False,
-        adapt_batches: int | float | None = None,
-        adapt_prior: float = DEFAULT_ADAPT_PRIOR,
+        adapt: AdaBN | None = None,
     ) -> None:
         if modules is None and train_affine:
             raise ValueError(
@@ -83,7 +78,7 @@ class BNFreezeCallback(NormFreezingCallback):
             )
         self.modules = None if modules is None else as_name_list(modules, "modules")
         self.train_affine = train_affine
-        self._adaptation = TrainDataAdaptation(adapt_batches, adapt_prior, "BNFreezeCallback")
+        self._adaptation = TrainDataAdaptation(adapt, "BNFreezeCallback")
         self._module_names: list[str] = []
         self._keras: KerasFreezer | None = None
 
@@ -96,6 +91,7 @@ class BNFreezeCallback(NormFreezingCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        super().setup(trainer, pl_module, stage)
         self._adaptation.reset()  # a checkpoint's state, loaded after `setup`, may say otherwise
         after_configure_model(pl_module, lambda: self._resolve(pl_module))
 
@@ -118,7 +114,6 @@ class BNFreezeCallback(NormFreezingCallback):
         # Frozen here, after the strategy set up the model (SyncBatchNorm conversion swaps modules)
         # and after Lightning's check for modules in eval mode, which our layers must not trip.
         register_sharded_parameters(pl_module)  # FSDP2: the parameters it trains, whose `requires_grad` counts
-        keep_frozen_statistics_through_swa(trainer)
         self._freezer = NormFreezer(pl_module, holder=self)
         if self.modules is None:
             self._keras = KerasFreezer(self._freezer)
@@ -127,6 +122,7 @@ class BNFreezeCallback(NormFreezingCallback):
             self._freezer.freeze(norm_layer_names(pl_module, self._module_names), freeze_affine=not self.train_affine)
             rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
         self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
+        self.remember_statistics()
 
     @override
     def on_train_batch_start(
@@ -140,7 +136,7 @@ class BNFreezeCallback(NormFreezingCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(modules=self.modules)
+        return callback_state_key(self, modules=self.modules)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -159,6 +155,7 @@ class BNFreezeCallback(NormFreezingCallback):
         assert self._keras is not None
         frozen, released = self._keras.update()
         if frozen or released:
+            self.remember_statistics()
             rank_zero_info(
                 f"BNFreezeCallback: {len(frozen)} norm layer(s) frozen, {len(released)} released"
                 f" ({len(self._keras.freezer.frozen)} frozen in all), as their parameters' `requires_grad` says."

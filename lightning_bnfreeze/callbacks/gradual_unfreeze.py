@@ -2,13 +2,13 @@ r"""
 Gradual Unfreeze
 ================
 
-Releases a frozen backbone block by block, each block in its own param group at a multiple of the head's learning rate.
+Releases a frozen backbone block by block, each block in its own param group at a rate relative to the head's.
 
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,252 +17,159 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_bnfreeze.blocks import GRANULARITIES, check_block_order, find_blocks, format_blocks, forward_order
-from lightning_bnfreeze.callbacks.freezing_callback import NormFreezingCallback, after_configure_model, announce
-from lightning_bnfreeze.callbacks.parallel import check_strategy, forget_restore_hook, restore_before_optimizers
-from lightning_bnfreeze.callbacks.plateau import (
-    EarlyStoppingGuard,
-    checks_on_train_epoch_end,
-    epoch_clock,
-    monitored_value,
-)
+from lightning_bnfreeze.adapt import AdaBN
+from lightning_bnfreeze.blocks import check_block_order, format_blocks, forward_order
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
+from lightning_bnfreeze.callbacks.early_stopping import StopsToReleases, monitored_now
 from lightning_bnfreeze.callbacks.preview import configure_on_copy
-from lightning_bnfreeze.callbacks.swa import keep_frozen_statistics_through_swa
-from lightning_bnfreeze.callbacks.train_data_adaptation import DEFAULT_ADAPT_PRIOR, TrainDataAdaptation
-from lightning_bnfreeze.checks import check_choice, check_integer, check_positive
+from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_state_for_late_restore
+from lightning_bnfreeze.checks import check_positive
 from lightning_bnfreeze.distributed import GradientSync
-from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
+from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.internals import batches_done_in_epoch, callback_state_key
 from lightning_bnfreeze.lr_preview import Budget, LrPreview, simulate
 from lightning_bnfreeze.lr_schedulers import check_extendable
 from lightning_bnfreeze.names import get_module
-from lightning_bnfreeze.released_groups import ReleasedGroups, pick_optimizer
-from lightning_bnfreeze.releaser import Releaser
-from lightning_bnfreeze.schedule import ReleasePlan, format_plan, plan_blocks, plan_releases
-from lightning_bnfreeze.triggers import UNITS, PlateauTrigger, ReleaseRecord, ScheduleTrigger
+from lightning_bnfreeze.plan import Blocks, LayerDecay, ReleasePlan, Schedule, What
+from lightning_bnfreeze.plan_table import format_plan
+from lightning_bnfreeze.release import NORM_MODES, ReleaseRecord, Unfreezer
+from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule, pick_optimizer
+from lightning_bnfreeze.triggers import Every, Trigger
 
 __all__ = ["GradualUnfreeze"]
 
 
 class GradualUnfreeze(NormFreezingCallback):
-    r"""Fine-tune a frozen backbone by releasing it block by block, on a schedule or when a metric plateaus.
+    r"""Fine-tune a frozen backbone by releasing it block by block: what is released is ``what``, when is ``when``.
 
     At fit start every parameter under ``backbone`` is frozen and its norm layers run in inference
     mode with untouched statistics (as with :class:`~lightning_bnfreeze.BNFreezeCallback`); the rest
-    of the model (the head) trains from the first step. At each scheduled epoch (or optimizer step,
-    with ``unit="step"``; or when ``monitor`` stops improving) the next blocks are released: their
-    parameters train, each block in its own param group named after it (``LearningRateMonitor``
-    shows ``lr-Adam/backbone.layer4``), at ``head_lr * lr_scale * lr_decay**k``, where ``head_lr``
-    is the learning rate of the optimizer's first param group and ``k`` counts the earlier
-    releases. The group keeps that ratio to the head's learning rate under any torch LR
-    scheduler, and the hyperparameters (weight decay, ...) of the group its parameters came from.
-    The first group is named ``"head"`` unless it has a name.
+    of the model (the head) trains from the first step. Each release makes the next parts of the
+    plan train, each part in its own param group named after it (``LearningRateMonitor`` shows
+    ``lr-AdamW/backbone.blocks.6``), at ``head_lr * lr_scale * decay**k`` (``head_lr``: the learning rate
+    of the optimizer's head group; ``decay`` and ``k`` as ``what`` says), a ratio it keeps under any
+    torch LR scheduler, with the hyperparameters (weight decay, ...) the user's param groups give it.
 
     Args:
         backbone: name of the module to freeze and release, relative to the LightningModule.
-        schedule: ``{time: name or [names]}`` (times in ``unit``), module or parameter names and globs relative to the
-            LightningModule (``{1: "backbone.layer4", 3: ["backbone.layer*", "backbone.pos_embed"]}``;
-            a glob releases what it matches that is still frozen). ``None``: the backbone's blocks
-            (see ``granularity``), output side first, ``blocks_per_release`` at a time, at
-            ``first_release``, ``first_release + release_every``, and so on.
-        lr_scale: learning-rate factor of the first release, relative to the head's. The default (2.0,
-            with ``blocks_per_release=2``) won the transfer benchmarks (see the README): on a ViT the
-            pretrained blocks had to move a lot, and at the head's rate or below they did not, while
-            a ResNet was level with full fine-tuning from 0.3 to 2.0.
-        lr_decay: further factor for each later release (``k`` counts the releases before);
-            ``1.0`` (default) gives every release ``lr_scale``.
-        layer_decay: layer-wise learning-rate decay (BEiT, MAE, ELECTRA) instead of a gradual
-            release: every block is released at ``first_release``, the block at depth ``d``
-            from the output side at ``lr_scale * layer_decay**d``. With ``first_release >= 1``
-            that is a linear probe, then fine-tuning with LLRD (LP-FT). Only without ``schedule``.
-        granularity: with ``schedule=None``, the blocks found in the backbone: ``"stage"`` (ResNet
-            ``layer1``..``layer4``, ConvNeXt ``stages.N``; a flat stack of transformer blocks gives
-            one block per layer) or ``"block"`` (every repeated block: ``layer1.0``, ``stages.0.blocks.2``).
-            The stem (embeddings, tokens, first conv) is the input-side block; a final norm joins
-            the last block. A timm model's own ``group_matcher`` is used when it has one.
-        blocks: with ``schedule=None``, name the blocks instead of finding them: a list of names or
-            globs (each one block, input side first).
-        blocks_per_release: with ``schedule=None``, how many blocks each release frees (default 2).
-        train_bn: whether released norm layers train normally (``True``) or keep inference mode and
-            frozen statistics while their affine parameters train (``False``).
-        first_release: with ``schedule=None``, the time (in ``unit``) of the first release (``0``: no
-            head-only phase).
-        release_every: with ``schedule=None``, the time (in ``unit``) between two releases.
-        warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly
-            to its target (``0``: none).
-        optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``:
-            the only optimizer, or among several the one that holds backbone parameters; an error
-            if that is ambiguous. Backbone parameters are taken out of every other optimizer.
-        adapt_batches: re-estimate the statistics of the frozen norm layers on the training data
-            before the first step (AdaBN), as :class:`~lightning_bnfreeze.BNFreezeCallback` does:
-            a number of batches or a fraction of an epoch in (0, 1]; ``None`` (default): off.
-        adapt_prior: with ``adapt_batches``, the source statistics count as this many samples against
-            the target's, as in :class:`~lightning_bnfreeze.BNFreezeCallback`.
-        adapt_on_release: with ``adapt_batches``, re-estimate again after each release the
-            statistics of the norm layers still frozen then.
-        unit: what the times of ``schedule``, ``first_release``, ``release_every``, ``min_phase`` and
-            ``max_phase`` count: ``"epoch"`` (releases at the epoch's start) or ``"step"``: optimizer
-            steps (``trainer.global_step``, which counts accumulated batches as one step); the release
-            at step ``s`` happens before step ``s``, which trains it.
-        monitor: release on a plateau: the next release of the plan (its order and groups; its times
-            are ignored) happens when this logged metric stops improving, as Lightning's
-            ``EarlyStopping`` would stop: ``mode``, ``patience``, ``min_delta`` mean what they mean there.
-            The best value is kept across releases; each release starts a new count of ``patience``.
-        mode: ``"min"`` or ``"max"``: whether ``monitor`` improves downwards or upwards.
-        patience: checks without improvement after which the next release happens.
-        min_delta: the least change of ``monitor`` that counts as an improvement.
-        min_phase: with ``monitor``, the least time (in ``unit``) between two releases (and before the first).
-        max_phase: with ``monitor``, the most time (in ``unit``) between two releases: the next release
-            happens at the first check past it, plateau or not. ``None``: no limit.
-        check_on_train_epoch_end: with ``monitor``, check at the end of each training epoch (``True``)
-            or after each validation (``False``); ``None``: ``EarlyStopping``'s rule (at the epoch
-            end when validation runs once per epoch, else after each validation).
+        what: what each release frees: :class:`~lightning_bnfreeze.Blocks` (default: the backbone's
+            blocks, found for any model, output side first, two per release),
+            :class:`~lightning_bnfreeze.Schedule` (``{epoch: names}``), or :class:`~lightning_bnfreeze.LayerDecay`.
+        when: when the next release happens: :class:`~lightning_bnfreeze.Every` (default: every epoch
+            from epoch 1, the head training alone first), :class:`~lightning_bnfreeze.Plateau`, or your
+            own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
+        lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). The
+            default, 1.0, is the best of the benchmarks on real pretrained weights (see the README).
+        bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics while the
+            block moves slowly, batch statistics from its first step if that step moved its weights by
+            more than 0.2 %; ``"train"``: batch statistics, as without freezing; ``"frozen"``: inference
+            mode and frozen statistics, affine parameters training (Keras after unfreezing).
+        warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly.
+        trainable: parameters inside the backbone that train from the first step and are never frozen
+            (adapters such as LoRA): shell-style patterns over the full parameter names, ``*`` matching
+            across dots (``["*lora_*"]``).
+        adapt: re-estimate the frozen norm layers' statistics on the training data before the first
+            step (:class:`~lightning_bnfreeze.AdaBN`); ``None`` (default): off.
+        optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
+            optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
 
     Raises:
-        ValueError: a bad argument (at construction), or (at ``setup``, before training) a missing
-            ``backbone``, a schedule naming unknown modules or parameters (with the closest names),
-            names outside the backbone, a name listed twice or inside another listed one.
-        TypeError: an LR scheduler that cannot follow added groups (at fit start); ``FSDPStrategy``
-            or DeepSpeed, or ``ModelParallelStrategy`` with tensor parallelism (at ``setup``).
-        RuntimeError: ``monitor`` is not logged when it is checked (with the closest logged names).
+        ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
+            ``backbone``, names that match nothing (with the closest names), names outside the backbone.
+        TypeError: an LR scheduler that cannot follow added groups (at fit start); ``FSDPStrategy`` or
+            DeepSpeed, or ``ModelParallelStrategy`` with tensor parallelism (at ``setup``).
 
-    While releases remain, an ``EarlyStopping`` callback that runs out of patience does not stop the
-    fit: the next release happens instead, and it stops only once everything is released (as
-    finetuning-scheduler's ``FTSEarlyStopping`` moves to the next phase). Every release gives each
-    ``EarlyStopping`` its full patience again.
+    While releases remain, an ``EarlyStopping`` that runs out of patience releases the next block
+    instead of stopping the fit, and gets its full patience again.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> from lightning_bnfreeze import GradualUnfreeze
-        >>> unfreeze = GradualUnfreeze(schedule={1: "backbone.layer4", 2: "backbone.layer3"}, lr_scale=0.1)
-        >>> trainer = Trainer(callbacks=[unfreeze], max_epochs=4)
-
-    Resuming with ``trainer.fit(model, ckpt_path=...)`` restores the released parts, their groups
-    and norm layers exactly, also from ``ModelParallelStrategy``'s distributed checkpoints. Under DDP,
-    gradients of parameters released after the model was wrapped are averaged across ranks as DDP
-    averages the others (see :class:`~lightning_bnfreeze.distributed.GradientSync`); under
-    ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) FSDP2 reduces them itself.
+        >>> from lightning_bnfreeze import Every, GradualUnfreeze, Schedule
+        >>> unfreeze = GradualUnfreeze()  # two blocks per epoch from epoch 1, output side first
+        >>> unfreeze = GradualUnfreeze(what=Schedule({1: "backbone.layer4", 3: "backbone.layer3"}), lr_scale=0.5)
+        >>> trainer = Trainer(callbacks=[unfreeze], max_epochs=5)
     """
 
     def __init__(
         self,
         backbone: str = "backbone",
-        schedule: dict[int, str | list[str]] | None = None,
-        lr_scale: float = 2.0,
-        lr_decay: float = 1.0,
-        layer_decay: float | None = None,
-        granularity: str = "stage",
-        blocks: list[str] | None = None,
-        blocks_per_release: int = 2,
-        train_bn: bool = True,
-        first_release: int = 1,
-        release_every: int = 1,
+        what: Blocks | Schedule | LayerDecay | None = None,
+        when: Trigger | None = None,
+        lr_scale: float = 1.0,
+        bn: str = "auto",
         warmup_steps: int = 0,
+        trainable: list[str] | None = None,
+        adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
-        adapt_batches: int | float | None = None,
-        adapt_prior: float = DEFAULT_ADAPT_PRIOR,
-        adapt_on_release: bool = False,
-        unit: str = "epoch",
-        monitor: str | None = None,
-        mode: str = "min",
-        patience: int = 3,
-        min_delta: float = 0.0,
-        min_phase: int = 0,
-        max_phase: int | None = None,
-        check_on_train_epoch_end: bool | None = None,
     ) -> None:
-        check_positive("lr_scale", lr_scale)
-        check_positive("lr_decay", lr_decay)
-        if layer_decay is not None:
-            check_positive("layer_decay", layer_decay)
-        for argument, value, least in (
-            ("first_release", first_release, 0),
-            ("release_every", release_every, 1),
-            ("blocks_per_release", blocks_per_release, 1),
-            ("warmup_steps", warmup_steps, 0),
-            ("optimizer_index", 0 if optimizer_index is None else optimizer_index, 0),
-        ):
-            check_integer(argument, value, least)
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_choice("unit", unit, UNITS)
-        if schedule is not None and (layer_decay is not None or blocks is not None):
-            raise ValueError(
-                f"`schedule` names what each release frees, so it cannot be combined with"
-                f" {'`layer_decay`' if layer_decay is not None else '`blocks`'}: give one or the other."
-            )
         if not isinstance(backbone, str) or not backbone.strip():
             raise ValueError(f"`backbone` must be the name of a module of the LightningModule, got {backbone!r}.")
+        what = Blocks() if what is None else what
+        if not isinstance(what, What):
+            raise ValueError(f"`what` must be Blocks(...), Schedule(...) or LayerDecay(...), got {what!r}.")
+        if when is not None and not isinstance(when, Trigger):
+            raise ValueError(f"`when` must be Every(...), Plateau(...) or a Trigger subclass, got {when!r}.")
+        if when is not None and what.trigger() is not None:
+            raise ValueError(
+                f"`what={what!r}` gives each release its own time, so `when={when!r}` has nothing to decide:"
+                " leave `when` out, or name the blocks with `what=Blocks(names=[...])` to release them on `when`."
+            )
+        check_positive("lr_scale", lr_scale)
+        if bn not in NORM_MODES:
+            raise ValueError(f"`bn` must be one of {NORM_MODES}, got {bn!r}.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        if trainable is not None and (isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable)):
+            raise ValueError(f"`trainable` must be a list of parameter-name patterns, got {trainable!r}.")
+        if optimizer_index is not None and (
+            isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0
+        ):
+            raise ValueError(f"`optimizer_index` must be None or an integer >= 0, got {optimizer_index!r}.")
         self.backbone = backbone
-        self.schedule = schedule
+        self.what = what
+        self.when = what.trigger() or when or Every()
         self.lr_scale = lr_scale
-        self.lr_decay = lr_decay
-        self.layer_decay = layer_decay
-        self.granularity = granularity
-        self.blocks = blocks
-        self.blocks_per_release = blocks_per_release
-        self.train_bn = train_bn
-        self.first_release = first_release
-        self.release_every = release_every
+        self.bn = bn
         self.warmup_steps = warmup_steps
+        self.trainable = list(trainable or [])
         self.optimizer_index = optimizer_index
-        self.adapt_on_release = adapt_on_release
-        self._adaptation = TrainDataAdaptation(adapt_batches, adapt_prior, "GradualUnfreeze")
-        self.unit = unit
-        self.monitor = monitor
-        self.check_on_train_epoch_end = check_on_train_epoch_end
-        self._plateau = (
-            None if monitor is None else PlateauTrigger(monitor, mode, patience, min_delta, min_phase, max_phase, unit)
-        )
-        self._check_at_epoch_end = False
-        self._early_stopping: EarlyStoppingGuard | None = None
-        self._unsettled = False  # releases done whose norm layers are not updated yet (see `_release_now`)
+        self._adaptation = TrainDataAdaptation(adapt, "GradualUnfreeze")
         self._plan: ReleasePlan | None = None
-        self._trigger: ScheduleTrigger | None = None
-        self._history: list[ReleaseRecord] = []
-        self._releaser: Releaser | None = None
-        self._norms: BackboneNorms | None = None
+        self._unfreezer: Unfreezer | None = None
+        self._saved: dict[str, Any] | None = None
+        self._stops: StopsToReleases | None = None
+        self._unsettled = False
+        self._check_at_epoch_end = False
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(backbone=self.backbone)
+        return callback_state_key(self, backbone=self.backbone)
+
+    @property
+    def history(self) -> tuple[ReleaseRecord, ...]:
+        """The releases done in the current (or last) fit, in order."""
+        return self._unfreezer.history if self._unfreezer is not None else ()
 
     def plan(self, pl_module: nn.Module) -> ReleasePlan:
-        """Check the configuration against ``pl_module`` and resolve the schedule, without training."""
-        backbone = self._backbone(pl_module)
-        if self.schedule is not None:
-            plan = plan_releases(pl_module, self.backbone, self.schedule, self.lr_scale, self.lr_decay)
-            return replace(plan, unit=self.unit)
-        blocks = find_blocks(backbone, self.backbone, self.granularity, self.blocks)
-        plan = plan_blocks(
-            self.backbone,
-            blocks,
-            self.first_release,
-            self.release_every,
-            self.blocks_per_release,
-            self.lr_scale,
-            self.lr_decay,
-            self.layer_decay,
-        )
-        return replace(plan, unit=self.unit)
+        """The resolved release plan for ``pl_module``, without training (checked against the model).
+
+        Raises:
+            ValueError: a missing ``backbone``, or names that match nothing (with the closest names).
+        """
+        get_module(pl_module, self.backbone, "backbone")
+        return self.what.plan(pl_module, self.backbone)
 
     def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
-        """The resolved schedule as a table (epoch, released parts, parameters, learning-rate factor).
-
-        Without ``schedule``, the blocks found come first. Releases at or past ``max_epochs`` (if
-        ``>= 0``) are marked: they never happen.
-        """
-        table = format_plan(self.plan(pl_module), max_epochs if self._plateau is None else -1)
-        if self._plateau is not None:
-            table += (
-                f"\nOn plateaus of {self.monitor!r}: these releases happen in this order, each when it stops"
-                " improving; the times above are not used (`preview` gives the earliest steps)."
-            )
-        if self.schedule is not None:
+        """The plan as text: the blocks found, each release (time, parts, parameters, learning-rate factor, group)."""
+        plan = self.plan(pl_module)
+        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, self._groups_preview(pl_module))
+        if not plan.blocks:
             return table
-        blocks = find_blocks(self._backbone(pl_module), self.backbone, self.granularity, self.blocks)
-        return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(blocks)}\n\nReleases:\n{table}"
+        return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(plan.blocks)}\n\nReleases:\n{table}"
 
     def preview(
         self,
@@ -275,91 +182,75 @@ class GradualUnfreeze(NormFreezingCallback):
         """Every param group's learning rate at every optimizer step of a fit, without training.
 
         The model's ``configure_optimizers`` runs on a copy; its real LR schedulers are stepped as
-        Lightning steps them, and the releases applied as in a fit (plateau releases at their earliest
-        possible step). ``preview(...).lrs`` holds the rates, ``.table()`` renders them, ``.plot(path)``
-        draws them (matplotlib).
+        Lightning steps them, and the same release objects as in a fit release the copy (plateau
+        releases at their earliest possible step). ``.lrs`` holds the rates, ``.table()`` renders
+        them, ``.plot(path)`` draws them (matplotlib: the ``plot`` extra).
         """
         budget = Budget(batches_per_epoch, max_epochs, max_steps, accumulate_grad_batches)
-        plan = self.plan(pl_module)
         model, optimizers, schedulers = configure_on_copy(pl_module, self.backbone, budget)
         optimizer = self._pick_optimizer(optimizers, model)
         mine = [item for item in schedulers if item.scheduler.optimizer is optimizer]
-        return simulate(model, plan, optimizer, mine, budget, self.warmup_steps, self._plateau)
+        unfreezer = self._make_unfreezer(model, self.plan(model), optimizer, [s.scheduler for s in mine], None)
+        return simulate(unfreezer, mine, budget)
+
+    # ------------------------------------------------------------------------------------------ the fit
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
-        self._history.clear()  # a checkpoint's state, loaded after `setup`, may say otherwise
         self._unsettled = False
+        self._saved = None
         self._adaptation.reset()
-        if self._plateau is not None:
-            self._plateau.reset()
-        self._check_at_epoch_end = checks_on_train_epoch_end(trainer, self.check_on_train_epoch_end)
-        self._early_stopping = EarlyStoppingGuard(
-            trainer, lambda metric, value: self._release_next(trainer, pl_module, "early_stopping", value, metric)
-        )
+        self.when.reset()
+        self._check_at_epoch_end = _checks_on_train_epoch_end(trainer, self.when)
+        self._stops = StopsToReleases(trainer, lambda metric, value: self._release_instead(trainer, metric, value))
         after_configure_model(pl_module, lambda: self._plan_and_freeze(trainer, pl_module))
 
     def _plan_and_freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._plan = self.plan(pl_module)
         self._check_forward_order(pl_module)
-        self._trigger = ScheduleTrigger(self._plan) if self._plateau is None else None
-        last = trainer.max_steps if self.unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
-        late = [release.at for release in self._plan.releases if release.at >= last >= 0 and self._plateau is None]
-        if late:
-            rank_zero_warn(
-                f"GradualUnfreeze: release {self.unit}(s) {late} are at or past `max_{self.unit}s={last}`:"
-                " those blocks will never train."
-            )
-        set_requires_grad(self._backbone(pl_module).parameters(), False)
+        self._warn_about_late_releases(trainer)
+        self._warn_about_adapters(pl_module)
+        for param in self._frozen_parameters(pl_module):
+            param.requires_grad = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before Lightning restores the optimizer and schedulers from a checkpoint: the groups built
-        # here must be those saved, in the same order.
+        # Before Lightning restores the optimizers from a checkpoint: the groups built here must be those saved.
+        assert self._plan is not None
         optimizer = self._pick_optimizer(trainer.optimizers, pl_module)
-        schedulers = [
-            config.scheduler for config in trainer.lr_scheduler_configs if config.scheduler.optimizer is optimizer
-        ]
-        for scheduler in schedulers:
-            check_extendable(scheduler)
-        groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
-        backbone_params = list(self._backbone(pl_module).parameters())
-        groups.withdraw(backbone_params)
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+        unfreezer = self._make_unfreezer(pl_module, self._plan, optimizer, schedulers, trainer)
+        backbone = [(name, p) for name, p in self._named_backbone(pl_module) if id(p) in unfreezer.frozen_ids]
         for other in trainer.optimizers:
             if other is not optimizer:
-                ReleasedGroups(other).withdraw(backbone_params)
-        # Named from the start, so that LearningRateMonitor's key for it does not change at the first release.
-        optimizer.param_groups[0].setdefault("name", "head")
-        assert self._plan is not None
-        gradients = GradientSync(trainer.strategy.model)
-        self._releaser = Releaser(pl_module, self._plan, groups, gradients, self._history)
-        self._releaser.restore()
-        restore_before_optimizers(trainer.strategy, self.state_key, self._restore_late)
-
-    def _restore_late(self, state: dict[str, Any]) -> None:
-        assert self._releaser is not None
-        self.load_state_dict(state)
-        self._releaser.restore()
+                ReleasedGroups(other).withdraw(backbone)
+        late = saved_state_for_late_restore(trainer, self.state_key)  # ModelParallelStrategy restores after this hook
+        saved = late if late is not None else self._saved
+        if saved is not None:
+            unfreezer.load_state_dict(saved["unfreezer"])
+        unfreezer.freeze()
+        self._unfreezer = unfreezer
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Norm layers are frozen here, after the strategy's SyncBatchNorm conversion and after
-        # Lightning's check for modules in eval mode.
-        forget_restore_hook(trainer.strategy)
-        keep_frozen_statistics_through_swa(trainer)
+        # Norm layers are frozen here, after the strategy's SyncBatchNorm conversion and after Lightning's
+        # check for modules in eval mode.
+        unfreezer = self._running()
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
-        self._norms = BackboneNorms(pl_module, self.backbone, self.train_bn, holder=self)
-        self._freezer = self._norms.freezer
-        self._norms.update(self._releaser_now().released_ids())
-        self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
-        self._release_due(trainer, pl_module)
+        unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
+        self._freezer = unfreezer.norms.freezer if unfreezer.norms is not None else None
+        self._adaptation.run_once(trainer, pl_module, self._freezer.layers if self._freezer else ())
+        self.remember_statistics()
+        self._advance(trainer, pl_module, "epoch")
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release_due(trainer, pl_module)
+        super().on_train_epoch_start(trainer, pl_module)
+        self._advance(trainer, pl_module, "epoch")
         trainable = sum(param.numel() for param in pl_module.parameters() if param.requires_grad)
         for logger in trainer.loggers:
             logger.log_metrics({"gradual_unfreeze/trainable_params": float(trainable)}, step=trainer.global_step)
@@ -368,154 +259,238 @@ class GradualUnfreeze(NormFreezingCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.unit == "step":
-            self._release_due(trainer, pl_module)
+        self._advance(trainer, pl_module, "step")
         if self._unsettled:
             self._settle(trainer, pl_module)
-        if self._freezer is not None:
-            self._freezer.enforce()
-        if self._releaser is not None:
-            self._releaser.groups.tie_to_head(trainer.global_step)
+        if self._unfreezer is not None:
+            self._unfreezer.before_step(trainer.global_step)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._unfreezer is None:
+            return
+        for line in self._unfreezer.after_step():
+            announce(trainer, f"GradualUnfreeze: {line}.")
+            self.remember_statistics()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
-        if self._releaser is not None:
-            self._releaser.groups.tie_to_head(trainer.global_step)
+        self._unfreezer.groups.tie_to_head(trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._check_at_epoch_end:
-            self._check_plateau(trainer, pl_module)
+            self._check_metrics(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._check_at_epoch_end:
-            self._check_plateau(trainer, pl_module)
+            self._check_metrics(trainer, pl_module)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before a gradient scaler checks for infs: every rank then skips the same steps.
-        if self._releaser is not None:
-            self._releaser.gradients.finish_backward()
+        if self._unfreezer is not None:
+            self._unfreezer.after_backward()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"history": [record.to_dict() for record in self._history], **self._adaptation.state_dict()}
-        return state if self._plateau is None else {**state, "plateau": self._plateau.state_dict()}
+        unfreezer = (
+            self._unfreezer.state_dict() if self._unfreezer is not None else (self._saved or {}).get("unfreezer", {})
+        )
+        return {"unfreezer": unfreezer, **self._adaptation.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "history" not in state_dict:
+        if "unfreezer" not in state_dict:
             raise ValueError(
-                "GradualUnfreeze: the checkpoint's state has no release history (it was saved by lightning_bnfreeze"
-                " 0.1, whose groups were laid out otherwise): resume it with that version, or start the fit anew."
+                "GradualUnfreeze: the checkpoint was saved by lightning_bnfreeze 0.2 or older, whose state is laid out"
+                " otherwise: resume it with that version, or start the fit anew."
             )
-        self._history[:] = [ReleaseRecord.from_dict(record) for record in state_dict["history"]]
         self._adaptation.load_state_dict(state_dict)
-        if self._plateau is not None and "plateau" in state_dict:
-            self._plateau.load_state_dict(state_dict["plateau"])
+        if self._unfreezer is None:  # before `on_fit_start`: it rebuilds the groups from this
+            self._saved = state_dict
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        forget_restore_hook(trainer.strategy)  # a fit that failed before training started
-        if self._releaser is not None:
-            self._releaser.gradients.close()
-        self._releaser = self._norms = None
-        if self._early_stopping is not None:
-            self._early_stopping.restore()
+        if self._unfreezer is not None:
+            self._unfreezer.close()
+            self._unfreezer.norms = None
 
-    def _check_forward_order(self, pl_module: pl.LightningModule) -> None:
-        """With found blocks and an ``example_input_array``, warn if the forward pass runs them in another order."""
-        example = pl_module.example_input_array
-        if self.schedule is not None or self.blocks is not None or example is None or isinstance(example, dict):
-            return
-        inputs = example if isinstance(example, tuple) else (example,)
-        blocks = find_blocks(self._backbone(pl_module), self.backbone, self.granularity)
-        message = check_block_order(blocks, forward_order(pl_module, *inputs))
-        if message is not None:
-            rank_zero_warn(f"GradualUnfreeze: {message} Name the blocks with `blocks=[...]` (input side first).")
+    # --------------------------------------------------------------------------------------- helpers
 
-    def _backbone(self, pl_module: nn.Module) -> nn.Module:
-        return get_module(pl_module, self.backbone, "backbone")
-
-    def _release_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._trigger is None:
-            return
-        done = {record.index for record in self._history}
-        for index in self._trigger.due(trainer.current_epoch, trainer.global_step, done):
-            self._release_now(trainer, pl_module, index, "scheduled")
-
-    def _check_plateau(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plateau = self._plateau
-        if plateau is None or self._releaser is None or trainer.sanity_checking:
-            return
-        if trainer.state.fn != "fit" or not self._releaser.remaining():
-            return
-        value = monitored_value(trainer, plateau.monitor)
-        reason = plateau.update(value, epoch_clock(trainer), trainer.global_step)
-        if self._released_at_this_check(trainer):  # by an EarlyStopping: its phase starts with this check
-            plateau.start_phase(epoch_clock(trainer), trainer.global_step)
-        # every rank releases when any sees a plateau: param groups stay identical across ranks
-        elif trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-            self._release_next(trainer, pl_module, reason or "plateau", value, plateau.monitor)
-
-    def _release_next(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str, value: float, metric: str
-    ) -> bool:
-        """Release the plan's next release now (a plateau, an early stop); ``False`` when none is left."""
-        if self._released_at_this_check(trainer):
-            return True  # one release per check, whichever trigger saw the plateau first
-        left = self._releaser_now().remaining()
-        if left:
-            self._release_now(trainer, pl_module, left[0], reason, value, metric)
-        return bool(left)
-
-    def _release_now(
+    def _make_unfreezer(
         self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        index: int,
-        reason: str,
-        value: float | None = None,
-        metric: str | None = None,
-    ) -> None:
+        pl_module: nn.Module,
+        plan: ReleasePlan,
+        optimizer: Optimizer,
+        schedulers: list[Any],
+        trainer: pl.Trainer | None,
+    ) -> Unfreezer:
+        for scheduler in schedulers:
+            check_extendable(scheduler)
+        groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
+        named = list(pl_module.named_parameters())
+        no_decay = getattr(get_module(pl_module, self.backbone, "backbone"), "no_weight_decay", lambda: ())()
+        groups.rule = origin_rule(optimizer, named, [f"{self.backbone}.{name}" for name in no_decay])
+        trainable = [p for name, p in self._named_backbone(pl_module) if self._is_trainable(name)]
+        agree = (lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)) if trainer else bool
+        gradients = GradientSync(trainer.strategy.model) if trainer is not None else None
+        unfreezer = Unfreezer(pl_module, plan, self.when, groups, gradients, self.lr_scale, self.bn, trainable, agree)
+        groups.withdraw((name, p) for name, p in self._named_backbone(pl_module) if id(p) in unfreezer.frozen_ids)
+        return unfreezer
+
+    def _named_backbone(self, pl_module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return list(get_module(pl_module, self.backbone, "backbone").named_parameters(prefix=self.backbone))
+
+    def _is_trainable(self, name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in self.trainable)
+
+    def _frozen_parameters(self, pl_module: nn.Module) -> list[nn.Parameter]:
+        return [p for name, p in self._named_backbone(pl_module) if not self._is_trainable(name)]
+
+    def _pick_optimizer(self, optimizers: list[Optimizer], pl_module: nn.Module) -> Optimizer:
+        params = [p for _, p in self._named_backbone(pl_module)]
+        return pick_optimizer(optimizers, params, self.optimizer_index)
+
+    def _running(self) -> Unfreezer:
+        assert self._unfreezer is not None, "GradualUnfreeze: no fit in progress"
+        return self._unfreezer
+
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checked_at: str) -> None:
+        unfreezer = self._unfreezer
+        if unfreezer is None or unfreezer.trigger.checked_at != checked_at or not unfreezer.remaining:
+            return
+        moment = unfreezer.moment(trainer.current_epoch, trainer.global_step)
+        for record in unfreezer.advance(moment, checked_at):
+            self._released(trainer, pl_module, record)
+
+    def _check_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        unfreezer = self._unfreezer
+        if unfreezer is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._stops is not None:
+            self._stops.check(trainer)  # an EarlyStopping out of patience releases instead (this check counts once)
+        if unfreezer.trigger.checked_at != "metrics" or not unfreezer.remaining or self._released_at(trainer):
+            return
+        moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+        reason = unfreezer.trigger.check(moment)
+        # every rank releases when any says so: param groups stay identical across ranks
+        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            metric = getattr(unfreezer.trigger, "monitor", None)
+            value = moment.metrics.get(metric) if isinstance(metric, str) else None
+            record = unfreezer.release(moment, reason or "plateau", value, metric)
+            self._released(trainer, pl_module, record)
+
+    def _release_instead(self, trainer: pl.Trainer, metric: str, value: float) -> bool:
+        """An ``EarlyStopping`` ran out of patience: release the next block instead (``False``: none left)."""
+        unfreezer = self._unfreezer
+        if unfreezer is None or not unfreezer.remaining:
+            return False
+        if not self._released_at(trainer):
+            moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+            self._released(
+                trainer, trainer.lightning_module, unfreezer.release(moment, "early_stopping", value, metric)
+            )
+        return True
+
+    def _released_at(self, trainer: pl.Trainer) -> bool:
+        """Whether a release happened at this optimizer step by a metric check (one release per check)."""
+        history = self.history
+        return bool(history) and history[-1].reason != "scheduled" and history[-1].step == trainer.global_step
+
+    def _released(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: ReleaseRecord) -> None:
         register_sharded_parameters(pl_module)  # FSDP2: release those it trains
-        record = self._releaser_now().release(index, trainer.current_epoch, trainer.global_step, reason, value)
-        if self._plateau is not None:
-            self._plateau.start_phase(epoch_clock(trainer), trainer.global_step)
-        if self._early_stopping is not None:
-            self._early_stopping.reset_patience(trainer.global_step)
+        if self._stops is not None and record.reason != "early_stopping":
+            self._stops.reset_patience()
         # During validation modules are in eval mode, and Lightning restores the modes it found when it ends:
         # released norm layers take their training mode at the next training step instead.
         self._unsettled = True
         if not trainer.validating:
             self._settle(trainer, pl_module)
-        logged = {"gradual_unfreeze/release": float(index)}
-        if value is not None:
-            logged["gradual_unfreeze/release_value"] = value
+        logged = {"gradual_unfreeze/release": float(record.index)}
+        if record.value is not None:
+            logged["gradual_unfreeze/release_value"] = record.value
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
-        announce(trainer, f"GradualUnfreeze: {self._releaser_now().describe(record, metric)}")
+        announce(trainer, f"GradualUnfreeze: {self._running().describe(record)}")
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Norm layers as the releases done leave them (and re-estimated, with ``adapt_on_release``)."""
-        assert self._norms is not None
-        self._norms.update(self._releaser_now().released_ids())
-        if self.adapt_on_release:
-            self._adaptation.run(trainer, pl_module, self._norms.freezer.layers)
+        """Norm layers as the releases leave them (and re-estimated, with ``AdaBN(on_release=True)``)."""
+        self._running().update_norms()
+        config = self._adaptation.config
+        if config is not None and config.on_release and self._freezer is not None:
+            self._adaptation.run(trainer, pl_module, self._freezer.layers)
+        self.remember_statistics()
         self._unsettled = False
 
-    def _released_at_this_check(self, trainer: pl.Trainer) -> bool:
-        last = self._history[-1] if self._history else None
-        return last is not None and last.reason != "scheduled" and last.step == trainer.global_step
+    def _check_forward_order(self, pl_module: pl.LightningModule) -> None:
+        """With found blocks and an ``example_input_array``, warn if the forward pass runs them in another order."""
+        example = pl_module.example_input_array
+        plan = self._plan
+        if plan is None or not plan.blocks or example is None or isinstance(example, dict):
+            return
+        if getattr(self.what, "names", None) is not None:
+            return
+        inputs = example if isinstance(example, tuple) else (example,)
+        message = check_block_order(plan.blocks, forward_order(pl_module, *inputs))
+        if message is not None:
+            rank_zero_warn(f"GradualUnfreeze: {message} Name them with `what=Blocks(names=[...])` (input side first).")
 
-    def _releaser_now(self) -> Releaser:
-        assert self._releaser is not None, "GradualUnfreeze: no fit in progress"
-        return self._releaser
+    def _warn_about_late_releases(self, trainer: pl.Trainer) -> None:
+        assert self._plan is not None
+        unit = self.when.unit
+        last = trainer.max_steps if unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
+        times = self.when.times(len(self._plan.releases)) or []
+        late = [time for time in times if time >= last >= 0]
+        if late:
+            rank_zero_warn(
+                f"GradualUnfreeze: release {unit}(s) {late} are at or past `max_{unit}s={last}`:"
+                " those blocks will never train."
+            )
 
-    def _pick_optimizer(self, optimizers: list[Optimizer], pl_module: nn.Module) -> Optimizer:
-        return pick_optimizer(optimizers, self._backbone(pl_module).parameters(), self.optimizer_index)
+    def _warn_about_adapters(self, pl_module: nn.Module) -> None:
+        named = self._named_backbone(pl_module)
+        wanted = [name for name, p in named if p.requires_grad and not self._is_trainable(name)]
+        if wanted and len(wanted) < len(named):
+            shown = ", ".join(wanted[:3]) + (f" and {len(wanted) - 3} more" if len(wanted) > 3 else "")
+            rank_zero_warn(
+                f"GradualUnfreeze: {len(wanted)} backbone parameter(s) require grad while the others do not ({shown}):"
+                " an adapter? They are frozen until their block is released; to train them from the first step,"
+                f" name them in `trainable` (e.g. trainable=[{('*' + wanted[0].rpartition('.')[2])!r}])."
+            )
+
+    def _groups_preview(self, pl_module: nn.Module) -> dict[str, list[str]] | None:
+        """Part name -> the user's param groups its parameters take their hyperparameters from, if
+        ``configure_optimizers`` runs on a copy of the model without a trainer; else ``None``."""
+        if not isinstance(pl_module, pl.LightningModule):
+            return None
+        try:
+            model, optimizers, _ = configure_on_copy(pl_module, self.backbone, Budget(1, 1))
+        except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
+            return None
+        plan = self.plan(model)
+        groups = self._make_unfreezer(model, plan, self._pick_optimizer(optimizers, model), [], None).groups
+        params = dict(model.named_parameters())
+        return {
+            part.name: sorted({groups.origin_label(params[name]) for name in part.params})
+            for parts in plan.releases
+            for part in parts
+        }
+
+
+def _checks_on_train_epoch_end(trainer: pl.Trainer, trigger: Trigger) -> bool:
+    """``EarlyStopping``'s rule: at the training epoch end when validation runs once per epoch (or never),
+    else after each validation; a trigger's ``check_on_train_epoch_end`` (``True``/``False``) overrides it."""
+    setting = getattr(trigger, "check_on_train_epoch_end", None)
+    if setting is not None:
+        return bool(setting)
+    return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
+
+def _epochs_done(trainer: pl.Trainer) -> float:
+    """Epochs trained so far: the current epoch plus the fraction of its batches done."""
+    total = trainer.num_training_batches
+    fraction = batches_done_in_epoch(trainer) / total if 0 < total < float("inf") else 0.0
+    return trainer.current_epoch + min(fraction, 1.0)

@@ -6,10 +6,10 @@ import copy
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
 from torch.optim import Optimizer
 
 from lightning_bnfreeze.freezer import set_requires_grad
+from lightning_bnfreeze.internals import parse_configure_optimizers
 from lightning_bnfreeze.lr_preview import Budget, SchedulerStep
 
 __all__ = ["configure_on_copy"]
@@ -64,7 +64,6 @@ def configure_on_copy(
             " (with manual optimization you step the schedulers yourself)."
         )
     # every form `configure_optimizers` may return, as Lightning parses it in a fit
-    optimizers, schedulers, monitor = _configure_optimizers(configured)  # type: ignore[arg-type]
-    configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+    optimizers, configs = parse_configure_optimizers(configured)
     steps = [SchedulerStep(c.scheduler, c.interval, c.frequency, c.reduce_on_plateau) for c in configs]
     return model, optimizers, steps

@@ -1,15 +1,14 @@
 """How the callbacks meet Lightning's distributed strategies: which they support, process groups, late restores.
 
 ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) restores a checkpoint
-only after ``on_fit_start``, optimizers included, in ``strategy.load_checkpoint``: param groups
-added on resume must exist before that, so :func:`restore_before_optimizers` hands the callback its
-saved state just before. Strategies are recognised by class name, so that those of
-``pytorch_lightning`` are too.
+only after ``on_fit_start``, optimizers included, before the callbacks' state: param groups added
+on resume must exist before that, so :func:`saved_state_for_late_restore` reads the callback's
+state from the checkpoint in ``on_fit_start``. Strategies are recognised by class name, so that
+those of ``pytorch_lightning`` are too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,11 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_strategy", "data_parallel_group", "forget_restore_hook", "restore_before_optimizers"]
+from lightning_bnfreeze.internals import DISTRIBUTED_CHECKPOINT_METADATA
+
+__all__ = ["check_strategy", "data_parallel_group", "saved_state_for_late_restore"]
 
 _CANNOT_ADD_GROUPS = frozenset({"FSDPStrategy", "DeepSpeedStrategy"})
-_METADATA_FILE = "meta.pt"  # the non-tensor part of a distributed checkpoint (a folder), as Lightning writes it
 
 
 def _strategy_names(strategy: object) -> set[str]:
@@ -54,35 +54,19 @@ def data_parallel_group(strategy: object) -> dist.ProcessGroup | None:
     return None
 
 
-def restore_before_optimizers(
-    strategy: pl.strategies.Strategy, state_key: str, restore: Callable[[dict[str, Any]], None]
-) -> None:
-    """On resume under a strategy that restores the checkpoint after ``on_fit_start``, call ``restore(state)``
-    with the callback's saved state just before the strategy loads the optimizers.
+def saved_state_for_late_restore(trainer: pl.Trainer, state_key: str) -> dict[str, Any] | None:
+    """On a resume under a strategy that restores the checkpoint after ``on_fit_start`` (``ModelParallelStrategy``),
+    the callback's saved state, read from the checkpoint now; else ``None``.
 
-    Call from ``on_fit_start``; :func:`forget_restore_hook` once training starts (no resume happened then).
+    Such a strategy loads the optimizers' state together with the model's, before the callbacks get
+    theirs: the groups of released parameters must exist by then, so they are rebuilt from this state
+    in ``on_fit_start``.
     """
-    if not strategy.restore_checkpoint_after_setup:
-        return
-    load_checkpoint = strategy.load_checkpoint
-
-    def restore_then_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        forget_restore_hook(strategy)
-        state = _saved_callback_state(Path(checkpoint_path), state_key)
-        if state is not None:
-            restore(state)
-        return load_checkpoint(checkpoint_path, *args, **kwargs)
-
-    strategy.load_checkpoint = restore_then_load  # type: ignore[method-assign]
-
-
-def forget_restore_hook(strategy: pl.strategies.Strategy) -> None:
-    """Undo :func:`restore_before_optimizers` (every callback's), if the checkpoint was not loaded."""
-    vars(strategy).pop("load_checkpoint", None)
-
-
-def _saved_callback_state(path: Path, state_key: str) -> dict[str, Any] | None:
-    # Read as Lightning reads it: a distributed checkpoint keeps everything but tensors in its metadata file.
-    checkpoint = torch.load(path / _METADATA_FILE) if path.is_dir() else torch.load(path, map_location="cpu", mmap=True)
+    path = trainer.ckpt_path
+    if path is None or not trainer.strategy.restore_checkpoint_after_setup:
+        return None
+    path = Path(path)
+    metadata = path / DISTRIBUTED_CHECKPOINT_METADATA
+    checkpoint = torch.load(metadata) if path.is_dir() else torch.load(path, map_location="cpu", mmap=True)
     state: dict[str, Any] | None = checkpoint.get("callbacks", {}).get(state_key)
     return state

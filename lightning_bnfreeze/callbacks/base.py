@@ -1,15 +1,19 @@
-"""What both callbacks share: letting go of frozen norm layers when a fit ends or fails, and announcing."""
+"""What both callbacks share: their place among the trainer's callbacks, frozen statistics kept through
+weight averaging, letting go when a fit ends or fails, announcing, and waiting for ``configure_model``."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_bnfreeze.callbacks.averaging import FrozenStatistics, is_averaging
+from lightning_bnfreeze.callbacks.early_stopping import is_early_stopping
 from lightning_bnfreeze.freezer import NormFreezer
 
 __all__ = ["NormFreezingCallback", "after_configure_model", "announce"]
@@ -18,15 +22,51 @@ log = logging.getLogger("lightning_bnfreeze")
 
 
 class NormFreezingCallback(Callback):
-    """A callback that keeps norm layers frozen through ``self._freezer`` from fit start until teardown."""
+    """A callback that keeps norm layers frozen through ``self._freezer`` from fit start until teardown.
+
+    In ``setup`` it moves itself behind the trainer's ``EarlyStopping`` and weight-averaging callbacks,
+    so that its hooks see what they did; frozen statistics are put back where those changed them.
+    """
 
     _freezer: NormFreezer | None = None
+    _statistics: FrozenStatistics | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        behind = [i for i, callback in enumerate(callbacks) if is_early_stopping(callback) or is_averaging(callback)]
+        if self in callbacks and behind and callbacks.index(self) < behind[-1]:
+            callbacks.remove(self)
+            callbacks.insert(behind[-1], self)  # right behind the last of them (whose index moved down by one)
+
+    def remember_statistics(self) -> None:
+        """The frozen layers changed: their statistics as they are now are those to keep."""
+        if self._statistics is None:
+            self._statistics = FrozenStatistics()
+        self._statistics.save(self._freezer.layers if self._freezer is not None else ())
+
+    def keep_statistics(self) -> None:
+        """Put back the frozen layers' statistics where weight averaging changed them."""
+        if self._statistics is not None:
+            self._statistics.restore()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.keep_statistics()
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.keep_statistics()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.keep_statistics()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._freezer is not None:
             self._freezer.unfreeze_all()
-        self._freezer = None
+        self._freezer = self._statistics = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

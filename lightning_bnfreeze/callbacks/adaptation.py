@@ -1,0 +1,129 @@
+"""AdaBN for the callbacks: re-estimate frozen norm statistics on the training batches, as ``training_step`` gets them.
+
+The pure-PyTorch estimate is :func:`~lightning_bnfreeze.adapt.adapt_norm_statistics`, configured by
+:class:`~lightning_bnfreeze.adapt.AdaBN`; this module feeds it the trainer's training data and keeps
+the callbacks' "done once per fit" state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_bnfreeze.adapt import AdaBN, adapt_norm_statistics
+from lightning_bnfreeze.callbacks.strategies import data_parallel_group
+from lightning_bnfreeze.internals import NormBase, training_batches
+
+__all__ = ["ADAPT_HOOK", "TrainDataAdaptation", "adapt_on_train_data"]
+
+ADAPT_HOOK = "adapt_norm_step"
+"""A LightningModule method ``adapt_norm_step(batch)``, if defined, runs the model on one batch."""
+
+
+class TrainDataAdaptation:
+    """A callback's AdaBN: once per fit (and again on demand), remembered through checkpoints.
+
+    ``config`` is the callback's ``adapt`` argument (``None``: off); ``owner`` names the callback in messages.
+    """
+
+    def __init__(self, config: AdaBN | None, owner: str) -> None:
+        if config is not None and not isinstance(config, AdaBN):
+            raise ValueError(f"`adapt` must be an AdaBN(...) or None, got {config!r}.")
+        self.config = config
+        self.owner = owner
+        self.done = False
+
+    def reset(self) -> None:
+        """Forget an earlier adaptation: a new fit adapts again."""
+        self.done = False
+
+    def run_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[NormBase]) -> None:
+        """Adapt ``layers`` unless this fit (or the run it resumed) did already, or AdaBN is off."""
+        if not self.done:
+            self.run(trainer, pl_module, layers)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[NormBase]) -> None:
+        """Adapt ``layers`` now, unless AdaBN is off."""
+        if self.config is None:
+            return
+        adapt_on_train_data(trainer, pl_module, layers, self.config, self.owner)
+        self.done = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapted": self.done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("adapted", False))
+
+
+def adapt_on_train_data(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[NormBase], config: AdaBN, owner: str
+) -> int:
+    """Re-estimate ``layers``' statistics on the first training batches, leaving the data order as it was.
+
+    Each batch is what ``training_step`` would get (for several training dataloaders, a list or dict
+    of their batches), through the precision plugin, the batch-transfer hooks and the strategy's
+    device; the model runs in the precision plugin's training-step context. A batch reaches the model
+    through ``pl_module.adapt_norm_step(batch)`` if the LightningModule defines it, else, for a single
+    training dataloader, as ``pl_module(batch[0])`` for a tuple or list batch and ``pl_module(batch)``
+    otherwise. Under DDP the statistics are those of all ranks' batches.
+
+    Returns:
+        The number of batches used on this rank.
+
+    Raises:
+        TypeError: several training dataloaders and no ``adapt_norm_step``; or a fraction of an
+            epoch whose length is unknown.
+    """
+    try:
+        batches, single = training_batches(trainer, pl_module)
+    except RuntimeError as error:
+        raise RuntimeError(f"{owner}: AdaBN needs the training dataloader: {error}") from None
+    forward = getattr(pl_module, ADAPT_HOOK, None)
+    if forward is None:
+        if not single:
+            raise TypeError(
+                f"{owner}: AdaBN with several training dataloaders: define `{ADAPT_HOOK}(batch)` on the"
+                " LightningModule to run the model on a batch as `training_step` gets it."
+            )
+        forward = _default_forward(pl_module)
+    count = _batch_count(trainer, config.batches, owner)
+    root = trainer.strategy.root_device
+    with (
+        torch.random.fork_rng(devices=[root] if root.type == "cuda" else []),  # the training data order stays
+        trainer.precision_plugin.train_step_context(),
+    ):
+        group = data_parallel_group(trainer.strategy)  # the replicas' batches, not a tensor-parallel rank's twice
+        used = adapt_norm_statistics(
+            pl_module, layers, islice(batches, count), forward, prior=config.prior, process_group=group
+        )
+    rank_zero_info(
+        f"{owner}: statistics of {len(layers)} frozen norm layer(s) re-estimated on {used} batch(es)"
+        f" (prior: {config.prior:g} source samples)."
+    )
+    return used
+
+
+def _default_forward(pl_module: pl.LightningModule) -> Callable[[Any], Any]:
+    def forward(batch: Any) -> Any:
+        return pl_module(batch[0] if isinstance(batch, list | tuple) else batch)
+
+    return forward
+
+
+def _batch_count(trainer: pl.Trainer, batches: int | float, owner: str) -> int:
+    if isinstance(batches, int):
+        return batches
+    epoch = trainer.num_training_batches
+    if not math.isfinite(epoch):
+        raise TypeError(
+            f"{owner}: AdaBN(batches={batches}) is a fraction of an epoch, but the training dataloader has no"
+            " length; give a number of batches."
+        )
+    return max(1, math.ceil(batches * epoch))

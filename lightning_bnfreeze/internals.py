@@ -1,0 +1,109 @@
+"""Every private (or undocumented) torch and Lightning attribute the library uses, in one place.
+
+Each has a test in ``tests/test_internals.py`` that fails with a message naming it when a torch or
+Lightning release changes it. The torch ones are imported here; the Lightning ones only inside the
+functions that use them, so that the plain-PyTorch core imports no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = [
+    "DISTRIBUTED_CHECKPOINT_METADATA",
+    "BatchNormBase",
+    "InstanceNormBase",
+    "NormBase",
+    "batches_done_in_epoch",
+    "callback_state_key",
+    "ddp_ignored_names",
+    "ddp_process_group",
+    "ddp_syncs_gradients",
+    "parse_configure_optimizers",
+    "sparse_nnz",
+    "training_batches",
+]
+
+BatchNormBase = _BatchNorm
+"""torch's base class of every BatchNorm layer (BatchNorm1d/2d/3d, SyncBatchNorm, the Lazy variants)."""
+NormBase = _NormBase
+"""torch's base class of BatchNorm and InstanceNorm layers: ``running_mean``, ``running_var``, ``momentum``."""
+InstanceNormBase = _InstanceNorm
+"""torch's base class of InstanceNorm1d/2d/3d."""
+
+DISTRIBUTED_CHECKPOINT_METADATA = "meta.pt"
+"""The file of a distributed checkpoint (a folder) that holds everything but tensors, as Lightning's
+``ModelParallelStrategy`` writes it (``lightning.fabric.strategies.model_parallel._METADATA_FILENAME``)."""
+
+
+def sparse_nnz(tensor: torch.Tensor) -> int:
+    """The number of specified elements of a sparse COO tensor."""
+    return int(tensor._nnz())
+
+
+def ddp_ignored_names(model: nn.Module) -> set[str]:
+    """Names of the parameters a ``DistributedDataParallel`` ignores (``_set_params_and_buffers_to_ignore_for_model``)."""
+    return set(getattr(model, "parameters_to_ignore", ()))
+
+
+def ddp_syncs_gradients(model: nn.Module) -> bool:
+    """Whether the next backward of a ``DistributedDataParallel`` reduces gradients (``False`` under ``no_sync()``)."""
+    return bool(model.require_backward_grad_sync)
+
+
+def ddp_process_group(model: nn.Module) -> Any:
+    """The process group a ``DistributedDataParallel`` reduces over."""
+    return model.process_group
+
+
+def parse_configure_optimizers(configured: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """What ``configure_optimizers`` returned, as Lightning parses it in a fit: the optimizers, and each
+    LR scheduler's config (``scheduler``, ``interval``, ``frequency``, ``reduce_on_plateau``)."""
+    from lightning.pytorch.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+
+    optimizers, schedulers, monitor = _configure_optimizers(configured)
+    return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
+
+
+def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Iterator[Any], bool]:
+    """A fresh iterator over the training batches as ``training_step`` gets them, and whether there is one loader.
+
+    The fit loop's own iterator and the data order stay untouched. Each batch went through the
+    precision plugin, the batch-transfer hooks and the strategy's device.
+
+    Raises:
+        RuntimeError: the training dataloader is not set up yet.
+    """
+    source = trainer.fit_loop._combined_loader
+    if source is None:
+        raise RuntimeError("the training dataloader is not set up yet.")
+    loader = type(source)(source.iterables, source._mode)
+    loader.limits = source.limits
+    single = len(source.flattened) == 1 and source.iterables is source.flattened[0]
+
+    def prepared() -> Iterator[Any]:
+        for batch, _, _ in loader:
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+    return prepared(), single
+
+
+def batches_done_in_epoch(trainer: pl.Trainer) -> int:
+    """Training batches completed in the current epoch."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+
+def callback_state_key(callback: pl.Callback, **identity: Any) -> str:
+    """A callback's checkpoint key from its class and ``identity`` (Lightning's ``Callback._generate_state_key``)."""
+    return str(callback._generate_state_key(**identity))

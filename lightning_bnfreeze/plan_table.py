@@ -1,0 +1,53 @@
+"""The release plan as the text table of a dry run, in plain Python."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.tables import format_table
+from lightning_bnfreeze.triggers import Trigger
+
+__all__ = ["format_plan"]
+
+_NORMS = {
+    "auto": "frozen; train if its first step is large",
+    "train": "train",
+    "frozen": "frozen (affine trains)",
+}
+
+
+def format_plan(
+    plan: ReleasePlan,
+    trigger: Trigger,
+    lr_scale: float,
+    bn: str,
+    last: int = -1,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
+    and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups.
+
+    With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
+    """
+    times = trigger.times(len(plan.releases))
+    header = [trigger.unit, "released", "parameters", "lr x head", "norm layers"]
+    rows = [header + (["hyperparameters from"] if groups is not None else [])]
+    for k, parts in enumerate(plan.releases):
+        if times is None:
+            at = f"release {k + 1}"
+        elif 0 <= last <= times[k]:
+            at = f"{times[k]} (>= max_{trigger.unit}s: never)"
+        else:
+            at = str(times[k])
+        for i, part in enumerate(parts):
+            row = [at if i == 0 else "", part.name, f"{part.numel:,}", f"{lr_scale * part.lr_factor:.4g}", _NORMS[bn]]
+            if groups is not None:
+                row.append(", ".join(groups.get(part.name, ())) or "head's")
+            rows.append(row)
+    table = format_table(rows)
+    if times is None:
+        table += f"\nReleases in this order, each when {trigger!r} says."
+    if plan.frozen_params:
+        table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."
+    return table

@@ -1,0 +1,309 @@
+"""One object that owns a backbone's releases, from the decision to the record, in plain PyTorch.
+
+:class:`Unfreezer` freezes a backbone, asks its trigger when the next release of its plan is due,
+and carries the release out: the parameters train in named param groups at their learning rate
+(:class:`~lightning_bnfreeze.released_groups.ReleasedGroups`), their gradients are averaged where a
+DDP reducer leaves them out (:class:`~lightning_bnfreeze.distributed.GradientSync`), their norm layers
+take the mode the norm policy gives them (:class:`~lightning_bnfreeze.freezer.BackboneNorms`), and a
+:class:`ReleaseRecord` joins the history, the state a checkpoint keeps. The Lightning callback only
+tells it where the fit stands; :mod:`lightning_bnfreeze.lr_preview` drives the same object without training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_bnfreeze.checks import check_choice
+from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
+from lightning_bnfreeze.fsdp import squared_norm
+from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
+from lightning_bnfreeze.triggers import Moment, Trigger
+
+__all__ = ["AUTO_STEP", "NORM_MODES", "ReleaseRecord", "Unfreezer"]
+
+NORM_MODES = ("auto", "train", "frozen")
+AUTO_STEP = 0.002
+"""``bn="auto"``: a released block's norm layers train once its first optimizer step moved its weights by
+more than this (relative, momentum included); below it they keep frozen statistics (see the README)."""
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A release done: which one of the plan, when, why, at which rates, and where its groups sit in the optimizer.
+
+    ``step`` is the first optimizer step that trains it (``trainer.global_step`` at the release),
+    ``epoch`` the epoch it happened in, ``reason`` what the trigger answered (``"scheduled"``,
+    ``"plateau"``, ``"max_phase"``, ``"early_stopping"``, or a custom trigger's reason), ``value``
+    the monitored metric's value (``None`` for a scheduled release), ``train_norms`` whether its
+    norm layers train, ``lr_factors`` each part's learning rate relative to the head's.
+    """
+
+    index: int
+    epoch: int
+    step: int
+    reason: str
+    positions: tuple[int, ...] = ()
+    value: float | None = None
+    metric: str | None = None
+    train_norms: tuple[bool, ...] = ()
+    lr_factors: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so that checkpoints load with ``torch.load(weights_only=True)``."""
+        state = asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in state.items()}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> ReleaseRecord:
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in state.items()})
+
+    def when(self, unit: str) -> str:
+        """When and why, in words: ``"epoch 3"``, ``"step 40 (epoch 2), val_loss stopped improving at 0.41"``."""
+        when = f"epoch {self.epoch}" if unit == "epoch" else f"step {self.step} (epoch {self.epoch})"
+        value = "" if self.value is None else f" at {self.value:.4g}"
+        why = {
+            "scheduled": "",
+            "plateau": f", {self.metric} stopped improving{value}",
+            "max_phase": f", the phase reached `max_phase` ({self.metric}{value})",
+            "early_stopping": f", EarlyStopping on {self.metric} ran out of patience{value}: releasing instead",
+        }
+        return when + why.get(self.reason, f", {self.reason}{value}")
+
+
+class Unfreezer:
+    """The releases of ``plan`` on ``root``: when ``trigger`` says, at ``lr_scale`` times each part's factor.
+
+    Args:
+        root: the model whose parameters the plan names (the LightningModule).
+        plan: what each release frees.
+        trigger: when the next release is due.
+        groups: the optimizer's released groups (it holds the head's group, the schedulers, the warm-up).
+        gradients: averages released gradients that a DDP reducer leaves out (``None``: no DDP).
+        lr_scale: the learning rate of a released part relative to the head's, times the part's factor.
+        bn: what a released part's norm layers do: ``"train"`` (batch statistics, as without freezing),
+            ``"frozen"`` (inference mode, frozen statistics, affine parameters training), or ``"auto"``:
+            frozen until the part's first optimizer step, then training if that step moved its weights
+            by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum SGD).
+        trainable: parameters inside the backbone that train from the first step (never frozen).
+        agree: turns a local decision into the decision of every rank (``any``; default: as it is).
+
+    The norm layers are left alone until :meth:`start_norms` (Lightning: at ``on_train_start``).
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        plan: ReleasePlan,
+        trigger: Trigger,
+        groups: ReleasedGroups,
+        gradients: GradientSync | None = None,
+        lr_scale: float = 1.0,
+        bn: str = "auto",
+        trainable: Iterable[nn.Parameter] = (),
+        agree: Callable[[bool], bool] = bool,
+    ) -> None:
+        check_choice("bn", bn, NORM_MODES)
+        self.root = root
+        self.plan = plan
+        self.trigger = trigger
+        self.groups = groups
+        self.gradients = gradients if gradients is not None else GradientSync(None)
+        self.lr_scale = lr_scale
+        self.bn = bn
+        self.norms: BackboneNorms | None = None
+        self._agree = agree
+        self._trainable = {id(param) for param in trainable}
+        self._history: list[ReleaseRecord] = []
+        self._probes: list[tuple[int, int, list[tuple[nn.Parameter, torch.Tensor]]]] = []
+
+    @property
+    def history(self) -> tuple[ReleaseRecord, ...]:
+        """The releases done, in order."""
+        return tuple(self._history)
+
+    @property
+    def remaining(self) -> list[int]:
+        """Indices of the plan's releases not done yet, in order."""
+        return list(range(len(self._history), len(self.plan.releases)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters that the plan freezes and releases (not those named always trainable)."""
+        backbone = self.root.get_submodule(self.plan.backbone)
+        return [param for param in backbone.parameters() if id(param) not in self._trainable]
+
+    @property
+    def frozen_ids(self) -> set[int]:
+        """``id`` of each parameter :meth:`freeze` freezes."""
+        return {id(param) for param in self.backbone_parameters()}
+
+    def freeze(self) -> None:
+        """The state at fit start: the backbone frozen, then the releases of the history (a resumed fit)."""
+        set_requires_grad(self.backbone_parameters(), False)
+        for index, record in enumerate(self._history):
+            added = self._add(index, record.step, record.lr_factors)
+            self.groups.restore_order(added, record.positions)
+
+    def start_norms(self, norms: BackboneNorms) -> None:
+        """From now on keep the backbone's norm layers as the releases say."""
+        self.norms = norms
+        self.update_norms()
+
+    def moment(self, epoch: float, step: int, metrics: Mapping[str, float] | None = None) -> Moment:
+        """Where the fit stands, as the trigger sees it."""
+        last = (float(self._history[-1].epoch), self._history[-1].step) if self._history else None
+        return Moment(epoch, step, len(self._history), last, dict(metrics or {}))
+
+    def advance(self, moment: Moment, checked_at: str) -> list[ReleaseRecord]:
+        """Ask the trigger at a check point of kind ``checked_at`` and carry out what is due; the new records."""
+        done: list[ReleaseRecord] = []
+        while self.remaining and self.trigger.checked_at == checked_at:
+            reason = self.trigger.check(moment)
+            if reason is None:
+                break
+            value = None
+            metric = getattr(self.trigger, "monitor", None)
+            if checked_at == "metrics" and isinstance(metric, str) and metric in moment.metrics:
+                value = moment.metrics[metric]
+            done.append(self.release(moment, reason, value, metric))
+            moment = self.moment(moment.epoch, moment.step, moment.metrics)
+            if checked_at == "metrics":
+                break  # one release per check
+        return done
+
+    def release(
+        self, moment: Moment, reason: str, value: float | None = None, metric: str | None = None
+    ) -> ReleaseRecord:
+        """Carry out the next release of the plan now.
+
+        Raises:
+            IndexError: every release is done.
+        """
+        if not self.remaining:
+            raise IndexError("every release of the plan is done")
+        index = len(self._history)
+        parts = self.plan.releases[index]
+        factors = tuple(self.lr_scale * part.lr_factor for part in parts)
+        added = self._add(index, moment.step, factors)
+        trains = (self.bn == "train",) * len(parts)
+        if self.bn == "auto":
+            params = dict(self.root.named_parameters())
+            for position, part in enumerate(parts):
+                weights = [params[name] for name in part.params if params[name].ndim >= 2]
+                self._probes.append((index, position, [(w, w.detach().clone()) for w in weights]))
+        record = ReleaseRecord(
+            index, int(moment.epoch), moment.step, reason, self.groups.positions(added), value, metric, trains, factors
+        )
+        self._history.append(record)
+        self.groups.tie_to_head(moment.step)
+        self.trigger.released(self.moment(moment.epoch, moment.step, moment.metrics))
+        self.update_norms()
+        return record
+
+    def before_step(self, step: int) -> None:
+        """Before an optimizer step: released groups at their rate, frozen norm layers as they must be."""
+        self.groups.tie_to_head(step)
+        if self.norms is not None:
+            self.norms.enforce()
+
+    def after_step(self) -> list[str]:
+        """After an optimizer step: with ``bn="auto"``, decide the norm mode of the parts it was the first step of.
+
+        Returns a line for each part whose norm layers start training.
+        """
+        if not self._probes:
+            return []
+        lines = []
+        for index, position, weights in self._probes:
+            moved = squared_norm([w - before for w, before in weights]) ** 0.5
+            size = squared_norm([before for _, before in weights]) ** 0.5
+            step = moved / size / (1.0 - self._momentum()) if size > 0 else 0.0
+            if self._agree(step > AUTO_STEP):
+                record = self._history[index]
+                trains = tuple(train or i == position for i, train in enumerate(record.train_norms))
+                self._history[index] = replace(record, train_norms=trains)
+                part = self.plan.releases[index][position].name
+                lines.append(
+                    f"{part}: its first step moved its weights by {step:.2%} (> {AUTO_STEP:.1%}): its norm layers"
+                    " train from now on (frozen statistics do not hold at such rates)"
+                )
+        self._probes = []
+        self.update_norms()
+        return lines
+
+    def after_backward(self) -> None:
+        """After a backward: reduce the released gradients a DDP reducer leaves out."""
+        self.gradients.finish_backward()
+
+    def describe(self, record: ReleaseRecord) -> str:
+        """One line for the log: when and why, each part with its parameters, learning rate and norm mode."""
+        head_lr = self.groups.head["lr"]
+        parts = self.plan.releases[record.index]
+        modes = {True: ", norm layers train", False: ", norm layers frozen", None: ""}
+        if self.bn == "auto":
+            modes[False] = ", norm layers frozen until its first step says"
+        described = [
+            f"{part.name} ({part.numel:,} params, lr {head_lr * factor:.3g} = {factor:.3g} x head{modes[train]})"
+            for part, factor, train in zip(parts, record.lr_factors, self._norm_modes(record), strict=True)
+        ]
+        return f"{record.when(self.trigger.unit)}: released {'; '.join(described)}."
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [record.to_dict() for record in self._history], "trigger": self.trigger.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
+
+        Raises:
+            ValueError: the checkpoint holds more releases than the plan has.
+        """
+        history = [ReleaseRecord.from_dict(record) for record in state.get("history", ())]
+        if len(history) > len(self.plan.releases):
+            raise ValueError(
+                f"GradualUnfreeze: the checkpoint holds {len(history)} releases, but the plan has"
+                f" {len(self.plan.releases)}: resume with the configuration the checkpoint was saved with."
+            )
+        self._history = history
+        self.trigger.load_state_dict(dict(state.get("trigger", {})))
+
+    def close(self) -> None:
+        self.gradients.close()
+
+    def _add(self, index: int, step: int, factors: Sequence[float]) -> list[ReleasedGroup]:
+        params = dict(self.root.named_parameters())
+        added = []
+        for part, factor in zip(self.plan.releases[index], factors, strict=True):
+            group = [params[name] for name in part.params if id(params[name]) not in self._trainable]
+            added += self.groups.add(group, part.name, factor, step)
+            self.gradients.track(group)
+        return added
+
+    def _momentum(self) -> float:
+        """The momentum of plain SGD-type optimizers (``1 / (1 - momentum)`` scales their steps), else 0."""
+        group = self.groups.head
+        return 0.0 if "betas" in group else float(group.get("momentum", 0.0) or 0.0)
+
+    def update_norms(self) -> None:
+        """Put the norm layers in the modes the releases give them (call when modules may have changed modes)."""
+        if self.norms is None:
+            return
+        params = dict(self.root.named_parameters())
+        released: dict[int, bool] = {}
+        for record in self._history:
+            for part, train in zip(self.plan.releases[record.index], record.train_norms, strict=True):
+                released.update((id(params[name]), train) for name in part.params)
+        self.norms.update(released)
+
+    def _norm_modes(self, record: ReleaseRecord) -> list[bool | None]:
+        params = dict(self.root.named_parameters())
+        parts = self.plan.releases[record.index]
+        return [
+            train if self.norms is None or self.norms.holds_norms(params[n] for n in part.params) else None
+            for part, train in zip(parts, record.train_norms, strict=True)
+        ]
