@@ -20,7 +20,7 @@ from lightning_bnfreeze.release import ReleaseRecord
 from lightning_bnfreeze.triggers import At, Every, Moment, Plateau, Trigger
 
 if TYPE_CHECKING:
-    from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze
+    from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze, ReleasingEarlyStopping
 
 __version__ = "0.3.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "NormFreezer",
     "Plateau",
     "ReleaseRecord",
+    "ReleasingEarlyStopping",
     "Schedule",
     "Trigger",
     "find_blocks",
@@ -49,7 +50,7 @@ __all__ = [
     "unfreeze_norm",
 ]
 
-_CALLBACKS = ("BNFreezeCallback", "GradualUnfreeze")
+_CALLBACKS = ("BNFreezeCallback", "GradualUnfreeze", "ReleasingEarlyStopping")
 
 
 def __getattr__(name: str) -> Any:

@@ -152,7 +152,7 @@ def _user_groups(backbone: nn.Module, params: _Params, prefix: str, blocks: User
     if isinstance(listed, str) or not isinstance(listed, Sequence) or not listed:
         raise ValueError(f"`{argument}` = {listed!r}: expected a non-empty list of names or lists of names.")
     local = {_join(prefix, name): name for name in [n for n, _ in backbone.named_modules() if n] + params.names}
-    entries: list[tuple[str, list[str]]] = []  # (what the user wrote, the backbone's member names)
+    entries: list[tuple[int, list[str]]] = []  # (the entry's index, the backbone's member names of one block)
     for i, entry in enumerate(listed):
         patterns = as_name_list(entry, f"{argument}[{i}]")
         matched = []
@@ -162,16 +162,17 @@ def _user_groups(backbone: nn.Module, params: _Params, prefix: str, blocks: User
                 raise ValueError(unknown_name_message(pattern, local, argument))
             matched.append(matches)
         if isinstance(entry, str) and is_glob(entry):
-            entries += [(repr(entry), [local[name]]) for name in matched[0]]
+            entries += [(i, [local[name]]) for name in matched[0]]
         else:
-            entries.append((repr(entry), [local[name] for matches in matched for name in matches]))
+            entries.append((i, [local[name] for matches in matched for name in matches]))
     groups = _claim(params, [members for _, members in entries])
-    for (written, _), group in zip(entries, groups, strict=True):
-        if not group:
+    for i, entry in enumerate(listed):
+        if not any(group for (index, _), group in zip(entries, groups, strict=True) if index == i):
             raise ValueError(
-                f"`{argument}` holds {written}, which has no parameters that an earlier entry does not hold."
+                f"`{argument}` holds {entry!r}, which has no parameters that an earlier entry does not hold."
             )
-    return groups
+    # a glob's matches without parameters of their own (a pooling layer) are no blocks
+    return [group for group in groups if group]
 
 
 def _matcher_groups(names: list[str], matcher: Mapping[str, Any] | Callable[[str], Any]) -> list[list[int]]:

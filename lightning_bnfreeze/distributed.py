@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
+from lightning_bnfreeze.fsdp import reduce_unused_gradients
 from lightning_bnfreeze.internals import ddp_ignored_names, ddp_process_group, ddp_syncs_gradients, sparse_nnz
 
 __all__ = ["BUCKET_BYTES", "GradientSync", "ddp_reduced_parameters", "sparse_gradient_parameters"]
@@ -69,11 +70,14 @@ class GradientSync:
     averages into ``.grad``. As with DDP, only a backward pass after a forward pass of ``model`` with
     grad enabled and outside ``model.no_sync()`` reduces. The reductions use a process group of
     their own, so that they never interleave with DDP's.
-    Does nothing unless ``model`` is a ``DistributedDataParallel``. Construct it right after DDP
-    wrapped the model, before any release: the parameters that require grad then are DDP's.
+    Only for a ``DistributedDataParallel``: construct it right after DDP wrapped the model, before
+    any release (the parameters that require grad then are DDP's). FSDP2 (``fully_shard``) reduces
+    every gradient itself: :meth:`track` only keeps its reductions alike on every rank for released
+    parameters some rank did not use (:func:`~lightning_bnfreeze.fsdp.reduce_unused_gradients`).
     """
 
     def __init__(self, model: nn.Module | None, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self._model = model
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self._reduced: set[int] = set()
         self._sparse: set[int] = set()
@@ -94,6 +98,8 @@ class GradientSync:
         Every rank must track the same parameters in the same order.
         """
         if self._ddp is None:
+            if self._model is not None:
+                reduce_unused_gradients(self._model, params)
             return
         tracked = {id(param) for param in self.params}
         new = [param for param in params if id(param) not in self._reduced and id(param) not in tracked]

@@ -7,7 +7,7 @@ functions that use them, so that the plain-PyTorch core imports no Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,12 +19,17 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "SCHEDULER_PER_GROUP_STATE",
+    "SCHEDULER_SHARED_STATE",
+    "nested_schedulers",
     "DISTRIBUTED_CHECKPOINT_METADATA",
     "BatchNormBase",
     "InstanceNormBase",
     "NormBase",
     "batches_done_in_epoch",
     "callback_state_key",
+    "before_checkpoint_load",
+    "forget_checkpoint_hook",
     "ddp_ignored_names",
     "ddp_process_group",
     "ddp_syncs_gradients",
@@ -45,13 +50,34 @@ DISTRIBUTED_CHECKPOINT_METADATA = "meta.pt"
 ``ModelParallelStrategy`` writes it (``lightning.fabric.strategies.model_parallel._METADATA_FILENAME``)."""
 
 
+SCHEDULER_PER_GROUP_STATE = {
+    # attribute of a torch LR scheduler: whether its entries are learning rates (scaled with a new group) or shared
+    "base_lrs": True,
+    "_last_lr": True,
+    "min_lrs": True,
+    "max_lrs": True,
+    "lr_lambdas": False,
+    "base_momentums": False,
+    "max_momentums": False,
+}
+"""torch LR schedulers' per-param-group lists (``_last_lr`` is private), extended for each added group."""
+SCHEDULER_SHARED_STATE = frozenset({"_schedulers", "_milestones", "_schedule_phases", "milestones"})
+"""torch LR schedulers' lists that are not per param group (those of SequentialLR, ChainedScheduler, OneCycleLR)."""
+
+
+def nested_schedulers(scheduler: Any) -> list[Any]:
+    """The schedulers a ``SequentialLR`` or ``ChainedScheduler`` chains (``_schedulers``), else none."""
+    return list(getattr(scheduler, "_schedulers", ()))
+
+
 def sparse_nnz(tensor: torch.Tensor) -> int:
     """The number of specified elements of a sparse COO tensor."""
     return int(tensor._nnz())
 
 
 def ddp_ignored_names(model: nn.Module) -> set[str]:
-    """Names of the parameters a ``DistributedDataParallel`` ignores (``_set_params_and_buffers_to_ignore_for_model``)."""
+    """Names of the parameters a ``DistributedDataParallel`` ignores (set by its
+    ``_set_params_and_buffers_to_ignore_for_model``)."""
     return set(getattr(model, "parameters_to_ignore", ()))
 
 
@@ -74,8 +100,9 @@ def parse_configure_optimizers(configured: Any) -> tuple[list[torch.optim.Optimi
     return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
 
 
-def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Iterator[Any], bool]:
-    """A fresh iterator over the training batches as ``training_step`` gets them, and whether there is one loader.
+def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Iterator[Any], str | None]:
+    """A fresh iterator over the training batches as ``training_step`` gets them, and for several training
+    dataloaders the kind of container their batches come in (``"list"``, ``"dict"``; ``None``: one loader).
 
     The fit loop's own iterator and the data order stay untouched. Each batch went through the
     precision plugin, the batch-transfer hooks and the strategy's device.
@@ -89,6 +116,7 @@ def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
     loader = type(source)(source.iterables, source._mode)
     loader.limits = source.limits
     single = len(source.flattened) == 1 and source.iterables is source.flattened[0]
+    several = None if single else type(source.iterables).__name__
 
     def prepared() -> Iterator[Any]:
         for batch, _, _ in loader:
@@ -96,7 +124,7 @@ def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
             batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
             yield trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    return prepared(), single
+    return prepared(), several
 
 
 def batches_done_in_epoch(trainer: pl.Trainer) -> int:
@@ -107,3 +135,26 @@ def batches_done_in_epoch(trainer: pl.Trainer) -> int:
 def callback_state_key(callback: pl.Callback, **identity: Any) -> str:
     """A callback's checkpoint key from its class and ``identity`` (Lightning's ``Callback._generate_state_key``)."""
     return str(callback._generate_state_key(**identity))
+
+
+def before_checkpoint_load(strategy: pl.strategies.Strategy, hook: Callable[[Any], None]) -> None:
+    """Have the strategy's next ``load_checkpoint(path, ...)`` call ``hook(path)`` first, once.
+
+    A strategy that restores after ``setup`` (``ModelParallelStrategy``) loads the optimizers' state in
+    ``load_checkpoint``, after ``on_fit_start`` and before the callbacks get their state: param groups
+    added on resume must exist by then. Lightning offers no hook there, so the strategy's (public) method
+    is wrapped on the instance; :func:`forget_checkpoint_hook` removes the wrapper.
+    """
+    load = strategy.load_checkpoint
+
+    def load_after_hook(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        forget_checkpoint_hook(strategy)
+        hook(checkpoint_path)
+        return load(checkpoint_path, *args, **kwargs)
+
+    strategy.load_checkpoint = load_after_hook  # type: ignore[method-assign]
+
+
+def forget_checkpoint_hook(strategy: pl.strategies.Strategy) -> None:
+    """Remove :func:`before_checkpoint_load`'s wrapper (a fit that restored no checkpoint)."""
+    vars(strategy).pop("load_checkpoint", None)

@@ -12,23 +12,16 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_bnfreeze.internals import SCHEDULER_PER_GROUP_STATE, SCHEDULER_SHARED_STATE, nested_schedulers
+
 __all__ = ["check_extendable", "extend_for_new_group"]
 
-_PER_GROUP = {
-    # attribute: whether its entries are learning rates (scaled with the group) or shared as they are
-    "base_lrs": True,
-    "_last_lr": True,
-    "min_lrs": True,
-    "max_lrs": True,
-    "lr_lambdas": False,
-    "base_momentums": False,
-    "max_momentums": False,
-}
-_NOT_PER_GROUP = frozenset({"_schedulers", "_milestones", "_schedule_phases", "milestones"})
+_PER_GROUP = SCHEDULER_PER_GROUP_STATE
+_NOT_PER_GROUP = SCHEDULER_SHARED_STATE
 
 
 def _nested(scheduler: Any) -> list[Any]:
-    return list(getattr(scheduler, "_schedulers", ()))  # SequentialLR, ChainedScheduler
+    return nested_schedulers(scheduler)
 
 
 def check_extendable(scheduler: Any) -> None:

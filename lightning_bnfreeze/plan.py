@@ -12,7 +12,7 @@ group) with its learning-rate factor relative to the callback's ``lr_scale``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -172,19 +172,19 @@ class Schedule(What):
             backbone, a name listed twice or inside another listed one, a release of nothing.
     """
 
-    def __init__(self, releases: Mapping[int, str | list[str]], unit: str = "epoch", decay: float = 1.0) -> None:
+    def __init__(
+        self, releases: Mapping[int | str, str | list[str]], unit: str = "epoch", decay: float = 1.0
+    ) -> None:
         if not isinstance(releases, Mapping) or not releases:
             raise ValueError(
                 f"`releases` must map epochs (or steps) to the names released then, got {releases!r}: an empty"
                 " schedule would keep the backbone frozen for good (use BNFreezeCallback for a linear probe)."
             )
-        for at, names in releases.items():
-            if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-                raise ValueError(f"`releases` has the key {at!r}: epochs and steps are integers >= 0.")
-            as_name_list(names, f"releases[{at}]")
         check_choice("unit", unit, UNITS)
         check_positive("decay", decay)
-        self.releases = {at: releases[at] for at in sorted(releases)}
+        self.releases = {at: releases[key] for key, at in sorted(((key, _time(key)) for key in releases), key=lambda kv: kv[1])}
+        for at, names in self.releases.items():
+            as_name_list(names, f"releases[{at}]")
         self.unit = unit
         self.decay = decay
 
@@ -236,6 +236,15 @@ class Schedule(What):
         return f"Schedule({self.releases!r}, unit={self.unit!r}, decay={self.decay:g})"
 
 
+def _time(key: object) -> int:
+    """A schedule key as an epoch or step: an integer >= 0, or its decimal string (JSON keys are strings)."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise ValueError(f"`releases` has the key {key!r}: epochs and steps are integers >= 0.")
+    return key
+
+
 def _part(block: Block, lr_factor: float) -> ReleasedPart:
     return ReleasedPart(block.name, block.params, block.numel, lr_factor)
 
@@ -252,4 +261,3 @@ def _check_no_overlap(name: str, at: int, explicit: dict[str, int]) -> None:
             )
 
 
-WhatFactory = Callable[[], What]

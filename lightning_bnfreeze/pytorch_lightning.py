@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytorch_lightning
 
-from lightning_bnfreeze.callbacks import bn_freeze, gradual_unfreeze
+from lightning_bnfreeze.callbacks import bn_freeze, early_stopping, gradual_unfreeze
 
-__all__ = ["BNFreezeCallback", "GradualUnfreeze"]
+__all__ = ["BNFreezeCallback", "GradualUnfreeze", "ReleasingEarlyStopping"]
 
 # The hooks are annotated with `lightning.pytorch` types, hence mypy's [misc]: the two packages ship the same code.
 
@@ -26,3 +26,7 @@ class BNFreezeCallback(bn_freeze.BNFreezeCallback, pytorch_lightning.Callback): 
 
 class GradualUnfreeze(gradual_unfreeze.GradualUnfreeze, pytorch_lightning.Callback):  # type: ignore[misc]
     __doc__ = gradual_unfreeze.GradualUnfreeze.__doc__
+
+
+class ReleasingEarlyStopping(early_stopping.ReleasingEarlyStopping, pytorch_lightning.callbacks.EarlyStopping):  # type: ignore[misc]
+    __doc__ = early_stopping.ReleasingEarlyStopping.__doc__

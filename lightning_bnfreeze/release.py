@@ -21,7 +21,7 @@ from torch import nn
 from lightning_bnfreeze.checks import check_choice
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
-from lightning_bnfreeze.fsdp import squared_norm
+from lightning_bnfreeze.fsdp import register_sharded_parameters, squared_norm
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
 from lightning_bnfreeze.triggers import Moment, Trigger
@@ -62,7 +62,10 @@ class ReleaseRecord:
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> ReleaseRecord:
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in state.items()})
+        fields: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in state.items()
+        }
+        return cls(**fields)
 
     def when(self, unit: str) -> str:
         """When and why, in words: ``"epoch 3"``, ``"step 40 (epoch 2), val_loss stopped improving at 0.41"``."""
@@ -108,6 +111,7 @@ class Unfreezer:
         bn: str = "auto",
         trainable: Iterable[nn.Parameter] = (),
         agree: Callable[[bool], bool] = bool,
+        max_step: float | None = None,
     ) -> None:
         check_choice("bn", bn, NORM_MODES)
         self.root = root
@@ -121,7 +125,11 @@ class Unfreezer:
         self._agree = agree
         self._trainable = {id(param) for param in trainable}
         self._history: list[ReleaseRecord] = []
-        self._probes: list[tuple[int, int, list[tuple[nn.Parameter, torch.Tensor]]]] = []
+        self._last_release: tuple[float, int] | None = None
+        self._undecided: list[tuple[int, int]] = []  # bn="auto": (release, part) whose first step is still to come
+        self._before: dict[tuple[int, int], list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self.max_step = max_step
+        self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
 
     @property
     def history(self) -> tuple[ReleaseRecord, ...]:
@@ -144,11 +152,17 @@ class Unfreezer:
         return {id(param) for param in self.backbone_parameters()}
 
     def freeze(self) -> None:
-        """The state at fit start: the backbone frozen, then the releases of the history (a resumed fit)."""
+        """The state at fit start: the backbone frozen."""
         set_requires_grad(self.backbone_parameters(), False)
+
+    def restore(self) -> None:
+        """Rebuild the releases of the history (a resumed fit, after :meth:`load_state_dict`) that are not yet,
+        in their saved order."""
+        register_sharded_parameters(self.root)  # FSDP2: the parameters it trains
         for index, record in enumerate(self._history):
-            added = self._add(index, record.step, record.lr_factors)
-            self.groups.restore_order(added, record.positions)
+            if (index, 0) not in self._groups_of:
+                added = self._add(index, record.step, record.lr_factors)
+                self.groups.restore_order(added, record.positions)
 
     def start_norms(self, norms: BackboneNorms) -> None:
         """From now on keep the backbone's norm layers as the releases say."""
@@ -157,8 +171,7 @@ class Unfreezer:
 
     def moment(self, epoch: float, step: int, metrics: Mapping[str, float] | None = None) -> Moment:
         """Where the fit stands, as the trigger sees it."""
-        last = (float(self._history[-1].epoch), self._history[-1].step) if self._history else None
-        return Moment(epoch, step, len(self._history), last, dict(metrics or {}))
+        return Moment(epoch, step, len(self._history), self._last_release, dict(metrics or {}))
 
     def advance(self, moment: Moment, checked_at: str) -> list[ReleaseRecord]:
         """Ask the trigger at a check point of kind ``checked_at`` and carry out what is due; the new records."""
@@ -178,62 +191,83 @@ class Unfreezer:
         return done
 
     def release(
-        self, moment: Moment, reason: str, value: float | None = None, metric: str | None = None
+        self,
+        moment: Moment,
+        reason: str,
+        value: float | None = None,
+        metric: str | None = None,
+        epoch: int | None = None,
     ) -> ReleaseRecord:
-        """Carry out the next release of the plan now.
+        """Carry out the next release of the plan now, in ``epoch`` (default: ``int(moment.epoch)``; a check at
+        an epoch's end has ``moment.epoch`` at the next epoch's start).
+
+        Its norm layers take their mode at the next :meth:`update_norms`: call it while the model is in
+        training mode (a released layer takes its parent's mode; during validation, at the next training step).
 
         Raises:
             IndexError: every release is done.
         """
         if not self.remaining:
             raise IndexError("every release of the plan is done")
+        register_sharded_parameters(self.root)  # FSDP2: release the parameters it trains, not unsharded copies
         index = len(self._history)
         parts = self.plan.releases[index]
         factors = tuple(self.lr_scale * part.lr_factor for part in parts)
         added = self._add(index, moment.step, factors)
         trains = (self.bn == "train",) * len(parts)
-        if self.bn == "auto":
-            params = dict(self.root.named_parameters())
-            for position, part in enumerate(parts):
-                weights = [params[name] for name in part.params if params[name].ndim >= 2]
-                self._probes.append((index, position, [(w, w.detach().clone()) for w in weights]))
+        if self.bn == "auto" or self.max_step is not None:
+            self._undecided += [(index, position) for position in range(len(parts))]
+        epoch = int(moment.epoch) if epoch is None else epoch
         record = ReleaseRecord(
-            index, int(moment.epoch), moment.step, reason, self.groups.positions(added), value, metric, trains, factors
+            index, epoch, moment.step, reason, self.groups.positions(added), value, metric, trains, factors
         )
         self._history.append(record)
+        self._last_release = (float(moment.epoch), moment.step)
         self.groups.tie_to_head(moment.step)
         self.trigger.released(self.moment(moment.epoch, moment.step, moment.metrics))
-        self.update_norms()
         return record
 
     def before_step(self, step: int) -> None:
-        """Before an optimizer step: released groups at their rate, frozen norm layers as they must be."""
+        """Before an optimizer step (each batch it accumulates): released groups at their rate, frozen norm layers
+        as they must be, and with ``bn="auto"`` the weights of the parts this step is the first of."""
         self.groups.tie_to_head(step)
         if self.norms is not None:
             self.norms.enforce()
+        params = dict(self.root.named_parameters())
+        for index, position in self._undecided:
+            if (index, position) not in self._before:
+                part = self.plan.releases[index][position]
+                weights = [params[name] for name in part.params if params[name].ndim >= 2]
+                self._before[index, position] = [(w, w.detach().clone()) for w in weights]
 
-    def after_step(self) -> list[str]:
-        """After an optimizer step: with ``bn="auto"``, decide the norm mode of the parts it was the first step of.
+    def after_step(self, step: int) -> list[str]:
+        """After a batch, with ``step`` optimizer steps done: with ``bn="auto"``, decide the norm mode of the parts
+        whose first step is done.
 
         Returns a line for each part whose norm layers start training.
         """
-        if not self._probes:
+        done = [key for key in self._undecided if key in self._before and self._history[key[0]].step < step]
+        if not done:
             return []
         lines = []
-        for index, position, weights in self._probes:
+        for index, position in done:
+            weights = self._before.pop((index, position))
+            self._undecided.remove((index, position))
             moved = squared_norm([w - before for w, before in weights]) ** 0.5
             size = squared_norm([before for _, before in weights]) ** 0.5
-            step = moved / size / (1.0 - self._momentum()) if size > 0 else 0.0
-            if self._agree(step > AUTO_STEP):
+            change = moved / size / (1.0 - self._momentum()) if size > 0 else 0.0
+            if self.max_step is not None and change > self.max_step:
+                self._scale_part(index, position, self.max_step / change)
+                change = self.max_step
+            if self.bn == "auto" and self._agree(change > AUTO_STEP):
                 record = self._history[index]
                 trains = tuple(train or i == position for i, train in enumerate(record.train_norms))
                 self._history[index] = replace(record, train_norms=trains)
                 part = self.plan.releases[index][position].name
                 lines.append(
-                    f"{part}: its first step moved its weights by {step:.2%} (> {AUTO_STEP:.1%}): its norm layers"
+                    f"{part}: its first step moved its weights by {change:.2%} (> {AUTO_STEP:.1%}): its norm layers"
                     " train from now on (frozen statistics do not hold at such rates)"
                 )
-        self._probes = []
         self.update_norms()
         return lines
 
@@ -255,7 +289,12 @@ class Unfreezer:
         return f"{record.when(self.trigger.unit)}: released {'; '.join(described)}."
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [record.to_dict() for record in self._history], "trigger": self.trigger.state_dict()}
+        return {
+            "history": [record.to_dict() for record in self._history],
+            "last_release": None if self._last_release is None else list(self._last_release),
+            "undecided": [list(key) for key in self._undecided],
+            "trigger": self.trigger.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
@@ -270,6 +309,10 @@ class Unfreezer:
                 f" {len(self.plan.releases)}: resume with the configuration the checkpoint was saved with."
             )
         self._history = history
+        last = state.get("last_release")
+        self._last_release = None if last is None else (float(last[0]), int(last[1]))
+        self._undecided = [(int(index), int(position)) for index, position in state.get("undecided", ())]
+        self._before = {}
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 
     def close(self) -> None:
@@ -278,11 +321,20 @@ class Unfreezer:
     def _add(self, index: int, step: int, factors: Sequence[float]) -> list[ReleasedGroup]:
         params = dict(self.root.named_parameters())
         added = []
-        for part, factor in zip(self.plan.releases[index], factors, strict=True):
+        for position, (part, factor) in enumerate(zip(self.plan.releases[index], factors, strict=True)):
             group = [params[name] for name in part.params if id(params[name]) not in self._trainable]
-            added += self.groups.add(group, part.name, factor, step)
+            self._groups_of[index, position] = self.groups.add(group, part.name, factor, step)
+            added += self._groups_of[index, position]
             self.gradients.track(group)
         return added
+
+    def _scale_part(self, index: int, position: int, scale: float) -> None:
+        """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""
+        record = self._history[index]
+        factors = tuple(f * scale if i == position else f for i, f in enumerate(record.lr_factors))
+        self._history[index] = replace(record, lr_factors=factors)
+        for group in self._groups_of.get((index, position), []):
+            group.lr_factor = factors[position]
 
     def _momentum(self) -> float:
         """The momentum of plain SGD-type optimizers (``1 / (1 - momentum)`` scales their steps), else 0."""

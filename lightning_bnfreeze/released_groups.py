@@ -103,6 +103,7 @@ class ReleasedGroups:
     @property
     def head(self) -> dict[str, Any]:
         """The head's param group: released groups follow its learning rate."""
+        self._follow_reload()
         return self._head
 
     def withdraw(self, named: Iterable[tuple[str, nn.Parameter]]) -> None:
@@ -126,7 +127,8 @@ class ReleasedGroups:
 
     @property
     def head_index(self) -> int:
-        return next(i for i, group in enumerate(self.optimizer.param_groups) if group is self._head)
+        head = self.head
+        return next(i for i, group in enumerate(self.optimizer.param_groups) if group is head)
 
     def origin_label(self, param: nn.Parameter) -> str:
         """The name (or ``group<index>``) of the user's group whose hyperparameters a released ``param`` gets."""
@@ -172,21 +174,23 @@ class ReleasedGroups:
 
     def positions(self, records: Iterable[ReleasedGroup]) -> tuple[int, ...]:
         """The index of each record's group in the optimizer."""
+        self._follow_reload()
         index = {id(group): i for i, group in enumerate(self.optimizer.param_groups)}
         return tuple(index[id(record.group)] for record in records)
 
     def tie_to_head(self, step: int) -> None:
-        """Set each released group's learning rate to the head's times its factor and warm-up at ``step``.
+        """Set each released group's learning rate to the head's times its factor and warm-up at ``step``."""
+        head_lr = self.head["lr"]
+        for record in self.records:
+            record.group["lr"] = head_lr * record.lr_factor * self._warmup(step - record.release_step)
 
-        ``optimizer.load_state_dict`` (a resumed fit) replaces the group dicts but keeps each group's
-        ``params`` list: the head and the records follow their group through it.
-        """
+    def _follow_reload(self) -> None:
+        """``optimizer.load_state_dict`` (a resumed fit) replaces the group dicts but keeps each group's
+        ``params`` list: the head and the records follow their group through it."""
         current = {id(group["params"]): group for group in self.optimizer.param_groups}
         self._head = current.get(id(self._head["params"]), self._head)
-        head_lr = self._head["lr"]
         for record in self.records:
             record.group = current.get(id(record.group["params"]), record.group)
-            record.group["lr"] = head_lr * record.lr_factor * self._warmup(step - record.release_step)
 
     def _warmup(self, steps_since_release: int) -> float:
         if self.warmup_steps == 0:

@@ -57,17 +57,17 @@ class Moment:
     last_release: tuple[float, int] | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
-    def metric(self, name: str) -> float:
-        """The logged metric ``name``.
+    def metric(self, name: str, argument: str = "monitor") -> float:
+        """The logged metric ``name`` (the value of the trigger's ``argument``).
 
         Raises:
-            RuntimeError: it is not logged, naming the closest logged metrics.
+            RuntimeError: it is not logged, naming ``argument`` and the closest logged metrics.
         """
         if name not in self.metrics:
             close = closest_names(name, list(self.metrics))
             hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
             raise RuntimeError(
-                f"GradualUnfreeze: the metric {name!r} is not logged.{hint} Logged:"
+                f"`{argument}` is {name!r}, which is not among the logged metrics.{hint} Logged:"
                 f" {', '.join(map(repr, self.metrics)) or '(none)'}. Log it with `self.log({name!r}, ...)`."
             )
         return self.metrics[name]

@@ -1,6 +1,7 @@
 """A standalone 2-process CPU DDP run of GradualUnfreeze, for ``tests/test_gradual_unfreeze_ddp.py``.
 
-Usage: ``python tests/ddp_script.py OUT_DIR`` (Lightning re-launches it for rank 1 with the same arguments).
+Usage: ``python tests/ddp_script.py OUT_DIR`` (Lightning re-launches it for rank 1 with the same arguments); it
+imports the package of the checkout it is in, whatever is installed.
 Each rank trains on its own shard of the data (Lightning's DistributedSampler), so gradients that are not
 averaged make the replicas drift apart, and saves its final parameters to ``OUT_DIR/rank{rank}.pt``.
 
@@ -20,9 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning_bnfreeze.distributed as distributed_module
-from lightning_bnfreeze import GradualUnfreeze
 
 SCHEDULE = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
 
@@ -60,6 +58,9 @@ class Lines(logging.Handler):
 
 
 def main(out_dir: Path) -> None:
+    import lightning_bnfreeze.distributed as distributed_module
+    from lightning_bnfreeze import GradualUnfreeze, Schedule
+
     if os.environ.get("GU_TEST_NO_AVERAGE") == "1":
         distributed_module.GradientSync.track = lambda self, params: None  # type: ignore[method-assign]
     torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def main(out_dir: Path) -> None:
         accelerator="cpu",
         devices=2,
         max_epochs=3,
-        callbacks=[GradualUnfreeze(schedule=SCHEDULE, lr_scale=0.5)],
+        callbacks=[GradualUnfreeze(what=Schedule(SCHEDULE), lr_scale=0.5, bn="train")],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -96,4 +97,5 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not this script's folder
     main(Path(sys.argv[1]))

@@ -1,21 +1,30 @@
 """Runs of GradualUnfreeze on 2 CPU processes (gloo), for ``tests/test_distributed_runs.py``.
 
-Usage: ``python tests/distributed_script.py OUT_DIR SCENARIO...``, started once per rank with ``LOCAL_RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (so that one process pair runs every scenario in turn).
+Usage: ``python -m tests.distributed_script OUT_DIR SCENARIO...`` from the repository root, started once per rank
+with ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (so that one process pair runs every
+scenario in turn).
 Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``:
 
 - ``ddp``, ``fsdp``: the same run (releases at epochs 1 and 2, AdaBN before the first step, ``BNFreezeCallback``
   alongside) under ``strategy="ddp"`` and under ``ModelParallelStrategy`` with FSDP2: ``backbone.3`` and the head are
   ``fully_shard`` units of their own, the rest of the backbone (``backbone.0``, released, and ``backbone.1``, never
   released) is in the backbone's root unit, whose parameters a forward pass without backward leaves unsharded.
-- ``fsdp_stop``, ``fsdp_resume``: the ``fsdp`` run stopped after epoch 2 with a distributed checkpoint, then resumed.
+- ``fsdp_stop``, ``fsdp_resume``: the ``fsdp`` run stopped after epoch 2 with a distributed checkpoint, then resumed
+  (``ModelParallelStrategy`` restores the checkpoint after ``on_fit_start``: the callback reads its state from
+  ``trainer.ckpt_path`` there, and the released groups exist when a probe behind it looks, at ``on_fit_start``).
 - ``amp``: fp16 mixed precision with a gradient scaler (``MixedPrecision("16-mixed", "cpu")``): one batch of rank 1
   overflows in the gradient of a released layer only (not in the head's); every rank must skip that step.
+- ``ddp_unused``, ``fsdp_unused``: ``backbone.proj`` and ``backbone.extra`` are released at epoch 1; ``extra`` takes
+  part in rank 0's forward only, so rank 1's backward leaves it without a gradient: its unit (``backbone``) must
+  reduce-scatter the same tensors on every rank, as DDP averages zeros in for it. ``fsdp_unused_control``: the same
+  without the library's ``reduce_unused_gradients`` (a 20 s process-group timeout). ``fsdp_unused_alone``: only
+  ``extra`` released: no gradient reaches ``backbone`` on rank 1, whose backward cannot reduce it: a clear error.
 """
 
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
+import lightning_bnfreeze.distributed
+from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
 
 RELEASES = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
 
@@ -125,6 +135,76 @@ def trainer(strategy: Any, max_epochs: int, callbacks: list[Callback], **kwargs:
     )
 
 
+class GroupsAtFitStart(Callback):
+    """The optimizer's param groups as the callbacks before it left them at ``on_fit_start``."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.names = [group.get("name") for group in trainer.optimizers[0].param_groups]
+
+
+class Backbone(nn.Module):
+    """A frozen conv block, ``proj``, and ``extra``, used only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(conv_block(3, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.proj = nn.Linear(8, 8)
+        self.extra = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor, use_extra: bool) -> Tensor:
+        features = self.proj(self.convs(x))
+        return features + self.extra(features) if use_extra else features
+
+
+class UnusedOnRank1(ConvModel):
+    """``backbone.extra`` is in rank 0's forward only; ``backbone`` and ``head`` are two ``fully_shard`` roots."""
+
+    def __init__(self, sharded: bool) -> None:
+        super().__init__(sharded)
+        self.backbone = Backbone()  # type: ignore[assignment]
+
+    def configure_model(self) -> None:
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.backbone, mesh=mesh)
+            fully_shard(self.head, mesh=mesh)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x, use_extra=self.global_rank == 0))
+
+
+UNUSED_RELEASES = {
+    "ddp_unused": ["backbone.proj", "backbone.extra"],
+    "fsdp_unused": ["backbone.proj", "backbone.extra"],
+    "fsdp_unused_control": ["backbone.proj", "backbone.extra"],
+    "fsdp_unused_alone": ["backbone.extra"],  # rank 1's backward does not reach `backbone` at all
+}
+
+
+def unused_run(scenario: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=generator) * 3 + 2
+    y = torch.randint(0, 4, (32,), generator=generator)
+    torch.manual_seed(0)
+    sharded = scenario != "ddp_unused"
+    if scenario == "fsdp_unused_control":
+        lightning_bnfreeze.distributed.reduce_unused_gradients = lambda module, params: []
+    model = UnusedOnRank1(sharded)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    timeout = timedelta(seconds=20)
+    strategy = ModelParallelStrategy(2, 1, timeout=timeout) if sharded else "ddp"
+    callbacks = [GradualUnfreeze(what=Schedule({1: UNUSED_RELEASES[scenario]}), bn="train")]
+    fit = trainer(strategy, 3, callbacks)
+    fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    return {
+        "initial": initial,
+        "final": {name: full(p) for name, p in model.named_parameters()},
+        "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
+    }
+
+
 def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 12, 12, generator=generator) * 3 + 2
@@ -135,7 +215,12 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     model = ConvModel(sharded)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
-    callbacks = [GradualUnfreeze(schedule=RELEASES, lr_scale=0.5, adapt_batches=2), BNFreezeCallback()]
+    probe = GroupsAtFitStart()
+    callbacks = [
+        GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2)),
+        BNFreezeCallback(),
+        probe,
+    ]
     fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
     checkpoint = out_dir / "fsdp_checkpoint"
     fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
@@ -146,6 +231,7 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "final": {name: full(p) for name, p in model.named_parameters()},
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
         "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
+        "groups_at_fit_start": probe.names,
     }
 
 
@@ -157,7 +243,7 @@ def amp_run() -> dict[str, Any]:
     model = LinearModel()
     probe = LocalGradients()
     precision = MixedPrecision("16-mixed", "cpu")
-    fit = trainer("ddp", 3, [probe, GradualUnfreeze(schedule={1: "backbone.1"})], plugins=[precision])
+    fit = trainer("ddp", 3, [probe, GradualUnfreeze(what=Schedule({1: "backbone.1"}), bn="train")], plugins=[precision])
     fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
     assert precision.scaler is not None
     return {
@@ -171,7 +257,12 @@ def amp_run() -> dict[str, Any]:
 def main(out_dir: Path, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
     for scenario in scenarios:
-        result = amp_run() if scenario == "amp" else conv_run(out_dir, scenario)
+        if scenario == "amp":
+            result = amp_run()
+        elif scenario in UNUSED_RELEASES:
+            result = unused_run(scenario)
+        else:
+            result = conv_run(out_dir, scenario)
         rank = torch.distributed.get_rank()
         torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
 

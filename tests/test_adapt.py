@@ -18,9 +18,9 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
-from lightning_bnfreeze.adapt import adapt_norm_statistics
-from lightning_bnfreeze.callbacks.train_data_adaptation import DEFAULT_ADAPT_PRIOR, TrainDataAdaptation
+from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
+from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 
 
 def population_stats(inputs: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -279,8 +279,8 @@ def test_bad_priors_raise(bad: object) -> None:
     bn = nn.BatchNorm2d(3)
     with pytest.raises(ValueError, match=f"`prior` must be .* got {bad!r}"):
         adapt_norm_statistics(bn, [bn], shifted_batches([2]), prior=bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=f"`adapt_prior` must be .* got {bad!r}"):
-        TrainDataAdaptation(1, prior=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"`prior` must be .* got {bad!r}"):
+        AdaBN(1, prior=bad)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- callbacks
@@ -338,7 +338,7 @@ def fit(
     return trainer
 
 
-def adapted_reference(model: Probe, batches: list[Tensor], prior: float = DEFAULT_ADAPT_PRIOR) -> Stats:
+def adapted_reference(model: Probe, batches: list[Tensor], prior: float = DEFAULT_PRIOR) -> Stats:
     """The backbone BN's statistics after adapting on ``batches``: theirs blended with the model's now."""
     bn = model.backbone[1]
     with torch.no_grad():
@@ -359,9 +359,9 @@ def test_callbacks_adapt_on_the_first_training_batches_then_keep_statistics_froz
     model = Probe()
     data = loader(20, batch_size)
     callback = (
-        BNFreezeCallback("backbone", adapt_batches=adapt_batches)
+        BNFreezeCallback("backbone", adapt=AdaBN(adapt_batches))
         if callback_type is BNFreezeCallback
-        else GradualUnfreeze(schedule={2: "backbone.0"}, adapt_batches=adapt_batches)
+        else GradualUnfreeze(what=Schedule({2: "backbone.0"}), adapt=AdaBN(adapt_batches))
     )
     batches = [batch[0] for batch in list(data)[:expected]]
     mean, var = adapted_reference(model, batches)
@@ -379,9 +379,9 @@ def test_callbacks_adapt_on_the_first_training_batches_then_keep_statistics_froz
 def test_callbacks_blend_with_their_adapt_prior(callback_type: type, prior: float) -> None:
     model, data = Probe(), loader(20, 4)
     callback = (
-        BNFreezeCallback("backbone", adapt_batches=2, adapt_prior=prior)
+        BNFreezeCallback("backbone", adapt=AdaBN(2, prior=prior))
         if callback_type is BNFreezeCallback
-        else GradualUnfreeze(schedule={2: "backbone.0"}, adapt_batches=2, adapt_prior=prior)
+        else GradualUnfreeze(what=Schedule({2: "backbone.0"}), adapt=AdaBN(2, prior=prior))
     )
     mean, var = adapted_reference(model, [batch[0] for batch in list(data)[:2]], prior)
     default_mean, _ = adapted_reference(model, [batch[0] for batch in list(data)[:2]])
@@ -399,7 +399,7 @@ def test_a_module_hook_decides_how_a_batch_reaches_the_model() -> None:
     data = DataLoader([{"image": image, "label": torch.tensor(i % 2)} for i, image in enumerate(images)], batch_size=4)
     mean, _ = adapted_reference(model, [images[:4], images[4:]])
 
-    fit(model, BNFreezeCallback("backbone", adapt_batches=2), data, max_epochs=1)
+    fit(model, BNFreezeCallback("backbone", adapt=AdaBN(2)), data, max_epochs=1)
 
     assert len(model.seen_by_adapt) == 2
     torch.testing.assert_close(model.backbone[1].running_mean, mean.float(), rtol=1e-5, atol=1e-5)
@@ -411,7 +411,7 @@ def test_adaptation_leaves_the_training_data_order_and_parameters_as_without_it(
         generator = torch.Generator().manual_seed(0)
         data = DataLoader(loader(24, 4).dataset, batch_size=4, shuffle=True, generator=generator)
         pl.seed_everything(0)
-        fit(model, BNFreezeCallback("backbone", adapt_batches=adapt), data, max_epochs=1)
+        fit(model, BNFreezeCallback("backbone", adapt=None if adapt is None else AdaBN(adapt)), data, max_epochs=1)
         return model
 
     plain, adapted = run(None), run(3)
@@ -423,8 +423,8 @@ def test_adaptation_leaves_the_training_data_order_and_parameters_as_without_it(
 def test_a_resumed_run_keeps_the_checkpoint_statistics(tmp_path: Path, callback_type: type) -> None:
     def callback() -> pl.Callback:
         if callback_type is BNFreezeCallback:
-            return BNFreezeCallback("backbone", adapt_batches=2)
-        return GradualUnfreeze(schedule={2: "backbone.0"}, adapt_batches=2)
+            return BNFreezeCallback("backbone", adapt=AdaBN(2))
+        return GradualUnfreeze(what=Schedule({2: "backbone.0"}), adapt=AdaBN(2))
 
     first = Probe()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -446,10 +446,12 @@ def test_a_resumed_run_keeps_the_checkpoint_statistics(tmp_path: Path, callback_
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, 0.0, True, "all"])
-def test_bad_adapt_batches_raise_at_construction(bad: object) -> None:
-    for make in (lambda: BNFreezeCallback("backbone", adapt_batches=bad), lambda: GradualUnfreeze(adapt_batches=bad)):
-        with pytest.raises(ValueError, match=f"`adapt_batches` .* got {bad!r}"):
-            make()
+def test_bad_adapt_arguments_raise_at_construction(bad: object) -> None:
+    with pytest.raises(ValueError, match=f"`batches` .* got {bad!r}"):
+        AdaBN(bad)  # type: ignore[arg-type]
+    for make in (lambda: BNFreezeCallback("backbone", adapt=bad), lambda: GradualUnfreeze(adapt=bad)):
+        with pytest.raises(ValueError, match=f"`adapt` must be an AdaBN.* got {bad!r}"):
+            make()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
@@ -458,7 +460,7 @@ def test_batches_pass_through_the_precision_plugin(precision: str) -> None:
     data = loader(16, 4)
     mean, var = adapted_reference(model, [batch[0] for batch in list(data)[:2]])  # in float32
 
-    fit(model, BNFreezeCallback("backbone", adapt_batches=2), data, max_epochs=1, precision=precision)
+    fit(model, BNFreezeCallback("backbone", adapt=AdaBN(2)), data, max_epochs=1, precision=precision)
 
     bn = model.backbone[1]
     torch.testing.assert_close(bn.running_mean.float(), mean.float(), rtol=0.02, atol=0.02)
@@ -501,7 +503,7 @@ def test_several_training_dataloaders_reach_the_model_through_the_hook(container
     data, images = two_loaders(container)
     mean, var = adapted_reference(model, images)
 
-    fit(model, BNFreezeCallback("backbone", adapt_batches=1.0), data, max_epochs=1)
+    fit(model, BNFreezeCallback("backbone", adapt=AdaBN(1.0)), data, max_epochs=1)
 
     assert len(model.seen_by_adapt) == len(images)
     torch.testing.assert_close(model.backbone[1].running_mean, mean.float(), rtol=1e-5, atol=1e-5)
@@ -514,7 +516,7 @@ def test_several_training_dataloaders_without_the_hook_raise_before_training(con
     head = model.head.weight.detach().clone()
 
     with pytest.raises(TypeError, match=rf"several training dataloaders \(a {name}\).*`adapt_norm_step\(batch\)`"):
-        fit(model, BNFreezeCallback("backbone", adapt_batches=1), two_loaders(container)[0], max_epochs=1)
+        fit(model, BNFreezeCallback("backbone", adapt=AdaBN(1)), two_loaders(container)[0], max_epochs=1)
 
     assert torch.equal(model.head.weight, head)
 
@@ -529,7 +531,7 @@ class Adapting(pl.Callback):
     """Adapts the backbone's BN through `TrainDataAdaptation`, as the library's callbacks do."""
 
     def __init__(self, batches: int | float | None, prior: float, again_at_epoch: int | None = None) -> None:
-        self.adaptation = TrainDataAdaptation(batches, prior, "Adapting")
+        self.adaptation = TrainDataAdaptation(None if batches is None else AdaBN(batches, prior), "Adapting")
         self.again_at_epoch = again_at_epoch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -567,7 +569,7 @@ def test_train_data_adaptation_run_adapts_again_and_does_nothing_without_batches
 
 
 def test_train_data_adaptation_state_round_trips() -> None:
-    done, fresh = TrainDataAdaptation(1), TrainDataAdaptation(1)
+    done, fresh = TrainDataAdaptation(AdaBN(1), "a"), TrainDataAdaptation(AdaBN(1), "b")
     done.done = True
     fresh.load_state_dict({"released": [], **done.state_dict()})
     assert fresh.done

@@ -419,10 +419,12 @@ def resnet18() -> nn.Module:
         (["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"],
          ["stem", "layer1", "layer2", "layer3", "layer4+fc"]),
         (["backbone.conv1", "backbone.layer[12]", "backbone.layer[34]", "backbone.fc"],
-         ["stem", "layer1+layer2", "layer3+layer4", "fc"]),  # a glob is one block of all it matches
-        (["backbone.layer1.0", "backbone.layer1", "backbone.layer2.*"],  # overlaps: the first entry holding it wins
+         ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]),  # a glob is one block per module it matches
+        (["backbone.conv1", ["backbone.layer[12]"], ["backbone.layer[34]"], "backbone.fc"],
+         ["stem", "layer1+layer2", "layer3+layer4", "fc"]),  # a list (of names or globs) is one block
+        (["backbone.layer1.0", "backbone.layer1", ["backbone.layer2.*"]],  # overlaps: the first entry holding it wins
          ["stem", "layer1.0", "layer1.1", "layer2+layer3+layer4+1 more"]),
-        (["backbone.bn1.weight", "backbone.layer*"], ["conv1", "bn1", "layer1+layer2+layer3+2 more"]),
+        (["backbone.bn1.weight", ["backbone.layer*"]], ["conv1", "bn1", "layer1+layer2+layer3+2 more"]),
     ],
 )  # fmt: skip
 def test_user_named_blocks(user_blocks: list[str], expected: list[str]) -> None:
@@ -449,17 +451,18 @@ def test_user_blocks_from_a_callable() -> None:
     [
         ({"granularity": "layer"}, "`granularity` must be one of \\('block', 'stage'\\), got 'layer'"),
         ({"blocks": ["backbone.layer5"]},
-         "`blocks` holds .*'backbone.layer5'.* Closest existing names: 'backbone.layer"),
-        ({"blocks": ["layer1"]}, "`blocks` holds .*'layer1'.* Closest existing names: 'backbone.layer1'"),
-        ({"blocks": ["backbone.stage*"]}, "`blocks` holds the glob 'backbone.stage\\*'"),
+         "`names` holds .*'backbone.layer5'.* Closest existing names: 'backbone.layer"),
+        ({"blocks": ["layer1"]}, "`names` holds .*'layer1'.* Closest existing names: 'backbone.layer1'"),
+        ({"blocks": ["backbone.stage*"]}, "`names` holds the glob 'backbone.stage\\*'"),
         ({"blocks": lambda backbone: [["backbone.fc"], ["backbone.head"]]},
-         "`blocks\\(backbone\\)` holds .*'backbone.head'.* Closest existing names: .*'backbone.fc'"),
+         "`names\\(backbone\\)` holds .*'backbone.head'.* Closest existing names: .*'backbone.fc'"),
         ({"blocks": ["backbone.layer1", "backbone.layer1.0"]},
-         "`blocks` holds \\['backbone.layer1.0'\\], which has no parameters that an earlier entry does not hold"),
-        ({"blocks": []}, "`blocks` = \\[\\]: expected a non-empty list"),
-        ({"blocks": lambda backbone: None}, "`blocks\\(backbone\\)` = None: expected a non-empty list"),
-        ({"blocks": ["backbone.layer1", ""]}, "`blocks` holds ''"),
-        ({"blocks": lambda backbone: [["backbone.fc", 3]]}, "`blocks\\(backbone\\)\\[0\\]` holds 3"),
+         "`names` holds 'backbone.layer1.0', which has no parameters that an earlier entry does not hold"),
+        ({"blocks": []}, "`names` = \\[\\]: expected a non-empty list"),
+        ({"blocks": lambda backbone: None}, "`names\\(backbone\\)` = None: expected a non-empty list"),
+        ({"blocks": "backbone.layer1"}, "`names` = 'backbone.layer1': expected a non-empty list"),  # a list, not a name
+        ({"blocks": ["backbone.layer1", ""]}, "`names\\[1\\]` holds ''"),
+        ({"blocks": lambda backbone: [["backbone.fc", 3]]}, "`names\\(backbone\\)\\[0\\]` holds 3"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_named_with_their_value(kwargs: dict[str, Any], message: str) -> None:

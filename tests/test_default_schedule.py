@@ -1,10 +1,11 @@
-"""The default schedule of ``GradualUnfreeze`` on every model ``tests/test_blocks.py`` covers (issue 10's coverage).
+"""The default schedule of ``GradualUnfreeze`` on every model ``tests/model_zoo.py`` builds (issue 10's coverage).
 
 Every torchvision classifier, the timm models and the Hugging Face models, each the ``backbone`` of a module with
 a head of its own: by the end of the default schedule every backbone parameter is released exactly once, each block
 whole, output side first, the stem last, in more than one release when there is more than one block; with
-``layer_decay`` every block is released at once at its depth's factor. The defaults are read from the signature of
-``GradualUnfreeze``, never restated here.
+``LayerDecay`` every block is released at once at its depth's factor. The defaults are read from the signatures of
+``Blocks``, ``LayerDecay`` and ``Every``, never restated here; the second setting differs from the defaults in both
+the granularity and the blocks per release, whatever the defaults are.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bnfreeze.blocks import Block, find_blocks
-from lightning_bnfreeze.callbacks.gradual_unfreeze import GradualUnfreeze
-from lightning_bnfreeze.schedule import ReleasePlan, plan_blocks
-from tests.test_blocks import HF_MODELS, TIMM_MODELS, TORCHVISION_MODELS, _hf_models, timm_model, torchvision_model
+from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, LayerDecay
+from lightning_bnfreeze.blocks import GRANULARITIES, Block, find_blocks
+from lightning_bnfreeze.plan import ReleasePlan
+from tests.model_zoo import HF_MODELS, TIMM_MODELS, TORCHVISION_MODELS, hf_models, timm_model, torchvision_model
 
-DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(GradualUnfreeze).parameters.items()}
+
+def defaults(cls: type) -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+BLOCKS = defaults(Blocks)
 MODELS = [
     *(f"torchvision:{name}" for name in TORCHVISION_MODELS),
     *(f"timm:{name}" for name in TIMM_MODELS),
@@ -33,9 +39,10 @@ MODELS = [
 ]
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "block": {"granularity": "block"},
-    "stage": {"granularity": "stage"},
-    "two_per_release": {"blocks_per_release": 2},
+    "other": {
+        "granularity": next(g for g in GRANULARITIES if g != BLOCKS["granularity"]),
+        "per_release": 1 if BLOCKS["per_release"] != 1 else 2,
+    },
 }
 
 
@@ -56,7 +63,7 @@ def holder(model: str) -> WithHead:
     if source == "timm":
         return WithHead(timm_model(name))
     torch.manual_seed(0)
-    return WithHead(_hf_models()[name][0]())
+    return WithHead(hf_models()[name][0]())
 
 
 @functools.cache
@@ -70,14 +77,14 @@ def backbone_params(module: WithHead) -> list[str]:
 
 def schedule_faults(plan: ReleasePlan, blocks: Sequence[Block], params: Sequence[str], per_release: int) -> list[str]:
     """The properties of a cadence schedule that ``plan`` breaks, for ``blocks`` (input side first) of ``params``."""
-    released = [name for release in plan.releases for part in release.parts for name in part.params]
-    release_of = {name: k for k, release in enumerate(plan.releases) for part in release.parts for name in part.params}
+    released = [name for release in plan.releases for part in release for name in part.params]
+    release_of = {name: k for k, release in enumerate(plan.releases) for part in release for name in part.params}
     faults = []
     if plan.frozen_params != 0 or sorted(released) != sorted(params):
         faults.append("every parameter released exactly once")
     if any(len({release_of.get(name) for name in block.params}) != 1 for block in blocks):
         faults.append("each block whole")
-    if [part.params for release in plan.releases for part in release.parts] != [b.params for b in reversed(blocks)]:
+    if [part.params for release in plan.releases for part in release] != [b.params for b in reversed(blocks)]:
         faults.append("output side first")
     if not plan.releases or any(release_of.get(name) != len(plan.releases) - 1 for name in blocks[0].params):
         faults.append("the stem in the last release")
@@ -90,30 +97,42 @@ def schedule_faults(plan: ReleasePlan, blocks: Sequence[Block], params: Sequence
 @pytest.mark.parametrize("model", MODELS)
 def test_the_default_schedule_releases_every_block_whole_output_side_first(model: str, setting: str) -> None:
     module = holder(model)
-    config = {**DEFAULTS, **SETTINGS[setting]}
-    plan = GradualUnfreeze(**SETTINGS[setting]).plan(module)
+    config = {**BLOCKS, **SETTINGS[setting]}
+    callback = GradualUnfreeze(what=Blocks(**SETTINGS[setting])) if SETTINGS[setting] else GradualUnfreeze()
+    plan = callback.plan(module)
     blocks = blocks_of(model, config["granularity"])
-    assert schedule_faults(plan, blocks, backbone_params(module), config["blocks_per_release"]) == []
+    assert schedule_faults(plan, blocks, backbone_params(module), config["per_release"]) == []
     if setting == "defaults" and len(blocks) > 1:
         assert len(plan.releases) > 1
+    assert isinstance(callback.when, Every) and callback.when.unit == "epoch"
+    assert callback.when.first >= 1  # epoch 0 trains the head alone
+    times = callback.when.times(len(plan.releases))
+    assert times == [callback.when.first + k * callback.when.every for k in range(len(plan.releases))]
     for k, release in enumerate(plan.releases):
-        assert release.at == config["first_release"] + k * config["release_every"]
-        for part in release.parts:
-            assert part.lr_factor == pytest.approx(config["lr_scale"] * config["lr_decay"] ** k)
+        for part in release:
+            assert part.lr_factor == pytest.approx(config["decay"] ** k)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_layer_decay_releases_every_block_at_once_at_its_depths_factor(model: str) -> None:
     module = holder(model)
-    plan = GradualUnfreeze(layer_decay=0.75).plan(module)
-    blocks = blocks_of(model, DEFAULTS["granularity"])
+    callback = GradualUnfreeze(what=LayerDecay(0.75))
+    plan = callback.plan(module)
+    blocks = blocks_of(model, defaults(LayerDecay)["granularity"])
     assert plan.frozen_params == 0
-    assert [release.at for release in plan.releases] == [DEFAULTS["first_release"]]
-    parts = plan.releases[0].parts
+    assert callback.when.times(len(plan.releases)) == Every().times(1)
+    [parts] = plan.releases
     assert [part.params for part in parts] == [block.params for block in reversed(blocks)]
     assert sorted(name for part in parts for name in part.params) == sorted(backbone_params(module))
     for depth, part in enumerate(parts):
-        assert part.lr_factor == pytest.approx(DEFAULTS["lr_scale"] * 0.75**depth)
+        assert part.lr_factor == pytest.approx(0.75**depth)
+
+
+def test_the_second_setting_differs_from_the_defaults() -> None:
+    """No repeated cases: the parametrized settings give different plans."""
+    module = holder("torchvision:resnet18")
+    plans = [GradualUnfreeze(what=Blocks(**setting)).plan(module) for setting in SETTINGS.values()]
+    assert plans[0].releases != plans[1].releases
 
 
 def test_schedule_faults_catches_broken_schedules() -> None:
@@ -122,9 +141,9 @@ def test_schedule_faults_catches_broken_schedules() -> None:
     module = holder(model)
     params = backbone_params(module)
     fine = blocks_of(model, "block")
-    plan = plan_blocks("backbone", fine, 1, 1, 1, 0.3, 1.0)
+    plan = Blocks(per_release=1, granularity="block").plan(module, "backbone")
     assert schedule_faults(plan, fine, params, 1) == []
-    input_first = plan_blocks("backbone", fine[::-1], 1, 1, 1, 0.3, 1.0)
+    input_first = replace(plan, releases=plan.releases[::-1])
     assert schedule_faults(input_first, fine, params, 1) == ["output side first", "the stem in the last release"]
     unfinished = replace(plan, releases=plan.releases[:-1])
     assert "every parameter released exactly once" in schedule_faults(unfinished, fine, params, 1)

@@ -1,6 +1,7 @@
 """GradualUnfreeze under ``ModelParallelStrategy`` (FSDP2) and under DDP with fp16 loss scaling, on 2 CPU processes.
 
-One process pair runs every scenario of ``tests/distributed_script.py`` in turn (see there); the tests check them.
+One process pair runs the scenarios of ``tests/distributed_script.py`` that end normally in turn (see there); the tests
+check them. Those that must fail run in process pairs of their own, with a timeout: a hang fails the test.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-SCRIPT = Path(__file__).with_name("distributed_script.py")
-SCENARIOS = ("ddp", "fsdp", "fsdp_stop", "fsdp_resume", "amp")
-TIMEOUT = 300
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = ("ddp", "fsdp", "fsdp_stop", "fsdp_resume", "amp", "ddp_unused", "fsdp_unused")
+TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
 
@@ -27,14 +28,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    out_dir = tmp_path_factory.mktemp("distributed")
+def launch(out_dir: Path, scenarios: tuple[str, ...], timeout: float) -> list[tuple[int | None, str]]:
+    """Run the scenarios on 2 processes: each rank's exit status (``None``: killed at the timeout) and output."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     ranks = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir), *SCENARIOS],
-            cwd=SCRIPT.parent.parent,
+        subprocess.Popen(  # as a module from the repository: this checkout's package, whatever is installed
+            [sys.executable, "-m", "tests.distributed_script", str(out_dir), *scenarios],
+            cwd=REPO,
             env={**env, "LOCAL_RANK": str(rank), "NODE_RANK": "0"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -42,15 +42,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
         )
         for rank in range(2)
     ]
+    results: list[tuple[int | None, str]] = []
     for process in ranks:
         try:
-            output, _ = process.communicate(timeout=TIMEOUT)
+            output, _ = process.communicate(timeout=timeout)
+            results.append((process.returncode, output))
         except subprocess.TimeoutExpired:
             for other in ranks:
                 other.kill()
-            output, _ = process.communicate()
-            raise AssertionError(f"distributed runs timed out:\n{output[-3000:]}") from None
-        assert process.returncode == 0, output[-5000:]
+            results.append((None, process.communicate()[0]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out_dir = tmp_path_factory.mktemp("distributed")
+    for returncode, output in launch(out_dir, SCENARIOS, TIMEOUT):
+        assert returncode is not None, f"distributed runs timed out:\n{output[-3000:]}"
+        assert returncode == 0, output[-5000:]
     return {
         scenario: [torch.load(out_dir / f"{scenario}-rank{rank}.pt", weights_only=True) for rank in range(2)]
         for scenario in SCENARIOS
@@ -78,6 +87,9 @@ def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[
 def test_fsdp2_resumes_exactly_from_a_distributed_checkpoint(runs: dict[str, list[dict[str, Any]]]) -> None:
     (stopped, _), (resumed, resumed_rank1), (uninterrupted, _) = runs["fsdp_stop"], runs["fsdp_resume"], runs["fsdp"]
     assert [name for name, _ in stopped["groups"]] == ["head", "backbone.3"]
+    # ModelParallelStrategy restores the optimizers after `on_fit_start`: the released groups exist by then
+    assert resumed["groups_at_fit_start"] == resumed_rank1["groups_at_fit_start"] == ["head", "backbone.3"]
+    assert uninterrupted["groups_at_fit_start"] == ["head"]
     assert resumed["groups"] == uninterrupted["groups"]
     assert max_difference(resumed["final"], uninterrupted["final"]) == 0.0
     assert max_difference(resumed["final"], resumed_rank1["final"]) == 0.0
@@ -99,3 +111,36 @@ def test_fp16_loss_scaling_every_rank_skips_the_step_where_one_overflows(
     assert rank0["steps"] == rank1["steps"]
     assert max_difference(rank0["final"], rank1["final"]) == 0.0
     assert all(torch.isfinite(value).all() for value in rank0["final"].values())
+
+
+def test_fsdp2_released_parameter_unused_on_one_rank_trains_as_under_ddp(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``backbone.extra`` is in rank 0's forward only: its unit reduce-scatters zeros for rank 1, as DDP averages."""
+    (ddp, _), (fsdp, fsdp_rank1) = runs["ddp_unused"], runs["fsdp_unused"]
+    assert (
+        [name for name, _ in fsdp["groups"]]
+        == ["head", "backbone.proj", "backbone.extra"]
+        == [name for name, _ in ddp["groups"]]
+    )
+    assert not torch.equal(fsdp["final"]["backbone.extra.weight"], fsdp["initial"]["backbone.extra.weight"])
+    assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
+    assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        # no gradient reaches `backbone` on rank 1 at all: every rank stops with one clear error, naming the parameters
+        ("fsdp_unused_alone", "the released backbone.extra.weight, backbone.extra.bias in `backbone` get gradients on"),
+        # control: without the library's reductions of zeros, the ranks' collectives differ (gloo aborts or times out)
+        ("fsdp_unused_control", None),
+    ],
+)
+def test_fsdp2_unit_without_gradients_on_one_rank_does_not_hang(
+    scenario: str, expected: str | None, tmp_path: Path
+) -> None:
+    for returncode, output in launch(tmp_path, (scenario,), TIMEOUT):
+        assert returncode != 0, output[-3000:]
+        if expected is not None:
+            assert returncode is not None and expected in output, output[-3000:]

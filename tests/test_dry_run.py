@@ -1,9 +1,12 @@
-"""``python -m lightning_bnfreeze.dry_run``: torchvision/timm models on the meta device, BNFreezeCallback's frozen
-layers when a config has no GradualUnfreeze, its own help page, no Lightning banners, and the base install."""
+"""``python -m lightning_bnfreeze.dry_run``: torchvision/timm models on the meta device with GradualUnfreeze's arguments
+as options (objects in YAML), the learning-rate preview, BNFreezeCallback's frozen layers when a config has no
+GradualUnfreeze, its own short help page, one spelling of each option, no Lightning banners, and the base install."""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from lightning_bnfreeze import dry_run
+from lightning_bnfreeze import GradualUnfreeze, dry_run
 from lightning_bnfreeze.norm_plan import norm_freeze_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,9 @@ def test_unknown_model_name_lists_the_closest() -> None:
 
 
 def test_vit_b_16_plan_releases_its_encoder_layers_output_side_first() -> None:
-    plan = dry_run.main(["--model", "torchvision:vit_b_16", "--blocks_per_release", "1"])
+    plan = dry_run.main(
+        ["--model", "torchvision:vit_b_16", "--what", "{class_path: Blocks, init_args: {per_release: 1}}"]
+    )
     assert "on torchvision:vit_b_16 as `backbone` (86,567,656 parameters; built on the meta device" in plan
     released = [row[1] for row in rows(plan.partition("Releases:")[2]) if row and row[0].isdigit()]
     layer_11 = next(i for i, name in enumerate(released) if "encoder_layer_11" in name)
@@ -58,15 +63,108 @@ def test_callback_arguments_from_the_command_line() -> None:
     plan = dry_run.main(
         [
             *("--model", "torchvision:resnet18"),
-            *("--schedule", "{1: backbone.layer4, 2: [backbone.layer3]}"),
-            *("--lr_scale", "0.1", "--lr_decay", "0.5", "--max_epochs", "2"),
+            *(
+                "--what",
+                "{class_path: Schedule, init_args: {releases: {1: backbone.layer4, 2: [backbone.layer3]}, decay: 0.5}}",
+            ),
+            *("--lr-scale", "0.1", "--max-epochs", "2"),
         ]
     )
-    assert (
-        "GradualUnfreeze(schedule={1: 'backbone.layer4', 2: ['backbone.layer3']}, lr_scale=0.1, lr_decay=0.5)" in plan
+    what = "Schedule({1: 'backbone.layer4', 2: ['backbone.layer3']}, unit='epoch', decay=0.5)"
+    assert f"GradualUnfreeze(what={what}, lr_scale=0.1) on torchvision:resnet18" in plan
+    assert ["1", "backbone.layer4", "8,393,728", "0.1"] in [row[:4] for row in rows(plan)]
+    assert ["2", "(>=", "max_epochs:", "never)", "backbone.layer3", "2,099,712", "0.05"] in [
+        row[:7] for row in rows(plan)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--what", "LayerDecay", "LayerDecay(0.75, granularity='stage', names=None)"),
+        ("--what", "{class_path: Blocks, init_args: {per_release: 3}}", "Blocks(per_release=3,"),
+        ("--what", "{class_path: lightning_bnfreeze.Blocks, init_args: {decay: 0.5}}", "Blocks(per_release=2,"),
+        ("--when", "{class_path: Every, init_args: {steps: 50, first: 10}}", "Every(steps=50, first=10)"),
+        ("--when", "{class_path: Plateau, init_args: {monitor: val_loss}}", "Plateau('val_loss', mode='min'"),
+        ("--adapt", "{class_path: AdaBN, init_args: {batches: 4}}", "AdaBN(batches=4, prior=32"),
+        ("--trainable", "['*.bn1.*']", "trainable=['*.bn1.*']"),
+    ],
+)
+def test_objects_are_yaml_with_a_class_name_or_path(option: str, value: str, expected: str) -> None:
+    assert expected in dry_run.main(["--model", "torchvision:resnet18", option, value]).splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--what", "Blocks(per_release=1)", "`--what` names the class 'Blocks\\(per_release=1\\)'"),  # never evaluated
+        ("--what", "{class_path: Block}", "`--what` names the class 'Block': did you mean 'Blocks'\\?"),
+        ("--when", "{class_path: Blocks}", "`--when` names the class 'Blocks'.* It takes Every, Plateau"),
+        ("--what", "{class_path: Blocks, init_args: {per_releas: 1}}", "Blocks has no argument `per_releas`; did you"),
+        ("--what", "{class_path: Blocks, init_args: {per_release: 0}}", "`per_release` must be an integer >= 1, got 0"),
+        ("--what", "{class_path: Schedule, init_args: {releases: {1.5: backbone.layer4}}}", "has the key 1.5"),
+        ("--what", "[Blocks]", "`--what` takes a class name or {class_path: NAME, init_args: {...}}"),
+    ],
+)
+def test_bad_objects_are_one_line_errors(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run.main(["--model", "torchvision:resnet18", option, value])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.search(message, line), line
+
+
+@pytest.mark.parametrize(
+    "old", [["--max_epochs", "2"], ["--lr_scale", "0.1"], ["--blocks_per_release", "1"], ["--schedule", "{1: x}"]]
+)
+def test_one_spelling_of_each_option(old: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run.main(["--model", "torchvision:resnet18", *old])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {' '.join(old)}" in capsys.readouterr().err
+
+
+def test_timm_model_preview_draws_the_learning_rates(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    png = tmp_path / "lr.png"
+    plan = dry_run.main(["--model", "timm:resnet18", "--preview", str(png), "--batches-per-epoch", "4"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lrs = plan.partition("Learning rates (4 batches per epoch, AdamW at lr 0.001):")[2]
+    # the default plan (two blocks per epoch from epoch 1), to one epoch past its last release (epoch 3)
+    assert ["release", "at", "step", "12", "(epoch", "3,", "scheduled):", "backbone.layer1,", "backbone.stem"] in rows(
+        lrs
     )
-    assert ["1", "backbone.layer4", "8,393,728", "0.1"] in rows(plan)
-    assert ["2", "(>=", "max_epochs:", "never)", "backbone.layer3", "2,099,712", "0.05"] in rows(plan)
+    assert rows(lrs)[-5][:2] == ["15", "3"]  # the last step
+
+
+def test_preview_needs_an_end_for_a_plateau(capsys: pytest.CaptureFixture[str]) -> None:
+    when = "{class_path: Plateau, init_args: {monitor: val_loss}}"
+    with pytest.raises(ValueError, match="needs an end: give --max-epochs N"):
+        dry_run.main(["--model", "torchvision:resnet18", "--when", when, "--batches-per-epoch", "4"])
+    plan = dry_run.main(
+        ["--model", "torchvision:resnet18", "--when", when, "--batches-per-epoch", "4", "--max-epochs", "5"]
+    )
+    assert "earliest possible, on a plateau" in plan
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "torchvision:resnet18", "--preview", "lr.png"], "--preview needs --batches-per-epoch N"),
+        (["--config", str(CONFIGS / "linear_probe.yaml"), "--lr-scale", "0.1"], "--lr-scale: with --model SOURCE:NAME"),
+        ([], "give --model SOURCE:NAME"),
+    ],
+)
+def test_misplaced_options_are_one_line_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run.main(argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line
 
 
 def test_config_with_bn_freeze_callback_shows_its_frozen_layers() -> None:
@@ -108,15 +206,29 @@ def test_keras_rule_explains_layers_without_parameters() -> None:
     ] in table
 
 
-def test_help_describes_the_tool_then_the_lightning_cli_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_is_one_short_page_of_meanings(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         dry_run.main(["--help"])
     assert exit_info.value.code == 0
     page = capsys.readouterr().out
-    assert page.startswith("usage: python -m lightning_bnfreeze.dry_run --config CONFIG")
-    tool, _, lightning_cli = page.partition("LightningCLI arguments, for --config")
-    assert "Show what the callbacks would do" in tool and "--lr_scale" in tool
-    assert "--trainer.max_epochs" in lightning_cli
+    assert page.startswith("usage: python -m lightning_bnfreeze.dry_run --model SOURCE:NAME")
+    assert "Show what the callbacks would do" in page and len(page.splitlines()) < 70
+    options = page.partition("GradualUnfreeze arguments (--model):")[2].partition("\n\n")[0]
+    # each argument with its meaning from GradualUnfreeze's docstring (an option, then words), its objects' classes
+    for name in inspect.signature(GradualUnfreeze).parameters:
+        entry = options.partition(f"--{name.replace('_', '-')} ")[2].split("\n  --")[0]
+        assert len(" ".join(entry.split()).split()) > 4, (name, entry)
+    assert "what each release frees: Blocks, Schedule, LayerDecay" in " ".join(options.split())
+    assert "when the next release happens: Every, Plateau" in " ".join(options.split())
+    for internal in ("What", "_FoundBlocks", ":class:", "``", "_"):
+        assert internal not in options.replace("--", "").replace("lr-", ""), internal
+
+
+def test_config_help_is_lightning_clis(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run.main(["--config", str(CONFIGS / "linear_probe.yaml"), "--help"])
+    assert exit_info.value.code == 0
+    assert "--trainer.max_epochs" in capsys.readouterr().out
 
 
 def test_no_lightning_banners(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, RichP
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
+from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import build_model
 
 SCHEDULE = {1: "backbone.3", 2: ["backbone.1", "backbone.0"]}
@@ -36,7 +36,7 @@ def test_learning_rate_monitor_shows_one_stable_column_per_group(tmp_path: Path,
         logger=logger,
         log_every_n_steps=1,
         callbacks=[
-            GradualUnfreeze(schedule=SCHEDULE, lr_scale=0.1, lr_decay=0.5),
+            GradualUnfreeze(what=Schedule(SCHEDULE, decay=0.5), lr_scale=0.1),
             LearningRateMonitor(logging_interval),
         ],
         enable_checkpointing=False,
@@ -65,7 +65,7 @@ def test_tensorboard_logger_rich_progress_bar_and_model_summary(
         logger=TensorBoardLogger(tmp_path),
         callbacks=[
             BNFreezeCallback(),
-            GradualUnfreeze(schedule=SCHEDULE),
+            GradualUnfreeze(what=Schedule(SCHEDULE)),
             LearningRateMonitor("epoch"),
             summary,
             RichProgressBar(),

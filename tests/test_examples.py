@@ -121,10 +121,10 @@ def test_dry_run_command_prints_the_plan(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     releases = result.stdout.partition("Releases:")[2]
-    rows = [line.split() for line in releases.strip().splitlines()[2:-1]]
-    # epoch (on a release's first row), block, parameters, lr factor
-    # (the defaults: two blocks per release, at 2 x the head's learning rate)
-    assert [(row[0] if len(row) == 4 else "", row[-3], row[-1]) for row in rows] == [
+    rows = [line.split() for line in releases.strip().splitlines()[2:]]
+    # epoch (on a release's first row), block, parameters, lr factor, norm layers, hyperparameters from
+    # (the config's: two blocks per release, at 2 x the head's learning rate)
+    assert [(row[0] if len(row) == 6 else "", row[-5], row[-3]) for row in rows] == [
         ("1", "backbone.stage3", "2"),
         ("", "backbone.stage2", "2"),
         ("2", "backbone.stage1", "2"),
@@ -136,13 +136,13 @@ def test_dry_run_resnet18_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     plan = dry_run.main(["--config", "examples/configs/resnet18.yaml"])
     rows = [line.split() for line in plan.splitlines()]
-    at_6 = rows.index(["6", "backbone.layer2", "525,568", "0.025"])  # two groups released together, same rate
-    assert rows[at_6 + 1] == ["backbone.layer1", "147,968", "0.025"]
-    assert ["never", "(rest", "of", "backbone)", "9,536", "frozen"] in rows  # the stem stays frozen
+    at_6 = rows.index(["6", "backbone.layer2", "525,568", "0.025", "train", "head"])  # released together, same rate
+    assert rows[at_6 + 1] == ["backbone.layer1", "147,968", "0.025", "train", "head"]
+    assert "Never released (stays frozen): 9,536 parameters of 'backbone'." in plan  # the stem (conv1, bn1)
 
 
 def test_plot_shows_every_group_and_labels_on_fixed_axes() -> None:
-    """Groups at equal learning rates (lr_decay=1) each get a panel; releases and the test figure are labelled;
+    """Groups at equal learning rates (decay=1) each get a panel; releases and the test figure are labelled;
     the axes depend on the run's peak learning rate only, not on the values plotted."""
 
     def figure(accuracy: float) -> list[Axes]:

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 import lightning_bnfreeze.released_groups as released_groups_module
-from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
+from lightning_bnfreeze import Blocks, BNFreezeCallback, Every, GradualUnfreeze, LayerDecay, Schedule
 from tests.unfreeze_helpers import (
     HEAD_NORM,
     STEPS_PER_EPOCH,
@@ -44,9 +44,10 @@ RELEASE_EPOCH = {"backbone.3": 1, "backbone.1": 2, "backbone.0": 2}
 RELEASED_MODULE_OF_NORM = {"backbone.0.1": "backbone.0", "backbone.1.1": "backbone.1", "backbone.3.1": "backbone.3"}
 
 
-def unfreeze(**kwargs: Any) -> GradualUnfreeze:
-    kwargs.setdefault("schedule", SCHEDULE)
-    return GradualUnfreeze(lr_scale=LR_SCALE, lr_decay=LR_DECAY, **kwargs)
+def unfreeze(schedule: dict[int, Any] | None = None, bn: str = "train", **kwargs: Any) -> GradualUnfreeze:
+    """``SCHEDULE`` (or ``schedule``) at ``LR_SCALE`` and ``LR_DECAY``, released norm layers training unless told."""
+    what = Schedule(SCHEDULE if schedule is None else schedule, decay=LR_DECAY)
+    return GradualUnfreeze(what=what, lr_scale=LR_SCALE, bn=bn, **kwargs)
 
 
 def fit(model: UnfreezeModel, callbacks: list[Callback], max_epochs: int = 3, **trainer_kwargs: Any) -> pl.Trainer:
@@ -68,18 +69,21 @@ def close(a: float, b: float) -> bool:
 def test_default_schedule_is_children_with_params_output_side_first_on_a_cadence(
     first_release: int, release_every: int, epochs: list[int]
 ) -> None:
-    plan = GradualUnfreeze(first_release=first_release, release_every=release_every, blocks_per_release=1).plan(
-        build_model()
-    )
+    callback = GradualUnfreeze(what=Blocks(per_release=1), when=Every(epochs=release_every, first=first_release))
+    plan = callback.plan(build_model())
     # backbone.2 (MaxPool2d), backbone.4 and backbone.5 hold no parameters: not released
-    assert [(r.at, [m.name for m in r.parts]) for r in plan.releases] == list(
-        zip(epochs, [["backbone.3"], ["backbone.1"], ["backbone.0"]], strict=True)
-    )
+    assert [[part.name for part in release] for release in plan.releases] == [
+        ["backbone.3"],
+        ["backbone.1"],
+        ["backbone.0"],
+    ]
+    assert callback.when.times(len(plan.releases)) == epochs
 
 
 def test_default_schedule_trains_head_alone_in_epoch_0_then_releases_one_child_per_epoch() -> None:
     model, probe = build_model(), LrProbe()
-    fit(model, [GradualUnfreeze(lr_scale=LR_SCALE, lr_decay=LR_DECAY, blocks_per_release=1), probe], max_epochs=4)
+    callback = GradualUnfreeze(what=Blocks(per_release=1, decay=LR_DECAY), lr_scale=LR_SCALE, bn="train")
+    fit(model, [callback, probe], max_epochs=4)
     by_epoch = {r.epoch: r for r in probe.records}
     assert [by_epoch[e].names[1:] for e in range(4)] == [
         [],
@@ -160,11 +164,12 @@ def test_warmup_ramps_a_released_group_linearly_over_optimizer_steps(warmup_step
 # --------------------------------------------------------------------------------------------- norm layers
 
 
-@pytest.mark.parametrize("train_bn", [True, False])
-def test_backbone_norm_layers_frozen_until_released_then_as_train_bn_says(train_bn: bool) -> None:
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_backbone_norm_layers_frozen_until_released_then_as_bn_says(bn: str) -> None:
+    train_bn = bn == "train"
     model, probe = build_model(record=True), EpochProbe()
     modules = dict(model.named_modules())
-    fit(model, [unfreeze(train_bn=train_bn), probe])
+    fit(model, [unfreeze(bn=bn), probe])
     assert dict(model.named_modules()) == modules  # the same module objects: nothing swapped or converted
     assert model.recorder is not None
     assert model.recorder.tags() == [(e, b) for e in range(3) for b in range(STEPS_PER_EPOCH)]
@@ -197,18 +202,18 @@ def test_contrast_lightning_backbone_finetuning_lets_frozen_backbone_statistics_
     assert probe.changed_in_epoch("backbone.3.1.running_mean", 0)
 
 
-@pytest.mark.parametrize("train_bn", [True, False])
-def test_adding_bn_freeze_callback_changes_nothing(train_bn: bool) -> None:
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_adding_bn_freeze_callback_changes_nothing(bn: str) -> None:
     def run(callbacks: list[Callback]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         model = build_model(record=True)
         fit(model, callbacks)
         assert model.recorder is not None
         return clone_state(model), model.recorder.verdicts()
 
-    alone = run([unfreeze(train_bn=train_bn)])
+    alone = run([unfreeze(bn=bn)])
     for callbacks in (
-        [unfreeze(train_bn=train_bn), BNFreezeCallback()],
-        [BNFreezeCallback(), unfreeze(train_bn=train_bn)],
+        [unfreeze(bn=bn), BNFreezeCallback()],
+        [BNFreezeCallback(), unfreeze(bn=bn)],
     ):
         state, verdicts = run(callbacks)
         assert verdicts == alone[1]
@@ -330,8 +335,8 @@ def test_parameters_are_tracked_by_identity_not_value(trainable_only: bool, tied
     if tied:  # and even one weight shared by both convs: it must land in one group only
         model.backbone[3][0].weight = model.backbone[1][0].weight
     before = clone_params(model)
-    # train_bn=False: the conv biases before the (inference-mode) norm layers get real gradients
-    trainer = fit(model, [unfreeze(schedule={1: "backbone.*"}, train_bn=False)], max_epochs=2)
+    # bn="frozen": the conv biases before the (inference-mode) norm layers get real gradients
+    trainer = fit(model, [unfreeze(schedule={1: "backbone.*"}, bn="frozen")], max_epochs=2)
     groups = trainer.optimizers[0].param_groups
     for name, param in model.named_parameters():
         holders = [g.get("name") for g in groups for p in g["params"] if p is param]
@@ -392,7 +397,7 @@ def test_manual_optimization_releases_into_the_chosen_optimizer(
     torch.manual_seed(0)
     model, probe = ManualModel(layout), EpochProbe()
     before = clone_params(model)
-    trainer = fit(model, [unfreeze(optimizer_index=optimizer_index, train_bn=False), probe])
+    trainer = fit(model, [unfreeze(optimizer_index=optimizer_index, bn="frozen"), probe])
     optimizers = trainer.optimizers
     assert [g.get("name") for g in optimizers[target].param_groups[1:]] == ["backbone.3", "backbone.1", "backbone.0"]
     for index, optimizer in enumerate(optimizers):
@@ -436,59 +441,73 @@ def test_ambiguous_or_wrong_optimizer_choice_raises_before_training(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
+    ("schedule", "expected"),
     [
-        ({"schedule": {1: "bakbone.3"}}, ["'bakbone.3'", "schedule[1]", "'backbone.3'"]),
-        ({"schedule": {1: "backbone.3", 2: ["backbone.9"]}}, ["'backbone.9'", "schedule[2]", "'backbone.3'"]),
-        ({"schedule": {1: "backbone.lay*"}}, ["'backbone.lay*'", "schedule[1]"]),
-        ({"schedule": {1: "head"}}, ["'head'", "schedule[1]", "outside the backbone"]),
-        ({"schedule": {1: ["backbone.3", "head.0"]}}, ["'head.0'", "outside the backbone"]),
-        ({"schedule": {1: "backbone.3", 2: "backbone.3"}}, ["'backbone.3'", "twice"]),
-        ({"schedule": {1: ["backbone.1", "backbone.1"]}}, ["'backbone.1'", "twice"]),
-        ({"schedule": {1: "backbone.3", 2: "backbone.3.0"}}, ["'backbone.3.0'", "'backbone.3'", "inside"]),
-        ({"schedule": {1: "backbone.3.0", 2: "backbone.3"}}, ["'backbone.3.0'", "'backbone.3'", "inside"]),
-        ({"schedule": {1: ["backbone.1", "backbone.1.1"]}}, ["'backbone.1.1'", "'backbone.1'", "inside"]),
-        ({"schedule": {1: ["backbone.1.1", "backbone.1"]}}, ["'backbone.1.1'", "'backbone.1'", "inside"]),
-        ({"schedule": {1: "backbone.*", 2: "backbone.[13]"}}, ["schedule[2]", "'backbone.[13]'"]),
-        ({"schedule": {1: "backbone.2"}}, ["schedule[1]", "'backbone.2'", "no parameters"]),
-        ({"schedule": {-1: "backbone.3"}}, ["schedule", "-1"]),
-        ({"schedule": {1: "backbone.3", -2: "backbone.1"}}, ["schedule", "-2"]),
-        ({"schedule": {1.5: "backbone.3"}}, ["schedule", "1.5"]),
-        ({"schedule": ["backbone.3"]}, ["schedule", "['backbone.3']"]),
-        ({"schedule": {1: ""}}, ["schedule[1]", "''"]),
-        ({"backbone": "bakbone"}, ["backbone", "'bakbone'", "'backbone'"]),
-        ({"backbone": "backbone.7"}, ["backbone", "'backbone.7'"]),
+        ({1: "bakbone.3"}, ["'bakbone.3'", "releases[1]", "'backbone.3'"]),
+        ({1: "backbone.3", 2: ["backbone.9"]}, ["'backbone.9'", "releases[2]", "'backbone.3'"]),
+        ({1: "backbone.lay*"}, ["'backbone.lay*'", "releases[1]"]),
+        ({1: "head"}, ["'head'", "releases[1]", "outside the backbone"]),
+        ({1: ["backbone.3", "head.0"]}, ["'head.0'", "outside the backbone"]),
+        ({1: "backbone.3", 2: "backbone.3"}, ["'backbone.3'", "twice"]),
+        ({1: ["backbone.1", "backbone.1"]}, ["'backbone.1'", "twice"]),
+        ({1: "backbone.3", 2: "backbone.3.0"}, ["'backbone.3.0'", "'backbone.3'", "inside"]),
+        ({1: "backbone.3.0", 2: "backbone.3"}, ["'backbone.3.0'", "'backbone.3'", "inside"]),
+        ({1: ["backbone.1", "backbone.1.1"]}, ["'backbone.1.1'", "'backbone.1'", "inside"]),
+        ({1: ["backbone.1.1", "backbone.1"]}, ["'backbone.1.1'", "'backbone.1'", "inside"]),
+        ({1: "backbone.*", 2: "backbone.[13]"}, ["releases[2]", "'backbone.[13]'"]),
+        ({1: "backbone.2"}, ["releases[1]", "'backbone.2'", "no parameters"]),
+        ({-1: "backbone.3"}, ["releases", "-1"]),
+        ({1: "backbone.3", -2: "backbone.1"}, ["releases", "-2"]),
+        ({1.5: "backbone.3"}, ["releases", "1.5"]),
+        (["backbone.3"], ["releases", "['backbone.3']"]),
+        ({}, ["releases", "empty schedule"]),
+        ({1: ""}, ["releases[1]", "''"]),
     ],
 )
-def test_configuration_errors_raise_before_the_first_training_step(kwargs: dict[str, Any], expected: list[str]) -> None:
+def test_schedule_errors_raise_before_the_first_training_step(schedule: Any, expected: list[str]) -> None:
     model = build_model()
     with pytest.raises(ValueError) as error:
-        fit(model, [GradualUnfreeze(**kwargs)])
+        fit(model, [GradualUnfreeze(what=Schedule(schedule))])
     message = str(error.value)
     assert all(part in message for part in expected), message
     assert model.steps_run == 0
 
 
 @pytest.mark.parametrize(
-    ("argument", "value"),
+    ("backbone", "expected"),
+    [("bakbone", ["backbone", "'bakbone'", "'backbone'"]), ("backbone.7", ["backbone", "'backbone.7'"])],
+)
+def test_a_missing_backbone_raises_before_the_first_training_step(backbone: str, expected: list[str]) -> None:
+    model = build_model()
+    with pytest.raises(ValueError) as error:
+        fit(model, [GradualUnfreeze(backbone=backbone)])
+    message = str(error.value)
+    assert all(part in message for part in expected), message
+    assert model.steps_run == 0
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "build"),
     [
-        ("lr_scale", 0),
-        ("lr_scale", -0.1),
-        ("lr_scale", float("nan")),
-        ("lr_scale", float("inf")),
-        ("lr_decay", 0.0),
-        ("lr_decay", -2),
-        ("lr_decay", float("nan")),
-        ("first_release", -1),
-        ("release_every", 0),
-        ("layer_decay", 0.0),
-        ("layer_decay", float("inf")),
-        ("warmup_steps", -1),
+        ("lr_scale", 0, lambda v: GradualUnfreeze(lr_scale=v)),
+        ("lr_scale", -0.1, lambda v: GradualUnfreeze(lr_scale=v)),
+        ("lr_scale", float("nan"), lambda v: GradualUnfreeze(lr_scale=v)),
+        ("lr_scale", float("inf"), lambda v: GradualUnfreeze(lr_scale=v)),
+        ("decay", 0.0, lambda v: Blocks(decay=v)),
+        ("decay", -2, lambda v: Schedule({1: "backbone.3"}, decay=v)),
+        ("decay", float("nan"), lambda v: Blocks(decay=v)),
+        ("first", -1, lambda v: Every(first=v)),
+        ("epochs", 0, lambda v: Every(epochs=v)),
+        ("steps", 0, lambda v: Every(steps=v)),
+        ("decay", 0.0, lambda v: LayerDecay(v)),
+        ("decay", float("inf"), lambda v: LayerDecay(v)),
+        ("per_release", 0, lambda v: Blocks(per_release=v)),
+        ("warmup_steps", -1, lambda v: GradualUnfreeze(warmup_steps=v)),
     ],
 )
-def test_bad_numbers_raise_at_construction(argument: str, value: float) -> None:
+def test_bad_numbers_raise_at_construction(argument: str, value: float, build: Any) -> None:
     with pytest.raises(ValueError, match=rf"`{argument}`.*{re.escape(repr(value))}"):
-        GradualUnfreeze(**{argument: value})
+        build(value)
 
 
 def fake_trainer(strategy_name: str, tensor_parallel_size: int = 1) -> Any:
@@ -496,7 +515,7 @@ def fake_trainer(strategy_name: str, tensor_parallel_size: int = 1) -> Any:
 
     strategy = object.__new__(getattr(strategies, strategy_name))  # not set up: no processes needed
     strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel_size)}
-    return type("FakeTrainer", (), {"strategy": strategy, "max_epochs": 3})()
+    return type("FakeTrainer", (), {"strategy": strategy, "max_epochs": 3, "callbacks": []})()
 
 
 @pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy"])
@@ -523,17 +542,16 @@ def test_dry_run_shows_the_plan_without_training() -> None:
     model = build_model()
     before = clone_state(model)
     modes = {n: m.training for n, m in model.named_modules()}
-    table = GradualUnfreeze(schedule={1: "backbone.3", 4: "backbone.1.*"}, lr_scale=0.3, lr_decay=0.4).dry_run(
-        model, max_epochs=3
-    )
-    assert table.splitlines()[0].split() == ["epoch", "released", "parameters", "lr", "factor"]
-    rest = module_numel(model, "backbone.0")
-    assert table_rows(table) == [
+    callback = GradualUnfreeze(what=Schedule({1: "backbone.3", 4: "backbone.1.*"}, decay=0.4), lr_scale=0.3, bn="train")
+    table = callback.dry_run(model, max_epochs=3)
+    assert table.splitlines()[0].split()[:5] == ["epoch", "released", "parameters", "lr", "x"]
+    assert [row[:4] for row in table_rows(table)[:3]] == [
         ["1", "backbone.3", f"{module_numel(model, 'backbone.3'):,}", "0.3"],
         ["4 (>= max_epochs: never)", "backbone.1.0", f"{module_numel(model, 'backbone.1.0'):,}", "0.12"],
-        ["backbone.1.1", f"{module_numel(model, 'backbone.1.1'):,}", "0.12"],  # released at the same epoch
-        ["never", "(rest of backbone)", f"{rest:,}", "frozen"],
+        ["backbone.1.1", f"{module_numel(model, 'backbone.1.1'):,}", "0.12", "train"],  # released at the same epoch
     ]
+    rest = module_numel(model, "backbone.0")
+    assert f"Never released (stays frozen): {rest:,} parameters of 'backbone'." in table
     assert_same_nested(clone_state(model), before)
     assert all(p.requires_grad for p in model.parameters())
     assert {n: m.training for n, m in model.named_modules()} == modes
@@ -547,23 +565,22 @@ def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_st
     resnet = torchvision.models.resnet18(weights=None)
     resnet.fc = nn.Identity()
     model = UnfreezeModel(backbone=(resnet, 512), record=False)
-    releases = GradualUnfreeze(granularity="stage", blocks_per_release=1).dry_run(model).partition("Releases:\n")[2]
+
+    def callback() -> GradualUnfreeze:
+        return GradualUnfreeze(what=Blocks(granularity="stage", per_release=1), bn="train")
+
+    releases = callback().dry_run(model).partition("Releases:\n")[2]
     assert [row[:2] for row in table_rows(releases)] == [
         ["1", "backbone.layer4"],
         ["2", "backbone.layer3"],
         ["3", "backbone.layer2"],
         ["4", "backbone.layer1"],
         ["5", "backbone.stem"],  # conv1 and bn1, as one block
-        ["never", "(rest of backbone)"],
     ]
+    assert "Never released" not in releases
     probe = EpochProbe()
     with pytest.warns(UserWarning, match="max_epochs"):
-        trainer = fit(
-            model,
-            [GradualUnfreeze(granularity="stage", blocks_per_release=1), probe],
-            max_epochs=2,
-            limit_train_batches=2,
-        )
+        trainer = fit(model, [callback(), probe], max_epochs=2, limit_train_batches=2)
     assert [g.get("name") for g in trainer.optimizers[0].param_groups[1:]] == ["backbone.layer4"]
     stats = [k for k in probe.states[0] if k.startswith("backbone.") and k.endswith("running_mean")]
     assert len(stats) == 20

@@ -1,4 +1,5 @@
-"""GradualUnfreeze configured from LightningCLI YAML (schedule included), and the dry run's command line."""
+"""GradualUnfreeze configured from LightningCLI YAML (schedule and a user's own trigger included), and the dry run's
+command line."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_bnfreeze import GradualUnfreeze
-from tests.unfreeze_helpers import STEPS_PER_EPOCH, CLIModel, module_numel
+from lightning_bnfreeze import Blocks, GradualUnfreeze, Schedule
+from tests.unfreeze_helpers import STEPS_PER_EPOCH, BelowLoss, CLIModel, ScriptedScore, module_numel
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLBACKS = """
@@ -20,10 +21,15 @@ trainer:
   callbacks:
     - class_path: lightning_bnfreeze.GradualUnfreeze
       init_args:
-        schedule:
-          1: backbone.3
-          {second}: [backbone.0]
+        what:
+          class_path: lightning_bnfreeze.Schedule
+          init_args:
+            releases:
+              1: backbone.3
+              {second}: [backbone.0]
+            decay: 0.5
         lr_scale: 0.2
+        bn: frozen
 """
 QUIET = [
     "--trainer.logger=false",
@@ -53,14 +59,14 @@ def test_lightning_cli_yaml_configures_the_schedule_and_trains(tmp_path: Path, m
         save_config_callback=None,
     )
     [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradualUnfreeze)]
-    assert callback.schedule == {1: "backbone.3", 2: ["backbone.0"]}
-    assert callback.lr_scale == 0.2
+    assert isinstance(callback.what, Schedule) and callback.what.releases == {1: "backbone.3", 2: ["backbone.0"]}
+    assert callback.lr_scale == 0.2 and callback.bn == "frozen"
     assert cli.model.steps_run == 3 * STEPS_PER_EPOCH
     groups = cli.trainer.optimizers[0].param_groups
     assert [g.get("name") for g in groups[1:]] == ["backbone.3", "backbone.0"]
     assert [len(g["params"]) for g in groups[1:]] == [4, 4]
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"] * 0.2, rel=1e-9)
-    assert groups[2]["lr"] == pytest.approx(groups[0]["lr"] * 0.2 * callback.lr_decay, rel=1e-9)
+    assert groups[2]["lr"] == pytest.approx(groups[0]["lr"] * 0.2 * 0.5, rel=1e-9)
     assert not any(p.requires_grad for p in cli.model.backbone[1].parameters())
 
 
@@ -83,9 +89,58 @@ def test_dry_run_command_line_prints_the_plan(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     model = CLIModel()
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert ["1", "backbone.3", f"{module_numel(model, 'backbone.3'):,}", "0.2"] in lines
-    never = ["3", "(>=", "max_epochs:", "never)", "backbone.0", f"{module_numel(model, 'backbone.0'):,}"]
-    assert any(line[:6] == never for line in lines), result.stdout
-    assert ["never", "(rest", "of", "backbone)", f"{module_numel(model, 'backbone.1'):,}", "frozen"] in lines
+    assert ["1", "backbone.3", f"{module_numel(model, 'backbone.3'):,}", "0.2"] in [line[:4] for line in lines]
+    never = ["3", "(>=", "max_epochs:", "never)", "backbone.0", f"{module_numel(model, 'backbone.0'):,}", "0.1"]
+    assert any(line[:7] == never for line in lines), result.stdout
+    assert f"Never released (stays frozen): {module_numel(model, 'backbone.1'):,} parameters" in result.stdout
     assert "Trainer.fit" not in result.stdout + result.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+OWN_TRIGGER = """
+trainer:
+  callbacks:
+    - class_path: lightning_bnfreeze.GradualUnfreeze
+      init_args:
+        what:
+          class_path: lightning_bnfreeze.Blocks
+          init_args:
+            per_release: 1
+        when:
+          class_path: tests.unfreeze_helpers.BelowLoss
+          init_args:
+            threshold: 0.5
+            monitor: score
+        bn: train
+"""
+
+
+def test_a_users_own_trigger_is_configured_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    config = tmp_path / "config.yaml"
+    config.write_text(OWN_TRIGGER)
+    cli = LightningCLI(
+        ScriptedScore,
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--model.scores=[0.9, 0.7, 0.4, 0.6, 0.3, 0.2]",
+            "--trainer.max_epochs=6",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            *QUIET,
+        ],
+        save_config_callback=None,
+    )
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradualUnfreeze)]
+    assert isinstance(callback.when, BelowLoss) and callback.when.threshold == 0.5
+    assert isinstance(callback.what, Blocks) and callback.what.per_release == 1
+    # below 0.5 after epochs 2, 4 and 5: a release at each of those checks, with the trigger's reason
+    assert [(r.epoch, r.reason) for r in callback.history] == [
+        (2, "below threshold"),
+        (4, "below threshold"),
+        (5, "below threshold"),
+    ]
+    assert [g["name"] for g in cli.trainer.optimizers[0].param_groups[1:]] == ["backbone.3", "backbone.1", "backbone.0"]

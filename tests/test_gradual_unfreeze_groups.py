@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, LayerDecay, Schedule
 from tests.unfreeze_helpers import (
     FEATURES,
     STEPS_PER_EPOCH,
@@ -52,7 +52,7 @@ class TwoGroupModel(UnfreezeModel):
 def test_released_parameters_keep_the_hyperparameters_of_the_group_they_came_from() -> None:
     torch.manual_seed(0)
     model = TwoGroupModel()
-    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"}, lr_scale=0.5)], max_epochs=2)
+    trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}), lr_scale=0.5)], max_epochs=2)
     groups = groups_by_name(trainer.optimizers[0])
     assert list(groups) == ["decay", None, "backbone.3/decay", "backbone.3/group1"]
     weights, biases = groups["backbone.3/decay"], groups["backbone.3/group1"]
@@ -65,7 +65,7 @@ def test_released_parameters_keep_the_hyperparameters_of_the_group_they_came_fro
 
 def test_contrast_a_single_origin_gives_one_group_named_after_the_part() -> None:
     model = build_model(optimizer="adam")
-    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"})], max_epochs=2)
+    trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}))], max_epochs=2)
     assert [g.get("name") for g in trainer.optimizers[0].param_groups] == ["head", "backbone.3"]
 
 
@@ -74,12 +74,12 @@ def test_contrast_a_single_origin_gives_one_group_named_after_the_part() -> None
 
 def test_layer_decay_releases_every_block_at_once_at_decaying_rates() -> None:
     model = build_model()
-    unfreeze = GradualUnfreeze(layer_decay=0.5, lr_scale=0.8, granularity="block")
+    unfreeze = GradualUnfreeze(what=LayerDecay(0.5, granularity="block"), when=Every(first=1), lr_scale=0.8)
     plan = unfreeze.plan(model)
-    assert len(plan.releases) == 1 and plan.releases[0].at == 1
-    parts = plan.releases[0].parts
+    assert len(plan.releases) == 1 and unfreeze.when.times(1) == [1]
+    [parts] = plan.releases
     assert [part.name for part in parts] == ["backbone.3", "backbone.1", "backbone.0"]
-    assert [part.lr_factor for part in parts] == pytest.approx([0.8, 0.4, 0.2])
+    assert [part.lr_factor for part in parts] == pytest.approx([1.0, 0.5, 0.25])
     trainer = fit(model, [unfreeze], max_epochs=2)
     groups = trainer.optimizers[0].param_groups
     head_lr = groups[0]["lr"]
@@ -94,7 +94,7 @@ def test_layer_decay_releases_every_block_at_once_at_decaying_rates() -> None:
 def test_layer_decay_from_step_0_trains_everything_from_the_first_step() -> None:
     model = build_model()
     before = clone_params(model)
-    fit(model, [GradualUnfreeze(layer_decay=0.5, first_release=0)], max_epochs=1)
+    fit(model, [GradualUnfreeze(what=LayerDecay(0.5), when=Every(first=0))], max_epochs=1)
     after = clone_params(model)
     assert all(not torch.equal(before[n], after[n]) for n in before), "a parameter did not train in epoch 0"
 
@@ -104,7 +104,9 @@ def test_layer_decay_from_step_0_trains_everything_from_the_first_step() -> None
 
 def test_a_schedule_may_name_a_parameter() -> None:
     model = build_model()
-    trainer = fit(model, [GradualUnfreeze(schedule={1: ["backbone.3.0.weight"], 2: "backbone.[3]"})], max_epochs=3)
+    trainer = fit(
+        model, [GradualUnfreeze(what=Schedule({1: ["backbone.3.0.weight"], 2: "backbone.[3]"}))], max_epochs=3
+    )
     groups = groups_by_name(trainer.optimizers[0])
     assert [id(p) for p in groups["backbone.3.0.weight"]["params"]] == [id(model.backbone[3][0].weight)]
     # a glob then releases what is left of the module
@@ -114,18 +116,41 @@ def test_a_schedule_may_name_a_parameter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("build", "message"),
     [
-        ({"schedule": {1: 42}}, r"`schedule\[1\]` is 42"),
-        ({"backbone": ""}, r"`backbone` must be the name of a module.*got ''"),
-        ({"layer_decay": 0.7, "schedule": {1: "backbone.3"}}, r"cannot be combined with `layer_decay`"),
-        ({"granularity": "layers"}, r"`granularity` must be one of.*'layers'"),
-        ({"blocks_per_release": 0}, r"`blocks_per_release` must be an integer >= 1, got 0"),
+        (lambda: Schedule({1: 42}), r"`releases\[1\]` is 42"),
+        (lambda: Schedule({}), r"`releases` must map epochs.*got \{\}.*empty schedule"),
+        (lambda: Schedule({"1": "backbone.3"}), r"`releases` has the key '1'.*integers >= 0"),
+        (lambda: GradualUnfreeze(backbone=""), r"`backbone` must be the name of a module.*got ''"),
+        (lambda: Blocks(granularity="layers"), r"`granularity` must be one of.*'layers'"),
+        (lambda: LayerDecay(granularity="layers"), r"`granularity` must be one of.*'layers'"),
+        (lambda: Blocks(per_release=0), r"`per_release` must be an integer >= 1, got 0"),
+        (lambda: Blocks(names="backbone.3"), r"`names` must be a list of blocks.*'backbone.3'.*\['backbone.3'\]"),
+        (lambda: Schedule({1: "backbone.3"}, unit="steps"), r"`unit` must be one of.*'steps'"),
+        (lambda: GradualUnfreeze(bn="auto_train"), r"`bn` must be one of.*'auto_train'"),
+        (lambda: GradualUnfreeze(trainable="*lora_*"), r"`trainable` must be a list.*'\*lora_\*'"),
     ],
 )
-def test_bad_arguments_name_the_argument_and_value(kwargs: dict[str, Any], message: str) -> None:
+def test_bad_arguments_name_the_argument_and_value(build: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        GradualUnfreeze(**kwargs).plan(build_model())
+        build()
+
+
+@pytest.mark.parametrize(
+    ("when", "match"),
+    [
+        (Every(epochs=2), r"what=Schedule\(.*when=Every\(epochs=2"),
+        (Every(steps=3), r"what=Schedule\(.*when=Every\(steps=3"),
+    ],
+)
+def test_a_schedule_with_a_trigger_raises_at_construction_naming_both(when: Every, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradualUnfreeze(what=Schedule({1: "backbone.3"}), when=when)
+
+
+def test_contrast_a_schedule_alone_or_blocks_with_a_trigger_are_accepted() -> None:
+    assert GradualUnfreeze(what=Schedule({1: "backbone.3"})).when.times(1) == [1]
+    assert GradualUnfreeze(what=Blocks(names=["backbone.3"]), when=Every(epochs=2)).when.times(1) == [2]
 
 
 def test_an_unknown_backbone_lists_the_top_level_modules_with_parameters() -> None:
@@ -160,7 +185,7 @@ class TwoOptimizerModel(UnfreezeModel):
 def test_released_parameters_leave_every_other_optimizer() -> None:
     torch.manual_seed(0)
     model = TwoOptimizerModel()
-    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"}, optimizer_index=1)], max_epochs=2)
+    trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}), optimizer_index=1)], max_epochs=2)
     backbone = param_ids(model, "backbone")
     first, second = trainer.optimizers
     assert not any(id(p) in backbone for g in first.param_groups for p in g["params"])
@@ -184,8 +209,10 @@ class TwoBackboneModel(UnfreezeModel):
 def two_instances() -> list[GradualUnfreeze]:
     # interleaved releases: backbone.3, backbone2.3 (epoch 1), then backbone.1 (epoch 2)
     return [
-        GradualUnfreeze(schedule={1: "backbone.3", 2: "backbone.1"}),
-        GradualUnfreeze(backbone="backbone2", schedule={1: "backbone2.3", 2: ["backbone2.1", "backbone2.0"]}),
+        GradualUnfreeze(what=Schedule({1: "backbone.3", 2: "backbone.1"}), bn="train"),
+        GradualUnfreeze(
+            backbone="backbone2", what=Schedule({1: "backbone2.3", 2: ["backbone2.1", "backbone2.0"]}), bn="auto"
+        ),
     ]
 
 
@@ -226,7 +253,7 @@ class ConfiguredBackboneModel(UnfreezeModel):
 def test_a_backbone_built_in_configure_model_is_planned_frozen_and_released() -> None:
     torch.manual_seed(0)
     model = ConfiguredBackboneModel()
-    trainer = fit(model, [GradualUnfreeze(schedule={1: "backbone.3"})], max_epochs=2)
+    trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}))], max_epochs=2)
     groups = groups_by_name(trainer.optimizers[0])
     assert {id(p) for p in groups["backbone.3"]["params"]} == param_ids(model, "backbone.3")
     assert not any(p.requires_grad for p in model.backbone[0].parameters())
@@ -240,9 +267,9 @@ RELEASE_RUN = """
 import sys
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from tests.unfreeze_helpers import build_model, make_trainer
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import GradualUnfreeze, Schedule
 bar = RichProgressBar() if sys.argv[1] == "rich" else TQDMProgressBar()
-trainer = make_trainer([GradualUnfreeze(schedule={1: "backbone.3"}), bar], max_epochs=2, enable_progress_bar=True)
+trainer = make_trainer([GradualUnfreeze(what=Schedule({1: "backbone.3"})), bar], max_epochs=2, enable_progress_bar=True)
 trainer.fit(build_model())
 """
 
@@ -282,17 +309,17 @@ class ReorderedModel(UnfreezeModel):
 
 
 def test_blocks_in_another_order_than_the_forward_pass_are_reported() -> None:
-    with pytest.warns(UserWarning, match="GradualUnfreeze: .*blocks=\\["):
-        fit(ReorderedModel(), [GradualUnfreeze(granularity="block")], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"GradualUnfreeze: .*what=Blocks\(names=\["):
+        fit(ReorderedModel(), [GradualUnfreeze(what=Blocks(granularity="block"))], max_epochs=1)
 
 
 def test_contrast_blocks_in_forward_order_raise_no_warning(recwarn: pytest.WarningsRecorder) -> None:
     model = build_model()
     model.example_input_array = model.x[:1]
-    fit(model, [GradualUnfreeze(granularity="block")], max_epochs=1)
-    assert not [w for w in recwarn if "blocks=[" in str(w.message)]
+    fit(model, [GradualUnfreeze(what=Blocks(granularity="block"))], max_epochs=1)
+    assert not [w for w in recwarn if "names=[" in str(w.message)]
 
 
 def test_a_checkpoint_of_the_previous_state_format_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match=r"no release history .* lightning_bnfreeze 0\.1"):
+    with pytest.raises(ValueError, match=r"saved by lightning_bnfreeze 0\.2 or older"):
         GradualUnfreeze().load_state_dict({"released": [{"epoch": 1, "step": 4}], "adapted": False})

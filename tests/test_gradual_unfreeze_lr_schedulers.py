@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from torch.optim import lr_scheduler as sched
 
 import lightning_bnfreeze.released_groups as released_groups_module
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import GradualUnfreeze, Schedule
 from lightning_bnfreeze.released_groups import ReleasedGroups
 from tests.unfreeze_helpers import STEPS_PER_EPOCH, LrProbe, UnfreezeModel, build_model, make_trainer
 
@@ -76,7 +76,7 @@ def run(name: str) -> tuple[UnfreezeModel, pl.Trainer, LrProbe]:
     optimizer, factory = SCHEDULERS[name]
     model, probe = build_model(optimizer=optimizer, scheduler=factory), LrProbe()
     trainer = make_trainer(
-        [GradualUnfreeze(schedule=SCHEDULE, lr_scale=LR_SCALE, lr_decay=LR_DECAY), probe], max_epochs=MAX_EPOCHS
+        [GradualUnfreeze(what=Schedule(SCHEDULE, decay=LR_DECAY), lr_scale=LR_SCALE), probe], max_epochs=MAX_EPOCHS
     )
     trainer.fit(model)
     return model, trainer, probe
@@ -132,7 +132,7 @@ def test_contrast_without_the_tie_a_closed_form_scheduler_breaks_the_ratio(monke
 
 
 def test_contrast_without_extending_the_scheduler_it_fails_at_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(released_groups_module, "extend_for_new_group", lambda scheduler, ratio: None)
+    monkeypatch.setattr(released_groups_module, "extend_for_new_group", lambda scheduler, ratio, template=0: None)
     with pytest.raises(ValueError, match="zip"):
         run("LambdaLR")
 
@@ -183,7 +183,7 @@ class CustomSchedulerModel(UnfreezeModel):
 def test_a_scheduler_that_cannot_follow_is_refused_at_fit_start(factory: Callable[..., Any], match: str) -> None:
     torch.manual_seed(0)
     model = CustomSchedulerModel(scheduler=lambda o: step(factory(o)))
-    trainer = make_trainer([GradualUnfreeze(schedule=SCHEDULE)], max_epochs=MAX_EPOCHS)
+    trainer = make_trainer([GradualUnfreeze(what=Schedule(SCHEDULE))], max_epochs=MAX_EPOCHS)
     with pytest.raises(TypeError, match=match):
         trainer.fit(model)
     assert model.steps_run == 0

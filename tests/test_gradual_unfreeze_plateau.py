@@ -1,4 +1,4 @@
-"""Releases on a plateau: ``PlateauTrigger`` decides as Lightning's ``EarlyStopping`` would stop; in a fit the next
+"""Releases on a plateau: ``Plateau`` decides as Lightning's ``EarlyStopping`` would stop; in a fit the next
 release happens where the monitored metric is checked, is recorded (reason, value), logged and announced, and
 resumes exactly; an ``EarlyStopping`` running out of patience releases the next block instead of stopping."""
 
@@ -16,10 +16,16 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnfreeze import GradualUnfreeze
-from lightning_bnfreeze.triggers import PlateauTrigger
-from tests.test_gradual_unfreeze_resume import ValidatedModel
-from tests.unfreeze_helpers import STEPS_PER_EPOCH, LrProbe, assert_same_nested, clone_state, make_trainer
+from lightning_bnfreeze import ReleasingEarlyStopping, Blocks, GradualUnfreeze, Moment, Plateau, Schedule
+from tests.unfreeze_helpers import (
+    STEPS_PER_EPOCH,
+    BelowLoss,
+    LrProbe,
+    ScriptedScore,
+    assert_same_nested,
+    clone_state,
+    make_trainer,
+)
 
 # --------------------------------------------------------------------------------------------- the trigger
 
@@ -29,6 +35,23 @@ def early_stopping_check(callback: EarlyStopping, value: float) -> bool:
     return should_stop
 
 
+class Checks:
+    """Drives a trigger as a fit would: a check at each time, a release whenever it answers."""
+
+    def __init__(self, trigger: Plateau) -> None:
+        self.trigger = trigger
+        self.released = 0
+        self.last: tuple[float, int] | None = None
+
+    def check(self, value: float, epoch: float, step: int) -> str | None:
+        reason = self.trigger.check(Moment(epoch, step, self.released, self.last, {"m": value}))
+        if reason is not None:
+            self.released += 1
+            self.last = (epoch, step)
+            self.trigger.released(Moment(epoch, step, self.released, self.last, {"m": value}))
+        return reason
+
+
 @pytest.mark.parametrize(("mode", "min_delta", "patience"), [("min", 0.0, 1), ("min", 0.05, 2), ("max", 0.1, 3)])
 def test_the_trigger_falls_due_where_early_stopping_would_stop(mode: str, min_delta: float, patience: int) -> None:
     rng = random.Random(f"{mode}{min_delta}{patience}")
@@ -36,8 +59,8 @@ def test_the_trigger_falls_due_where_early_stopping_would_stop(mode: str, min_de
         values = [round(rng.uniform(0, 1), 2) for _ in range(12)]
         reference = EarlyStopping("m", min_delta=min_delta, patience=patience, mode=mode)
         stops = [early_stopping_check(reference, value) for value in values]
-        trigger = PlateauTrigger("m", mode, patience, min_delta)
-        decisions = [trigger.update(value, epoch, 0) for epoch, value in enumerate(values, start=1)]
+        trigger = Plateau("m", mode, patience, min_delta)
+        decisions = [trigger.check(Moment(epoch, 0, metrics={"m": value})) for epoch, value in enumerate(values, 1)]
         first = stops.index(True) if True in stops else None
         assert decisions.index("plateau") == first if first is not None else "plateau" not in decisions, values
     assert isinstance(first, int)  # the sequences do reach plateaus
@@ -45,41 +68,31 @@ def test_the_trigger_falls_due_where_early_stopping_would_stop(mode: str, min_de
 
 def test_min_and_max_phase_bound_each_phase_in_the_unit() -> None:
     # two checks per epoch, a flat metric: each check past the first counts
-    trigger = PlateauTrigger("m", patience=1, min_phase=2)
-    checks = [epoch / 2 for epoch in range(1, 13)]
-    due = []
-    for clock in checks:
-        if trigger.update(1.0, clock, int(clock * 4)):
-            due.append(clock)
-            trigger.start_phase(clock, int(clock * 4))
+    checks = Checks(Plateau("m", patience=1, min_phase=2))
+    due = [clock for clock in (epoch / 2 for epoch in range(1, 13)) if checks.check(1.0, clock, int(clock * 4))]
     assert due == [2.0, 4.0, 6.0]
     # an improving metric: only max_phase releases, counted in optimizer steps with unit="step"
-    trigger = PlateauTrigger("m", patience=1, max_phase=8, unit="step")
-    reasons = {}
-    for step in range(2, 30, 2):
-        reason = trigger.update(-step, step / 4, step)
-        if reason:
-            reasons[step] = reason
-            trigger.start_phase(step / 4, step)
-    assert reasons == {8: "max_phase", 16: "max_phase", 24: "max_phase"}
+    checks = Checks(Plateau("m", patience=1, max_phase=8, unit="step"))
+    reasons = {step: checks.check(-step, step / 4, step) for step in range(2, 30, 2)}
+    assert {step: reason for step, reason in reasons.items() if reason} == {
+        8: "max_phase",
+        16: "max_phase",
+        24: "max_phase",
+    }
 
 
 def test_the_trigger_state_round_trips() -> None:
     values = [1.0, 0.9, 0.95, 0.7, 0.8, 0.85, 0.6, 0.9, 0.9, 0.9]
 
-    def decisions(trigger: PlateauTrigger, part: list[float], start: int) -> list[str | None]:
-        out = []
-        for epoch, value in enumerate(part, start=start):
-            out.append(trigger.update(value, epoch, 0))
-            if out[-1]:
-                trigger.start_phase(epoch, 0)
-        return out
+    def decisions(checks: Checks, part: list[float], start: int) -> list[str | None]:
+        return [checks.check(value, epoch, 0) for epoch, value in enumerate(part, start=start)]
 
-    whole = decisions(PlateauTrigger("m", patience=2, min_phase=1), values, 1)
-    first = PlateauTrigger("m", patience=2, min_phase=1)
+    whole = decisions(Checks(Plateau("m", patience=2, min_phase=1)), values, 1)
+    first = Checks(Plateau("m", patience=2, min_phase=1))
     head = decisions(first, values[:5], 1)
-    second = PlateauTrigger("m", patience=2, min_phase=1)
-    second.load_state_dict(first.state_dict())
+    second = Checks(Plateau("m", patience=2, min_phase=1))
+    second.trigger.load_state_dict(first.trigger.state_dict())
+    second.released, second.last = first.released, first.last  # the history: the Unfreezer's part of the state
     assert head + decisions(second, values[5:], 6) == whole
     assert "plateau" in whole
 
@@ -94,31 +107,19 @@ def test_the_trigger_state_round_trips() -> None:
         ({"monitor": "m", "min_phase": -1}, "min_phase"),
         ({"monitor": "m", "max_phase": 0}, "max_phase"),
         ({"monitor": "m", "min_phase": 3, "max_phase": 2}, "max_phase"),
+        ({"monitor": "m", "unit": "batch"}, "unit"),
     ],
 )
 def test_bad_plateau_arguments_raise_at_construction(kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(ValueError, match=f"`{argument}"):
-        GradualUnfreeze(**kwargs)
+        Plateau(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------- in a fit
 
 
-class ScriptedScore(ValidatedModel):
-    """Logs ``score`` in validation: ``scores[i]`` at the ``i``-th validation run of the fit."""
-
-    def __init__(self, scores: list[float], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.scores = scores
-        self.validations = 0
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        self.log("score", self.scores[self.validations])
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.validations += 1
+def one_block_per_release(monitor: str = "score", bn: str = "train", **plateau: Any) -> GradualUnfreeze:
+    return GradualUnfreeze(what=Blocks(per_release=1), when=Plateau(monitor, **plateau), bn=bn)
 
 
 # epoch: 0    1    2     3     4    5     6     7; mode min, patience 2: plateaus after epochs 3 and 6
@@ -136,15 +137,16 @@ def test_a_plateau_releases_the_next_block_at_the_epoch_end_and_records_why(
 ) -> None:
     torch.manual_seed(0)
     model, probe = ScriptedScore(SCORES), LrProbe()
-    callback = GradualUnfreeze(monitor="score", patience=2, lr_scale=0.3, lr_decay=0.5, blocks_per_release=1)
+    when = Plateau("score", patience=2)
+    callback = GradualUnfreeze(what=Blocks(per_release=1, decay=0.5), when=when, lr_scale=0.3, bn="train")
     logger = CSVLogger(tmp_path, name="", version=0)
     monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
     with caplog.at_level(logging.INFO):
         fit(model, [callback, probe], logger=logger)
 
-    records = [(r.index, r.epoch, r.step, r.reason) for r in callback._history]
+    records = [(r.index, r.epoch, r.step, r.reason) for r in callback.history]
     assert records == [(0, 3, 4 * STEPS_PER_EPOCH, "plateau"), (1, 6, 7 * STEPS_PER_EPOCH, "plateau")]
-    assert [r.value for r in callback._history] == pytest.approx([0.96, 0.86])
+    assert [r.value for r in callback.history] == pytest.approx([0.96, 0.86])
     # the released groups train from the next epoch's first step, in the plan's order, at its factors
     for record in probe.records:
         expected = ["backbone.3"] * (record.epoch >= 4) + ["backbone.1"] * (record.epoch >= 7)
@@ -165,15 +167,15 @@ def test_checks_follow_validation_inside_epochs_and_min_phase_holds(min_phase: i
     """Validation twice per epoch: a check after each; a flat score and patience 1 release at every check but the
     first, unless ``min_phase`` (in epochs) keeps the phase longer."""
     model = ScriptedScore([0.5] * 20)
-    callback = GradualUnfreeze(monitor="score", patience=1, min_phase=min_phase, blocks_per_release=1)
+    callback = one_block_per_release(patience=1, min_phase=min_phase)
     fit(model, [callback], epochs=4, val_check_interval=0.5)
-    assert [(r.step, r.reason) for r in callback._history] == [(step, "plateau") for step in release_steps]
+    assert [(r.step, r.reason) for r in callback.history] == [(step, "plateau") for step in release_steps]
 
 
 def test_a_release_right_after_a_validation_trains_its_norm_layers_from_the_next_step() -> None:
     """Validation leaves every module in the mode it found: a block released then still trains its statistics."""
     model = ScriptedScore([0.5] * 20, record=True)
-    fit(model, [GradualUnfreeze(monitor="score", patience=1, blocks_per_release=1)], epochs=3, val_check_interval=0.5)
+    fit(model, [one_block_per_release(patience=1)], epochs=3, val_check_interval=0.5)
     assert model.recorder is not None
     tags = [record.tag for record in model.recorder.records if record.layer == "backbone.3.1"]
     assert len(tags) == 3 * STEPS_PER_EPOCH
@@ -185,9 +187,9 @@ def test_a_release_right_after_a_validation_trains_its_norm_layers_from_the_next
 
 def test_max_phase_releases_while_the_metric_still_improves() -> None:
     model = ScriptedScore([1.0 - 0.01 * i for i in range(10)])
-    callback = GradualUnfreeze(monitor="score", patience=1, max_phase=2, blocks_per_release=1)
+    callback = one_block_per_release(patience=1, max_phase=2)
     fit(model, [callback], epochs=8)
-    assert [(r.epoch, r.step, r.reason) for r in callback._history] == [
+    assert [(r.epoch, r.step, r.reason) for r in callback.history] == [
         (1, 8, "max_phase"),
         (3, 16, "max_phase"),
         (5, 24, "max_phase"),
@@ -196,26 +198,54 @@ def test_max_phase_releases_while_the_metric_still_improves() -> None:
 
 def test_the_dry_run_gives_the_order_and_says_the_times_are_not_used() -> None:
     model = ScriptedScore(SCORES)
-    table = GradualUnfreeze(monitor="score", blocks_per_release=1).dry_run(model, max_epochs=2)
-    released = [line.split()[1] for line in table.partition("Releases:")[2].splitlines() if line[:1].isdigit()]
-    assert released == ["backbone.3", "backbone.1", "backbone.0"]
-    assert "On plateaus of 'score'" in table and "never)" not in table
-    assert "never)" in GradualUnfreeze().dry_run(model, max_epochs=2)  # the control: a schedule's times count
+    table = one_block_per_release().dry_run(model, max_epochs=2)
+    rows = [line.split() for line in table.partition("Releases:")[2].splitlines() if line.startswith("release ")]
+    assert [row[2] for row in rows] == ["backbone.3", "backbone.1", "backbone.0"]
+    assert "each when Plateau('score'" in table and "never)" not in table
+    # the control: a cadence's times count
+    assert "never)" in GradualUnfreeze(what=Blocks(per_release=1)).dry_run(model, max_epochs=2)
 
 
 def test_an_unlogged_monitor_raises_naming_the_closest_metric() -> None:
     model = ScriptedScore(SCORES)
-    with pytest.raises(RuntimeError, match=r"`monitor='scor'`.*Closest: 'score'"):
-        fit(model, [GradualUnfreeze(monitor="scor", blocks_per_release=1)], epochs=2)
+    with pytest.raises(RuntimeError, match=r"`monitor` is 'scor', which is not among the logged metrics. Closest: 'score'.*self.log\('scor'"):
+        fit(model, [one_block_per_release("scor")], epochs=2)
+
+
+def test_a_users_own_trigger_releases_where_it_says() -> None:
+    """``BelowLoss``: a Trigger subclass checked after validation, as the ``triggers`` module shows how to write."""
+    model, probe = ScriptedScore([0.9, 0.7, 0.4, 0.6, 0.3, 0.2]), LrProbe()
+    callback = GradualUnfreeze(what=Blocks(per_release=1), when=BelowLoss(0.5, monitor="score"), bn="train")
+    fit(model, [callback, probe], epochs=6)
+    assert [(r.epoch, r.step, r.reason, r.metric, r.value) for r in callback.history] == [
+        (2, 3 * STEPS_PER_EPOCH, "below threshold", "score", pytest.approx(0.4)),
+        (4, 5 * STEPS_PER_EPOCH, "below threshold", "score", pytest.approx(0.3)),
+        (5, 6 * STEPS_PER_EPOCH, "below threshold", "score", pytest.approx(0.2)),
+    ]
+    assert [len(r.names) for r in probe.records] == [1] * 12 + [2] * 8 + [3] * 4
+
+
+class SetupCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.setups = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.setups += 1
+
+
+def test_every_callback_is_set_up_once_when_the_callback_moves_behind_early_stopping() -> None:
+    counter, stopper = SetupCounter(), EarlyStopping("score", patience=2)
+    fit(ScriptedScore(SCORES), [GradualUnfreeze(what=Schedule({1: "backbone.3"})), counter, stopper], epochs=1)
+    assert counter.setups == 1
 
 
 # --------------------------------------------------------------------------------------------- resume
 
 
-def train(directory: Path, ckpt_path: Path | None = None, strip: bool = False) -> tuple[GradualUnfreeze, dict]:
+def train(directory: Path, ckpt_path: Path | None = None) -> tuple[GradualUnfreeze, dict]:
     torch.manual_seed(0)
-    model = ScriptedScore(SCORES)
-    callback = GradualUnfreeze(monitor="score", patience=2, blocks_per_release=1)
+    model = ScriptedScore(SCORES, record=True)
+    callback = one_block_per_release(patience=2, bn="auto")
     checkpoints = ModelCheckpoint(directory, "{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = make_trainer(
         [callback, checkpoints], max_epochs=8, num_sanity_val_steps=0, limit_val_batches=1, enable_checkpointing=True
@@ -227,55 +257,88 @@ def train(directory: Path, ckpt_path: Path | None = None, strip: bool = False) -
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
-def test_resume_in_the_middle_of_a_phase_releases_where_the_uninterrupted_fit_did(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("checkpoint", "released"),
+    [
+        ("epoch=2.ckpt", []),  # one check without improvement since the best (epoch 1)
+        ("epoch=3.ckpt", [(0, 3)]),  # right after a release, before its first step (bn="auto" has not decided)
+    ],
+)
+def test_resume_releases_where_the_uninterrupted_fit_did(
+    tmp_path: Path, checkpoint: str, released: list[tuple[int, int]]
+) -> None:
     reference, final = train(tmp_path)
-    checkpoint = tmp_path / "epoch=2.ckpt"  # one check without improvement since the best (epoch 1)
-    state = torch.load(checkpoint, weights_only=True)["callbacks"][reference.state_key]
-    assert state["history"] == [] and state["plateau"]["wait"] == 1
+    state = torch.load(tmp_path / checkpoint, weights_only=True)["callbacks"][reference.state_key]["unfreezer"]
+    assert [(record["index"], record["epoch"]) for record in state["history"]] == released
+    assert state["trigger"]["wait"] == (1 if not released else 0)
 
-    resumed, resumed_final = train(tmp_path / "resumed", checkpoint)
+    resumed, resumed_final = train(tmp_path / "resumed", tmp_path / checkpoint)
     assert resumed.state_dict() == reference.state_dict()
+    assert any(train for record in reference.history for train in record.train_norms)  # "auto" decided to train
     assert_same_nested(resumed_final, final)
 
-    # control: without the trigger's state the resumed fit counts from scratch and releases later
-    content = torch.load(checkpoint, weights_only=True)
-    del content["callbacks"][reference.state_key]["plateau"]
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_contrast_without_the_trigger_state_a_resumed_fit_releases_later(tmp_path: Path) -> None:
+    reference, _ = train(tmp_path)
+    content = torch.load(tmp_path / "epoch=2.ckpt", weights_only=True)
+    del content["callbacks"][reference.state_key]["unfreezer"]["trigger"]
     torch.save(content, tmp_path / "stripped.ckpt")
     stripped, _ = train(tmp_path / "stripped", tmp_path / "stripped.ckpt")
-    assert [r.step for r in stripped._history] != [r.step for r in reference._history]
+    assert [r.step for r in stripped.history] != [r.step for r in reference.history]
 
 
 # --------------------------------------------------------------------------------------------- EarlyStopping
 
+ORDERS = {"callback first": lambda callback, stopper: [callback, stopper], "EarlyStopping first": lambda c, s: [s, c]}
 
-def test_early_stopping_releases_the_next_block_instead_of_stopping_until_all_are_released() -> None:
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_releasing_early_stopping_releases_the_next_block_instead_of_stopping_until_all_are_released(
+    order: str,
+) -> None:
     flat = [1.0, 0.9] + [0.95] * 20  # no improvement after epoch 1
     alone = EarlyStopping("score", patience=2)
     fit(ScriptedScore(flat), [alone], epochs=20)
     assert alone.stopped_epoch == 3  # the control: EarlyStopping alone stops after 2 checks without improvement
 
-    stopper = EarlyStopping("score", patience=2)
-    callback = GradualUnfreeze(schedule={30: "backbone.3", 40: "backbone.1", 50: "backbone.0"})
+    stopper = ReleasingEarlyStopping("score", patience=2)
+    what = Schedule({30: "backbone.3", 40: "backbone.1", 50: "backbone.0"})
+    callback = GradualUnfreeze(what=what, bn="train")
     with pytest.warns(UserWarning, match="max_epochs"):
-        trainer = fit(ScriptedScore(flat), [callback, stopper], epochs=20)
+        trainer = fit(ScriptedScore(flat), ORDERS[order](callback, stopper), epochs=20)
     # each time patience runs out, the next release; each release gives the full patience again
-    assert [(r.index, r.epoch, r.reason) for r in callback._history] == [
+    assert [(r.index, r.epoch, r.reason) for r in callback.history] == [
         (0, 3, "early_stopping"),
         (1, 5, "early_stopping"),
         (2, 7, "early_stopping"),
     ]
-    assert [r.value for r in callback._history] == pytest.approx([0.95] * 3)
+    assert [r.value for r in callback.history] == pytest.approx([0.95] * 3)
     assert stopper.stopped_epoch == 9 and trainer.current_epoch == 10 < 20
 
 
-def test_early_stopping_and_a_plateau_on_the_same_check_release_once() -> None:
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_releasing_early_stopping_and_a_plateau_on_the_same_check_release_once(order: str) -> None:
+    stopper = ReleasingEarlyStopping("score", patience=2)
+    callback = one_block_per_release(patience=2)
+    trainer = fit(ScriptedScore(SCORES + [0.9] * 12), ORDERS[order](callback, stopper), epochs=20)
+    assert [(r.index, r.reason) for r in callback.history] == [(0, "plateau"), (1, "plateau"), (2, "plateau")]
+    assert [r.epoch for r in callback.history] == [3, 6, 8]
+    assert trainer.current_epoch < 20  # it stops once everything is released
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_contrast_releasing_early_stopping_stops_once_every_block_is_released(order: str) -> None:
+    stopper = ReleasingEarlyStopping("score", patience=2)
+    callback = GradualUnfreeze(what=Schedule({1: "backbone.3"}), bn="train")
+    trainer = fit(ScriptedScore([1.0, 0.9] + [0.95] * 20), ORDERS[order](callback, stopper), epochs=20)
+    assert [r.reason for r in callback.history] == ["scheduled"]
+    assert stopper.stopped_epoch == 3 and trainer.current_epoch == 4
+
+
+def test_lightnings_own_early_stopping_stops_as_usual_and_the_callback_says_how_to_release_instead() -> None:
     stopper = EarlyStopping("score", patience=2)
-    callback = GradualUnfreeze(monitor="score", patience=2, blocks_per_release=1)
-    trainer = fit(ScriptedScore(SCORES + [0.9] * 12), [stopper, callback], epochs=20)
-    # the plateau releases at epochs 3, 6, 8; at each, EarlyStopping's patience restarts with that very check
-    assert [(r.index, r.epoch, r.reason) for r in callback._history] == [
-        (0, 3, "plateau"),
-        (1, 6, "plateau"),
-        (2, 8, "plateau"),
-    ]
-    assert stopper.stopped_epoch == 10 and trainer.current_epoch == 11
+    callback = GradualUnfreeze(what=Schedule({30: "backbone.3"}), bn="train")
+    with pytest.warns(UserWarning, match="ReleasingEarlyStopping"):
+        trainer = fit(ScriptedScore([1.0, 0.9] + [0.95] * 20), [callback, stopper], epochs=20)
+    assert callback.history == () and stopper.stopped_epoch == 3 and trainer.current_epoch == 4

@@ -8,19 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as sched
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import (
-    BATCH_SIZE,
     Run,
     UnfreezeModel,
+    ValidatedModel,
     assert_resumed_like,
-    dataset,
+    cosine,
     fit_run,
     make_trainer,
 )
@@ -34,10 +32,6 @@ pytestmark = [
 ]
 
 
-def cosine(optimizer: Optimizer) -> dict[str, Any]:
-    return {"scheduler": sched.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-3), "interval": "step"}
-
-
 def step_lr(optimizer: Optimizer) -> dict[str, Any]:
     # Not ReduceLROnPlateau: Lightning itself does not resume that one exactly from these checkpoints (its
     # epoch-end plateau step is missed), with or without GradualUnfreeze.
@@ -49,24 +43,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # validation twice per epoch (it switches every module to eval mode and back)
     "adam-cosine-warmup": {
         "model": {"optimizer": "adam", "lr": 0.01, "scheduler": cosine},
-        "unfreeze": {"warmup_steps": 3, "train_bn": True},
+        "unfreeze": {"warmup_steps": 3, "bn": "train"},
         "validate": True,
     },
     # SGD with momentum over trainable parameters only, per-epoch scheduler, released norm layers kept frozen
     "sgd-steplr-frozen-bn": {
         "model": {"optimizer": "sgd_momentum", "lr": 0.05, "scheduler": step_lr, "trainable_only": True},
-        "unfreeze": {"train_bn": False},
+        "unfreeze": {"bn": "frozen"},
     },
+    # plain SGD, released norm layers as their first step decides (the decision is part of the saved history)
+    "sgd-auto-bn": {"model": {"optimizer": "sgd", "lr": 0.1}, "unfreeze": {"bn": "auto"}},
 }
-
-
-class ValidatedModel(UnfreezeModel):
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(*dataset(seed=1)), batch_size=BATCH_SIZE)
 
 
 def train(config: str, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> Run:
@@ -75,7 +62,7 @@ def train(config: str, ckpt_path: Path | None = None, checkpoint_dir: Path | Non
     model = (ValidatedModel if validate else UnfreezeModel)(
         record=True, batches_by_index=True, **CONFIGS[config]["model"]
     )
-    callback = GradualUnfreeze(schedule=SCHEDULE, lr_scale=0.3, lr_decay=0.4, **CONFIGS[config]["unfreeze"])
+    callback = GradualUnfreeze(what=Schedule(SCHEDULE, decay=0.4), lr_scale=0.3, **CONFIGS[config]["unfreeze"])
     callbacks: list[Any] = [callback]
     if checkpoint_dir is not None:
         callbacks += [
@@ -111,6 +98,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[R
         ("adam-cosine-warmup", "step=9.ckpt", [(0, 1, 4), (1, 2, 8)]),  # mid-epoch
         ("sgd-steplr-frozen-bn", "epoch=1.ckpt", [(0, 1, 4)]),
         ("sgd-steplr-frozen-bn", "step=9.ckpt", [(0, 1, 4), (1, 2, 8)]),
+        ("sgd-auto-bn", "epoch=1.ckpt", [(0, 1, 4)]),
+        ("sgd-auto-bn", "step=9.ckpt", [(0, 1, 4), (1, 2, 8)]),
     ],
 )
 def test_resume_ends_bitwise_where_the_uninterrupted_run_ends(
@@ -120,7 +109,7 @@ def test_resume_ends_bitwise_where_the_uninterrupted_run_ends(
     path = directory / checkpoint
     # the checkpoint loads without unpickling arbitrary objects and holds the callback's state
     content = torch.load(path, weights_only=True)
-    history = content["callbacks"][reference.callback.state_key]["history"]
+    history = content["callbacks"][reference.callback.state_key]["unfreezer"]["history"]
     assert [(record["index"], record["epoch"], record["step"]) for record in history] == released
 
     resumed = train(config, ckpt_path=path)

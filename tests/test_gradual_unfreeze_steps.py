@@ -14,13 +14,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_bnfreeze import GradualUnfreeze
-from tests.test_gradual_unfreeze_resume import ValidatedModel, cosine
+from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import (
     STEPS_PER_EPOCH,
     Run,
+    ValidatedModel,
     assert_resumed_like,
     build_model,
+    cosine,
     fit_run,
     make_trainer,
 )
@@ -49,7 +50,7 @@ class BatchProbe(Callback):
 @pytest.mark.parametrize("accumulate", [1, 2, 3])
 def test_a_release_at_step_s_trains_from_optimizer_step_s(accumulate: int) -> None:
     model, probe = build_model(), BatchProbe()
-    callback = GradualUnfreeze(schedule={3: "backbone.3", 5: ["backbone.1", "backbone.0"]}, unit="step")
+    callback = GradualUnfreeze(what=Schedule({3: "backbone.3", 5: ["backbone.1", "backbone.0"]}, unit="step"))
     trainer = make_trainer([callback, probe], max_epochs=4, accumulate_grad_batches=accumulate)
     trainer.fit(model)
 
@@ -62,7 +63,7 @@ def test_a_release_at_step_s_trains_from_optimizer_step_s(accumulate: int) -> No
         # every batch accumulated into step s, the first included, sees what is released at s
         assert names == [name for name, at in RELEASED_AT.items() if at <= step], (step, names)
         assert trains == (step >= 3), step
-    assert [(r.index, r.epoch, r.step, r.reason) for r in callback._history] == [
+    assert [(r.index, r.epoch, r.step, r.reason) for r in callback.history] == [
         (0, 3 // steps_per_epoch, 3, "scheduled"),
         (1, 5 // steps_per_epoch, 5, "scheduled"),
     ]
@@ -70,24 +71,25 @@ def test_a_release_at_step_s_trains_from_optimizer_step_s(accumulate: int) -> No
 
 def test_the_default_cadence_counts_optimizer_steps() -> None:
     model = build_model()
-    callback = GradualUnfreeze(unit="step", first_release=2, release_every=3, blocks_per_release=1)
+    callback = GradualUnfreeze(what=Blocks(per_release=1), when=Every(steps=3, first=2))
     plan = callback.plan(model)
-    assert plan.unit == "step"
-    assert [(release.at, [part.name for part in release.parts]) for release in plan.releases] == [
-        (2, ["backbone.3"]),
-        (5, ["backbone.1"]),
-        (8, ["backbone.0"]),
+    assert callback.when.unit == "step"
+    assert [[part.name for part in release] for release in plan.releases] == [
+        ["backbone.3"],
+        ["backbone.1"],
+        ["backbone.0"],
     ]
+    assert callback.when.times(len(plan.releases)) == [2, 5, 8]
     table = callback.dry_run(model, 6)
     assert "\nstep " in table and "8 (>= max_steps: never)" in table and "5 (>=" not in table
     with pytest.warns(UserWarning, match=r"release step\(s\) \[8\].*max_steps=7"):
         make_trainer([callback], max_steps=7, max_epochs=-1).fit(model)
-    assert [record.step for record in callback._history] == [2, 5]
+    assert [record.step for record in callback.history] == [2, 5]
 
 
-def test_unit_is_checked_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"`unit`.*'steps'"):
-        GradualUnfreeze(unit="steps")
+def test_every_takes_epochs_or_steps_not_both() -> None:
+    with pytest.raises(ValueError, match=r"`Every` takes `epochs` or `steps`, not both.*epochs=1, steps=2"):
+        Every(epochs=1, steps=2)
 
 
 # --------------------------------------------------------------------------------------------- mid-epoch resume
@@ -98,7 +100,8 @@ STEP_SCHEDULE = {3: "backbone.3", 9: ["backbone.1", "backbone.0"]}  # both mid-e
 def train(ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> Run:
     torch.manual_seed(0)
     model = ValidatedModel(record=True, batches_by_index=True, optimizer="adam", lr=0.01, scheduler=cosine)
-    callback = GradualUnfreeze(schedule=STEP_SCHEDULE, unit="step", lr_scale=0.3, lr_decay=0.4, warmup_steps=4)
+    what = Schedule(STEP_SCHEDULE, unit="step", decay=0.4)
+    callback = GradualUnfreeze(what=what, lr_scale=0.3, bn="train", warmup_steps=4)
     callbacks: list[Any] = [callback]
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(checkpoint_dir, "{step}", save_top_k=-1, every_n_train_steps=3))
@@ -132,10 +135,10 @@ def test_mid_epoch_resume_ends_bitwise_where_the_uninterrupted_fit_ends(
 ) -> None:
     reference, directory = uninterrupted
     content = torch.load(directory / checkpoint, weights_only=True)
-    history = content["callbacks"][reference.callback.state_key]["history"]
+    history = content["callbacks"][reference.callback.state_key]["unfreezer"]["history"]
     assert [(record["index"], record["epoch"], record["step"]) for record in history] == released
 
     resumed = train(ckpt_path=directory / checkpoint)
 
-    assert [(r.index, r.step) for r in reference.callback._history] == [(0, 3), (1, 9)]
+    assert [(r.index, r.step) for r in reference.callback.history] == [(0, 3), (1, 9)]
     assert_resumed_like(resumed, reference, content["global_step"])

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as sched
 
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, Plateau, Schedule
 from tests.unfreeze_helpers import (
     STEPS_PER_EPOCH,
     UnfreezeModel,
@@ -49,19 +49,26 @@ CASES: dict[str, dict[str, Any]] = {
     # epoch schedule, per-step cosine, warm-up across epochs
     "epochs-cosine-warmup": {
         "scheduler": cosine_per_step,
-        "unfreeze": {"schedule": {1: "backbone.3", 2: ["backbone.1", "backbone.0"]}, "warmup_steps": 3},
+        "unfreeze": {
+            "what": Schedule({1: "backbone.3", 2: ["backbone.1", "backbone.0"]}, decay=0.5),
+            "warmup_steps": 3,
+        },
         "accumulate": 1,
     },
     # step schedule (mid-epoch releases), cosine stepped every 2 batches, accumulation: 2 optimizer steps per epoch
     "steps-cosine-warmup-accumulation": {
         "scheduler": cosine_per_two_batches,
-        "unfreeze": {"schedule": {1: "backbone.3", 3: "backbone.1"}, "unit": "step", "warmup_steps": 2},
+        "unfreeze": {"what": Schedule({1: "backbone.3", 3: "backbone.1"}, unit="step", decay=0.5), "warmup_steps": 2},
         "accumulate": 2,
     },
     # step schedule with a per-epoch scheduler and the default cadence in steps
     "steps-default-cadence-steplr": {
         "scheduler": step_per_epoch,
-        "unfreeze": {"unit": "step", "first_release": 2, "release_every": 5, "warmup_steps": 4},
+        "unfreeze": {
+            "what": Blocks(per_release=1, decay=0.5),
+            "when": Every(steps=5, first=2),
+            "warmup_steps": 4,
+        },
         "accumulate": 1,
     },
 }
@@ -83,7 +90,7 @@ def logged_lrs(log_dir: str) -> dict[str, dict[int, float]]:
 def test_preview_equals_what_learning_rate_monitor_logs_step_by_step(case: str, tmp_path: Path) -> None:
     config = CASES[case]
     model = build_model(optimizer="adam", lr=0.01, scheduler=config["scheduler"])
-    callback = GradualUnfreeze(lr_scale=0.3, lr_decay=0.5, blocks_per_release=1, **config["unfreeze"])
+    callback = GradualUnfreeze(lr_scale=0.3, bn="train", **config["unfreeze"])
     before = clone_state(model)
 
     preview = callback.preview(
@@ -113,7 +120,7 @@ def test_preview_equals_what_learning_rate_monitor_logs_step_by_step(case: str, 
         expected = {step: rate for step, rate in enumerate(rates) if rate is not None}
         assert expected == pytest.approx(logged[name], rel=1e-12, abs=0), name
     # the preview saw the releases where the fit did them
-    history = [(record.step, record.index) for record in callback._history]
+    history = [(record.step, record.index) for record in callback.history]
     assert [(release.step, release.earliest) for release in preview.releases] == [(step, False) for step, _ in history]
     # and the rates moved: the scheduler stepped, a warm-up ramped
     assert len(set(preview.lrs["head"])) > 2
@@ -132,7 +139,7 @@ def test_plateau_preview_gives_the_earliest_releases_a_never_improving_metric_ge
 
     torch.manual_seed(0)
     model = FlatMetric(scheduler=cosine_per_step)
-    callback = GradualUnfreeze(monitor="flat", patience=2, blocks_per_release=1)
+    callback = GradualUnfreeze(what=Blocks(per_release=1), when=Plateau("flat", patience=2), bn="train")
     preview = callback.preview(model, batches_per_epoch=STEPS_PER_EPOCH, max_epochs=8)
     assert [(r.step, r.epoch, r.names, r.earliest) for r in preview.releases] == [
         (3 * STEPS_PER_EPOCH, 3, ("backbone.3",), True),
@@ -141,7 +148,7 @@ def test_plateau_preview_gives_the_earliest_releases_a_never_improving_metric_ge
     ]
     assert "earliest possible" in preview.table()
     make_trainer([callback], max_epochs=8).fit(model)
-    assert [(record.step, record.reason) for record in callback._history] == [
+    assert [(record.step, record.reason) for record in callback.history] == [
         (release.step, "plateau") for release in preview.releases
     ]
 
@@ -163,8 +170,12 @@ def test_dry_run_command_line_previews_the_learning_rates(tmp_path: Path) -> Non
               callbacks:
                 - class_path: lightning_bnfreeze.GradualUnfreeze
                   init_args:
-                    unit: step
-                    schedule: {2: backbone.3, 4: backbone.1}
+                    what:
+                      class_path: lightning_bnfreeze.Schedule
+                      init_args:
+                        releases: {2: backbone.3, 4: backbone.1}
+                        unit: step
+                        decay: 1.0
                     lr_scale: 0.5
             """
         )

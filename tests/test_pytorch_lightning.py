@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.cli import LightningCLI
 from torch import nn
 
+from lightning_bnfreeze import Schedule
 from lightning_bnfreeze import pytorch_lightning as bnfreeze_ptl
 
 
@@ -36,7 +37,7 @@ def test_pytorch_lightning_trainer_keeps_bn_frozen_and_releases() -> None:
     stats = model.backbone[1].running_mean.clone()
     trainer = ptl.Trainer(
         max_epochs=2,
-        callbacks=[bnfreeze_ptl.GradualUnfreeze(schedule={1: "backbone.3"})],
+        callbacks=[bnfreeze_ptl.GradualUnfreeze(what=Schedule({1: "backbone.3"}))],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -60,7 +61,7 @@ def test_pytorch_lightning_cli_accepts_the_callbacks(tmp_path: Path) -> None:
         "    - class_path: lightning_bnfreeze.pytorch_lightning.BNFreezeCallback\n"
         "      init_args: {modules: backbone.1}\n"
         "    - class_path: lightning_bnfreeze.pytorch_lightning.GradualUnfreeze\n"
-        "      init_args: {schedule: {1: [backbone.0]}, lr_scale: 0.5}\n"
+        "      init_args: {what: {class_path: Schedule, init_args: {releases: {1: [backbone.0]}}}, lr_scale: 0.5}\n"
     )
     cli = LightningCLI(TinyModule, args=["fit", "--config", str(config)], save_config_callback=None)
     kinds = [type(callback) for callback in cli.trainer.callbacks]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import GradualUnfreeze
+from lightning_bnfreeze import GradualUnfreeze, Moment, Trigger
 from tests import helpers
 from tests.helpers import NormForwardRecorder, randomize_norm_stats
 
@@ -132,6 +132,47 @@ class UnfreezeModel(pl.LightningModule):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH_SIZE, shuffle=False)
 
 
+class ValidatedModel(UnfreezeModel):
+    """:class:`UnfreezeModel` with validation data of its own, logging ``val_loss``."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*dataset(seed=1)), batch_size=BATCH_SIZE)
+
+
+class ScriptedScore(ValidatedModel):
+    """Logs ``score`` in validation: ``scores[i]`` at the ``i``-th validation run of the fit (sanity checks aside)."""
+
+    def __init__(self, scores: list[float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scores = scores
+        self.validations = 0
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.log("score", self.scores[self.validations])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validations += 1
+
+
+class BelowLoss(Trigger):
+    """A user's own trigger: the next release once the monitored loss is below ``threshold``."""
+
+    checked_at = "metrics"
+
+    def __init__(self, threshold: float, monitor: str = "val_loss") -> None:
+        self.threshold = threshold
+        self.monitor = monitor
+
+    def check(self, moment: Moment) -> str | None:
+        return "below threshold" if moment.metric(self.monitor) < self.threshold else None
+
+
 class CLIModel(UnfreezeModel):
     """:class:`UnfreezeModel` with a LightningCLI-friendly signature."""
 
@@ -142,6 +183,14 @@ class CLIModel(UnfreezeModel):
 def build_model(seed: int = 0, **kwargs: Any) -> UnfreezeModel:
     torch.manual_seed(seed)
     return UnfreezeModel(**kwargs)
+
+
+def cosine(optimizer: Optimizer) -> dict[str, Any]:
+    """A per-step cosine schedule that does not reach zero (``SchedulerFactory``)."""
+    return {
+        "scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-3),
+        "interval": "step",
+    }
 
 
 make_trainer = partial(helpers.make_trainer, max_epochs=3, gradient_clip_val=None)
@@ -269,7 +318,7 @@ def fit_run(trainer: pl.Trainer, model: UnfreezeModel, callback: GradualUnfreeze
         callback,
         clone_state(model),
         trainer.optimizers[0].state_dict(),
-        trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        trainer.lr_scheduler_configs[0].scheduler.state_dict() if trainer.lr_scheduler_configs else {},
         {name: p.requires_grad for name, p in model.named_parameters()},
         verdicts,
     )

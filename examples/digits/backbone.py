@@ -1,8 +1,8 @@
 """A small ResNet-style CNN with BatchNorm, and its pretraining on the source task (digits 0-4), cached on disk.
 
 The network's direct children are ``stem, stage1, stage2, stage3, pool``, so
-``GradualUnfreeze(backbone="backbone")`` with no schedule releases ``stage3``, ``stage2``,
-``stage1`` and ``stem``, in that order (``pool`` has no parameters).
+``GradualUnfreeze(backbone="backbone")`` (its blocks, found automatically) releases ``stage3``,
+``stage2``, ``stage1`` and ``stem``, in that order (``pool`` has no parameters).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class SchedulePlot(Callback):
         epochs = sorted(by_epoch)
         values = [by_epoch[e] for e in epochs]
         # Log scale, fixed to the run's peak learning rate: three decades below it (rates are multiples of
-        # the head's, lr_scale x lr_decay**k), room for the label above it.
+        # the head's, lr_scale x decay**k), room for the label above it.
         peak = max((lr for lrs in self.lrs.values() for lr in lrs.values() if math.isfinite(lr) and lr > 0), default=1)
         bottom = peak / 1000
         axes.set_yscale("log")

@@ -82,15 +82,15 @@ def adapt_on_train_data(
             epoch whose length is unknown.
     """
     try:
-        batches, single = training_batches(trainer, pl_module)
+        batches, several = training_batches(trainer, pl_module)
     except RuntimeError as error:
         raise RuntimeError(f"{owner}: AdaBN needs the training dataloader: {error}") from None
     forward = getattr(pl_module, ADAPT_HOOK, None)
     if forward is None:
-        if not single:
+        if several is not None:
             raise TypeError(
-                f"{owner}: AdaBN with several training dataloaders: define `{ADAPT_HOOK}(batch)` on the"
-                " LightningModule to run the model on a batch as `training_step` gets it."
+                f"{owner}: AdaBN with several training dataloaders (a {several}): define `{ADAPT_HOOK}(batch)` on"
+                " the LightningModule to run the model on a batch as `training_step` gets it."
             )
         forward = _default_forward(pl_module)
     count = _batch_count(trainer, config.batches, owner)

@@ -8,7 +8,8 @@ average into the model for validation and at the end. :class:`FrozenStatistics` 
 a frozen layer's statistics must have and puts them back, where they differ, at the points those
 callbacks have just run (the owning callback is placed behind them): each training epoch's start,
 each validation's start, the end of training. Only values are copied: the tensors stay those the
-model holds. Callbacks are recognised by class name, so that ``pytorch_lightning``'s are too.
+model holds; statistics a Lazy layer has not materialised yet are kept from the first time they are seen.
+Callbacks are recognised by class name, so that ``pytorch_lightning``'s are too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = ["AVERAGING_CALLBACKS", "FrozenStatistics", "is_averaging"]
 
@@ -33,12 +35,12 @@ class FrozenStatistics:
     """The statistics the frozen norm layers must keep, and where they drifted, their values put back."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self._saved: list[tuple[nn.Module, str, torch.Tensor | None]] = []
 
     def save(self, layers: Iterable[nn.Module]) -> None:
         """Remember the statistics of ``layers`` as they are now (call whenever the frozen set changes)."""
         self._saved = [
-            (layer, name, tensor.detach().clone())
+            (layer, name, None if is_lazy(tensor) else tensor.detach().clone())
             for layer in layers
             for name in _STATISTICS
             if isinstance(tensor := getattr(layer, name, None), torch.Tensor)
@@ -47,7 +49,11 @@ class FrozenStatistics:
     def restore(self) -> None:
         """Copy the remembered values into the layers' statistics where they differ (nothing else changes)."""
         with torch.no_grad():
-            for layer, name, value in self._saved:
+            for i, (layer, name, value) in enumerate(self._saved):
                 current = getattr(layer, name, None)
-                if isinstance(current, torch.Tensor) and not torch.equal(current, value.to(current.device)):
+                if not isinstance(current, torch.Tensor) or is_lazy(current):
+                    continue
+                if value is None:  # materialised since: these are its values
+                    self._saved[i] = (layer, name, current.detach().clone())
+                elif not torch.equal(current, value.to(current.device)):
                     current.copy_(value)

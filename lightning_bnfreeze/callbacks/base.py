@@ -13,10 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_bnfreeze.callbacks.averaging import FrozenStatistics, is_averaging
-from lightning_bnfreeze.callbacks.early_stopping import is_early_stopping
 from lightning_bnfreeze.freezer import NormFreezer
 
-__all__ = ["NormFreezingCallback", "after_configure_model", "announce"]
+__all__ = ["NormFreezingCallback", "after_configure_model", "announce", "overrides_configure_model"]
 
 log = logging.getLogger("lightning_bnfreeze")
 
@@ -24,8 +23,9 @@ log = logging.getLogger("lightning_bnfreeze")
 class NormFreezingCallback(Callback):
     """A callback that keeps norm layers frozen through ``self._freezer`` from fit start until teardown.
 
-    In ``setup`` it moves itself behind the trainer's ``EarlyStopping`` and weight-averaging callbacks,
-    so that its hooks see what they did; frozen statistics are put back where those changed them.
+    In ``setup`` it moves itself behind the trainer's weight-averaging callbacks, so that its hooks see
+    what they did: frozen statistics are put back where those changed them (only with weight averaging:
+    a change by anyone else, a user's own re-estimation, stands).
     """
 
     _freezer: NormFreezer | None = None
@@ -33,17 +33,19 @@ class NormFreezingCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-        behind = [i for i, callback in enumerate(callbacks) if is_early_stopping(callback) or is_averaging(callback)]
+        callbacks: list[Any] = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning's connector
+        behind = [i for i, callback in enumerate(callbacks) if is_averaging(callback)]
+        self._statistics = FrozenStatistics() if behind else None
         if self in callbacks and behind and callbacks.index(self) < behind[-1]:
             callbacks.remove(self)
             callbacks.insert(behind[-1], self)  # right behind the last of them (whose index moved down by one)
+            # A new list: Lightning is calling each callback's `setup` from the one it holds, which must stay as it is.
+            trainer.callbacks = callbacks  # type: ignore[attr-defined]
 
     def remember_statistics(self) -> None:
-        """The frozen layers changed: their statistics as they are now are those to keep."""
-        if self._statistics is None:
-            self._statistics = FrozenStatistics()
-        self._statistics.save(self._freezer.layers if self._freezer is not None else ())
+        """The frozen layers changed: their statistics as they are now are those to keep (with weight averaging)."""
+        if self._statistics is not None:
+            self._statistics.save(self._freezer.layers if self._freezer is not None else ())
 
     def keep_statistics(self) -> None:
         """Put back the frozen layers' statistics where weight averaging changed them."""
@@ -91,7 +93,7 @@ def after_configure_model(pl_module: pl.LightningModule, prepare: Callable[[], N
     Layers built in ``configure_model`` (the FSDP2 way) exist only once Lightning has called it,
     after the callbacks' ``setup`` and before the strategy wraps the model and configures the optimizers.
     """
-    if not _overrides_configure_model(pl_module):
+    if not overrides_configure_model(pl_module):
         prepare()
         return
     configure_model = pl_module.configure_model
@@ -105,8 +107,9 @@ def after_configure_model(pl_module: pl.LightningModule, prepare: Callable[[], N
     pl_module.configure_model = configure_then_prepare  # type: ignore[method-assign]
 
 
-def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
-    # By class name, so that `pytorch_lightning` modules are recognised too.
+def overrides_configure_model(pl_module: object) -> bool:
+    """Whether the LightningModule's class defines ``configure_model`` (by class name, so that ``pytorch_lightning``
+    modules are recognised too)."""
     for cls in type(pl_module).__mro__:
         if cls.__name__ == "LightningModule":
             return False

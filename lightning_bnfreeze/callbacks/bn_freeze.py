@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
 from lightning_bnfreeze.adapt import AdaBN
@@ -95,14 +96,22 @@ class BNFreezeCallback(NormFreezingCallback):
         self._adaptation.reset()  # a checkpoint's state, loaded after `setup`, may say otherwise
         after_configure_model(pl_module, lambda: self._resolve(pl_module))
 
+    def resolve(self, pl_module: nn.Module) -> list[str]:
+        """The modules of ``pl_module`` that ``modules`` names (none with ``modules=None``), checked against the model.
+
+        Raises:
+            ValueError: a name or glob that matches no module (with the closest names).
+        """
+        if self.modules is None:
+            return []
+        return [name for names in resolve_names(pl_module, self.modules, "modules").values() for name in names]
+
     def _resolve(self, pl_module: pl.LightningModule) -> None:
         if self.modules is None:
             if next(named_norm_layers(pl_module), None) is None:
                 rank_zero_warn("BNFreezeCallback: the model has no BatchNorm or tracking InstanceNorm layer to freeze.")
             return
-        self._module_names = [
-            name for names in resolve_names(pl_module, self.modules, "modules").values() for name in names
-        ]
+        self._module_names = self.resolve(pl_module)
         layers = norm_layer_names(pl_module, self._module_names)
         if not layers:
             rank_zero_warn(f"BNFreezeCallback: no BatchNorm or tracking InstanceNorm layer inside {self.modules}.")

@@ -21,14 +21,19 @@ from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.blocks import check_block_order, format_blocks, forward_order
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
-from lightning_bnfreeze.callbacks.early_stopping import StopsToReleases, monitored_now
+from lightning_bnfreeze.callbacks.early_stopping import is_early_stopping, monitored_now
 from lightning_bnfreeze.callbacks.preview import configure_on_copy
-from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_state_for_late_restore
+from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
 from lightning_bnfreeze.checks import check_positive
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.fsdp import register_sharded_parameters
-from lightning_bnfreeze.internals import batches_done_in_epoch, callback_state_key
+from lightning_bnfreeze.internals import (
+    batches_done_in_epoch,
+    before_checkpoint_load,
+    callback_state_key,
+    forget_checkpoint_hook,
+)
 from lightning_bnfreeze.lr_preview import Budget, LrPreview, simulate
 from lightning_bnfreeze.lr_schedulers import check_extendable
 from lightning_bnfreeze.names import get_module
@@ -81,8 +86,8 @@ class GradualUnfreeze(NormFreezingCallback):
         TypeError: an LR scheduler that cannot follow added groups (at fit start); ``FSDPStrategy`` or
             DeepSpeed, or ``ModelParallelStrategy`` with tensor parallelism (at ``setup``).
 
-    While releases remain, an ``EarlyStopping`` that runs out of patience releases the next block
-    instead of stopping the fit, and gets its full patience again.
+    To release the next block when an early stop would end the fit, use
+    :class:`~lightning_bnfreeze.ReleasingEarlyStopping` instead of Lightning's ``EarlyStopping``.
 
     Example::
 
@@ -104,6 +109,7 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable: list[str] | None = None,
         adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
+        max_step: float | None = None,
     ) -> None:
         if not isinstance(backbone, str) or not backbone.strip():
             raise ValueError(f"`backbone` must be the name of a module of the LightningModule, got {backbone!r}.")
@@ -136,11 +142,11 @@ class GradualUnfreeze(NormFreezingCallback):
         self.warmup_steps = warmup_steps
         self.trainable = list(trainable or [])
         self.optimizer_index = optimizer_index
+        self.max_step = max_step
         self._adaptation = TrainDataAdaptation(adapt, "GradualUnfreeze")
         self._plan: ReleasePlan | None = None
         self._unfreezer: Unfreezer | None = None
         self._saved: dict[str, Any] | None = None
-        self._stops: StopsToReleases | None = None
         self._unsettled = False
         self._check_at_epoch_end = False
 
@@ -206,7 +212,12 @@ class GradualUnfreeze(NormFreezingCallback):
         self._adaptation.reset()
         self.when.reset()
         self._check_at_epoch_end = _checks_on_train_epoch_end(trainer, self.when)
-        self._stops = StopsToReleases(trainer, lambda metric, value: self._release_instead(trainer, metric, value))
+        plain = [cb for cb in trainer.callbacks if is_early_stopping(cb) and not hasattr(cb, "releases_instead")]  # type: ignore[attr-defined]
+        if plain:
+            rank_zero_warn(
+                "GradualUnfreeze: Lightning's EarlyStopping stops the fit as usual, also while blocks are still frozen;"
+                " to release the next block instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
+            )
         after_configure_model(pl_module, lambda: self._plan_and_freeze(trainer, pl_module))
 
     def _plan_and_freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -228,17 +239,25 @@ class GradualUnfreeze(NormFreezingCallback):
         for other in trainer.optimizers:
             if other is not optimizer:
                 ReleasedGroups(other).withdraw(backbone)
-        late = saved_state_for_late_restore(trainer, self.state_key)  # ModelParallelStrategy restores after this hook
-        saved = late if late is not None else self._saved
-        if saved is not None:
-            unfreezer.load_state_dict(saved["unfreezer"])
+        if self._saved is not None:
+            unfreezer.load_state_dict(self._saved["unfreezer"])
         unfreezer.freeze()
+        unfreezer.restore()
         self._unfreezer = unfreezer
+        if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy: it restores after this hook
+            before_checkpoint_load(trainer.strategy, self._restore_late)
+
+    def _restore_late(self, path: Any) -> None:
+        state = saved_callback_state(path, self.state_key)
+        if state is not None and self._unfreezer is not None:
+            self._unfreezer.load_state_dict(state["unfreezer"])
+            self._unfreezer.restore()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Norm layers are frozen here, after the strategy's SyncBatchNorm conversion and after Lightning's
         # check for modules in eval mode.
+        forget_checkpoint_hook(trainer.strategy)  # the checkpoint, if any, is restored by now
         unfreezer = self._running()
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
         unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
@@ -271,7 +290,7 @@ class GradualUnfreeze(NormFreezingCallback):
     ) -> None:
         if self._unfreezer is None:
             return
-        for line in self._unfreezer.after_step():
+        for line in self._unfreezer.after_step(trainer.global_step):
             announce(trainer, f"GradualUnfreeze: {line}.")
             self.remember_statistics()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
@@ -314,6 +333,7 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
+        forget_checkpoint_hook(trainer.strategy)  # a fit that failed before training started
         if self._unfreezer is not None:
             self._unfreezer.close()
             self._unfreezer.norms = None
@@ -337,7 +357,9 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable = [p for name, p in self._named_backbone(pl_module) if self._is_trainable(name)]
         agree = (lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)) if trainer else bool
         gradients = GradientSync(trainer.strategy.model) if trainer is not None else None
-        unfreezer = Unfreezer(pl_module, plan, self.when, groups, gradients, self.lr_scale, self.bn, trainable, agree)
+        unfreezer = Unfreezer(
+            pl_module, plan, self.when, groups, gradients, self.lr_scale, self.bn, trainable, agree, self.max_step
+        )
         groups.withdraw((name, p) for name, p in self._named_backbone(pl_module) if id(p) in unfreezer.frozen_ids)
         return unfreezer
 
@@ -366,12 +388,30 @@ class GradualUnfreeze(NormFreezingCallback):
         for record in unfreezer.advance(moment, checked_at):
             self._released(trainer, pl_module, record)
 
+    @property
+    def releases_left(self) -> int:
+        """Releases of the plan not done yet in the fit in progress (0 outside a fit)."""
+        return len(self._unfreezer.remaining) if self._unfreezer is not None else 0
+
+    def release_next(self, trainer: pl.Trainer, reason: str, metric: str | None = None, value: float | None = None) -> bool:
+        """Release the plan's next release now (one per check: ``True`` too if one happened at this step already).
+
+        For callbacks that decide releases themselves, such as :class:`~lightning_bnfreeze.ReleasingEarlyStopping`;
+        call it on every rank alike. ``False`` when nothing is left to release.
+        """
+        unfreezer = self._unfreezer
+        if unfreezer is None or not unfreezer.remaining:
+            return False
+        if not self._released_at(trainer):
+            moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+            record = unfreezer.release(moment, reason, value, metric, trainer.current_epoch)
+            self._released(trainer, trainer.lightning_module, record)
+        return True
+
     def _check_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         unfreezer = self._unfreezer
         if unfreezer is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        if self._stops is not None:
-            self._stops.check(trainer)  # an EarlyStopping out of patience releases instead (this check counts once)
         if unfreezer.trigger.checked_at != "metrics" or not unfreezer.remaining or self._released_at(trainer):
             return
         moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
@@ -380,20 +420,8 @@ class GradualUnfreeze(NormFreezingCallback):
         if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
             metric = getattr(unfreezer.trigger, "monitor", None)
             value = moment.metrics.get(metric) if isinstance(metric, str) else None
-            record = unfreezer.release(moment, reason or "plateau", value, metric)
+            record = unfreezer.release(moment, reason or "plateau", value, metric, trainer.current_epoch)
             self._released(trainer, pl_module, record)
-
-    def _release_instead(self, trainer: pl.Trainer, metric: str, value: float) -> bool:
-        """An ``EarlyStopping`` ran out of patience: release the next block instead (``False``: none left)."""
-        unfreezer = self._unfreezer
-        if unfreezer is None or not unfreezer.remaining:
-            return False
-        if not self._released_at(trainer):
-            moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
-            self._released(
-                trainer, trainer.lightning_module, unfreezer.release(moment, "early_stopping", value, metric)
-            )
-        return True
 
     def _released_at(self, trainer: pl.Trainer) -> bool:
         """Whether a release happened at this optimizer step by a metric check (one release per check)."""
@@ -402,8 +430,6 @@ class GradualUnfreeze(NormFreezingCallback):
 
     def _released(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: ReleaseRecord) -> None:
         register_sharded_parameters(pl_module)  # FSDP2: release those it trains
-        if self._stops is not None and record.reason != "early_stopping":
-            self._stops.reset_patience()
         # During validation modules are in eval mode, and Lightning restores the modes it found when it ends:
         # released norm layers take their training mode at the next training step instead.
         self._unsettled = True
@@ -451,14 +477,16 @@ class GradualUnfreeze(NormFreezingCallback):
             )
 
     def _warn_about_adapters(self, pl_module: nn.Module) -> None:
+        """A few backbone parameters that require grad among many that do not: an adapter (LoRA) set up by hand."""
         named = self._named_backbone(pl_module)
-        wanted = [name for name, p in named if p.requires_grad and not self._is_trainable(name)]
-        if wanted and len(wanted) < len(named):
-            shown = ", ".join(wanted[:3]) + (f" and {len(wanted) - 3} more" if len(wanted) > 3 else "")
+        wanted = [(name, p) for name, p in named if p.requires_grad and not self._is_trainable(name)]
+        if wanted and 2 * sum(p.numel() for _, p in wanted) < sum(p.numel() for _, p in named):
+            names = [name for name, _ in wanted]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             rank_zero_warn(
-                f"GradualUnfreeze: {len(wanted)} backbone parameter(s) require grad while the others do not ({shown}):"
+                f"GradualUnfreeze: {len(names)} backbone parameter(s) require grad while most do not ({shown}):"
                 " an adapter? They are frozen until their block is released; to train them from the first step,"
-                f" name them in `trainable` (e.g. trainable=[{('*' + wanted[0].rpartition('.')[2])!r}])."
+                f" name them in `trainable` (e.g. trainable={names[:1]!r})."
             )
 
     def _groups_preview(self, pl_module: nn.Module) -> dict[str, list[str]] | None:

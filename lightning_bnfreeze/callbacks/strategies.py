@@ -3,8 +3,8 @@
 ``ModelParallelStrategy`` (FSDP2, ``fully_shard`` in ``configure_model``) restores a checkpoint
 only after ``on_fit_start``, optimizers included, before the callbacks' state: param groups added
 on resume must exist before that, so :func:`saved_state_for_late_restore` reads the callback's
-state from the checkpoint in ``on_fit_start``. Strategies are recognised by class name, so that
-those of ``pytorch_lightning`` are too.
+state from the checkpoint in ``on_fit_start`` (whose path ``trainer.ckpt_path`` does not give yet).
+Strategies are recognised by class name, so that those of ``pytorch_lightning`` are too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from lightning_bnfreeze.internals import DISTRIBUTED_CHECKPOINT_METADATA
 
-__all__ = ["check_strategy", "data_parallel_group", "saved_state_for_late_restore"]
+__all__ = ["check_strategy", "data_parallel_group", "saved_callback_state"]
 
 _CANNOT_ADD_GROUPS = frozenset({"FSDPStrategy", "DeepSpeedStrategy"})
 
@@ -54,17 +54,8 @@ def data_parallel_group(strategy: object) -> dist.ProcessGroup | None:
     return None
 
 
-def saved_state_for_late_restore(trainer: pl.Trainer, state_key: str) -> dict[str, Any] | None:
-    """On a resume under a strategy that restores the checkpoint after ``on_fit_start`` (``ModelParallelStrategy``),
-    the callback's saved state, read from the checkpoint now; else ``None``.
-
-    Such a strategy loads the optimizers' state together with the model's, before the callbacks get
-    theirs: the groups of released parameters must exist by then, so they are rebuilt from this state
-    in ``on_fit_start``.
-    """
-    path = trainer.ckpt_path
-    if path is None or not trainer.strategy.restore_checkpoint_after_setup:
-        return None
+def saved_callback_state(path: Any, state_key: str) -> dict[str, Any] | None:
+    """A callback's state in the checkpoint at ``path`` (a file, or a distributed checkpoint's folder)."""
     path = Path(path)
     metadata = path / DISTRIBUTED_CHECKPOINT_METADATA
     checkpoint = torch.load(metadata) if path.is_dir() else torch.load(path, map_location="cpu", mmap=True)

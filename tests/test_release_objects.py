@@ -1,0 +1,469 @@
+"""The release objects in plain PyTorch, without a Trainer: ``Unfreezer`` (``release.py``), the triggers, the plans,
+``ReleasedGroups`` and the learning-rate preview's ``simulate``, driven by hand as a fit would drive them."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_bnfreeze import At, Blocks, Every, LayerDecay, Moment, Plateau, Schedule, Trigger
+from lightning_bnfreeze.freezer import BackboneNorms
+from lightning_bnfreeze.lr_preview import Budget, SchedulerStep, simulate
+from lightning_bnfreeze.plan import What
+from lightning_bnfreeze.release import AUTO_STEP, ReleaseRecord, Unfreezer
+from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
+from tests.unfreeze_helpers import tiny_backbone
+
+BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
+
+
+class Net(nn.Module):
+    """A tiny backbone (blocks ``backbone.0``, ``.1``, ``.3``, each conv + BatchNorm) and a linear head."""
+
+    def __init__(self, adapter: bool = False) -> None:
+        super().__init__()
+        self.backbone = tiny_backbone()
+        self.head = nn.Linear(8, 4)
+        if adapter:  # a LoRA-style adapter inside a frozen block
+            self.backbone[3].lora_down = nn.Linear(8, 2, bias=False)
+
+
+def named_backbone(root: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return list(root.backbone.named_parameters(prefix="backbone"))
+
+
+def unfreezer(
+    what: What | None = None,
+    trigger: Trigger | None = None,
+    bn: str = "train",
+    lr_scale: float = 0.5,
+    optimizer: str = "sgd",
+    root: nn.Module | None = None,
+    trainable: tuple[str, ...] = (),
+) -> Unfreezer:
+    """An Unfreezer as the callback builds one: the backbone withdrawn from a fresh optimizer over every parameter."""
+    torch.manual_seed(0)
+    root = Net() if root is None else root
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+        "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    }[optimizer]
+    groups = ReleasedGroups(make(root.parameters()))
+    plan = (what or Blocks(per_release=1)).plan(root, "backbone")
+    kept = [p for name, p in named_backbone(root) if name in trainable]
+    result = Unfreezer(root, plan, trigger or Every(), groups, lr_scale=lr_scale, bn=bn, trainable=kept)
+    groups.withdraw((name, p) for name, p in named_backbone(root) if id(p) in result.frozen_ids)
+    result.freeze()
+    return result
+
+
+def group_names(u: Unfreezer) -> list[str | None]:
+    return [group.get("name") for group in u.groups.optimizer.param_groups]
+
+
+def epochs(u: Unfreezer, last: int) -> dict[int, list[ReleaseRecord]]:
+    """Epoch starts 0..last, as the callback checks them: the releases at each."""
+    return {epoch: u.advance(u.moment(epoch, 4 * epoch), "epoch") for epoch in range(last + 1)}
+
+
+# --------------------------------------------------------------------------------------------- Unfreezer
+
+
+def test_freeze_leaves_the_head_and_only_it_training() -> None:
+    u = unfreezer()
+    root = u.root
+    assert not any(p.requires_grad for p in root.backbone.parameters())
+    assert all(p.requires_grad for p in root.head.parameters())
+    held = {id(p) for group in u.groups.optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in root.head.parameters()}
+    assert group_names(u) == ["head"] and u.remaining == [0, 1, 2] and u.history == ()
+
+
+def test_advance_on_a_cadence_records_each_release() -> None:
+    u = unfreezer(trigger=Every(epochs=2, first=1), lr_scale=0.5, what=Blocks(per_release=1, decay=0.4))
+    done = epochs(u, 6)
+    assert {epoch: [r.index for r in records] for epoch, records in done.items() if records} == {1: [0], 3: [1], 5: [2]}
+    history = u.history
+    assert [(r.index, r.epoch, r.step, r.reason) for r in history] == [
+        (0, 1, 4, "scheduled"),
+        (1, 3, 12, "scheduled"),
+        (2, 5, 20, "scheduled"),
+    ]
+    assert [r.lr_factors for r in history] == [(0.5,), (pytest.approx(0.2),), (pytest.approx(0.08),)]
+    assert [r.train_norms for r in history] == [(True,), (True,), (True,)]
+    assert [r.positions for r in history] == [(1,), (2,), (3,)]  # where each group sits in the optimizer
+    assert group_names(u) == ["head", *BLOCKS]
+    assert all(p.requires_grad for p in u.root.parameters())
+    # a check point the trigger is not checked at releases nothing
+    assert unfreezer().advance(Moment(5, 20), "step") == []
+
+
+def test_released_groups_follow_the_head_lr_at_their_factor() -> None:
+    u = unfreezer(what=Blocks(per_release=2, decay=0.5), lr_scale=0.3)
+    epochs(u, 2)
+    u.groups.head["lr"] = 0.02
+    u.before_step(8)
+    lrs = {group["name"]: group["lr"] for group in u.groups.optimizer.param_groups}
+    assert lrs == {"head": 0.02, "backbone.3": 0.006, "backbone.1": 0.006, "backbone.0": pytest.approx(0.003)}
+    assert u.history[0].lr_factors == (0.3, 0.3)  # parts of one release share its factor
+
+
+def test_several_releases_falling_due_at_one_step_happen_together() -> None:
+    u = unfreezer(trigger=Every(steps=3, first=2))
+    assert u.advance(u.moment(0, 1), "step") == []
+    assert [r.index for r in u.advance(u.moment(2, 8), "step")] == [0, 1, 2]  # due at 2, 5 and 8
+    assert [r.step for r in u.history] == [8, 8, 8]
+
+
+def test_at_triggers_a_schedule_and_a_plan_with_more_times_than_releases_stops() -> None:
+    u = unfreezer(what=Schedule({0: "backbone.3", 2: ["backbone.1", "backbone.0"]}), trigger=At([0, 2]))
+    assert [[r.index for r in records] for records in epochs(u, 4).values()] == [[0], [], [1], [], []]
+    assert [len(r.lr_factors) for r in u.history] == [1, 2]
+    with pytest.raises(IndexError, match="every release of the plan is done"):
+        u.release(u.moment(5, 20), "scheduled")
+
+
+def test_state_round_trips_in_plain_types_and_rebuilds_the_groups_in_the_saved_order() -> None:
+    """Two unfreezers on one optimizer, their releases interleaved: each restores its own groups, in any order,
+    and together they put every group back where it was saved (as ``optimizer.load_state_dict`` expects)."""
+
+    class TwoBackbones(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone2 = tiny_backbone()
+
+    def pair(root: TwoBackbones) -> list[Unfreezer]:
+        groups = [ReleasedGroups(optimizer) for _ in range(2)]
+        result = []
+        for name, group in zip(("backbone", "backbone2"), groups, strict=True):
+            plan = Blocks(per_release=1).plan(root, name)
+            u = Unfreezer(root, plan, Every(), group, bn="auto")
+            group.withdraw(root.get_submodule(name).named_parameters(prefix=name))
+            result.append(u)
+        return result
+
+    torch.manual_seed(0)
+    root = TwoBackbones()
+    optimizer = torch.optim.SGD(root.parameters(), lr=0.1)
+    first, second = pair(root)
+    for epoch in (1, 2):
+        for u in (first, second):
+            u.advance(u.moment(epoch, 4 * epoch), "epoch")
+    saved_names = group_names(first)
+    assert saved_names == ["head", "backbone.3", "backbone2.3", "backbone.1", "backbone2.1"]
+    states = [json.loads(json.dumps(u.state_dict())) for u in (first, second)]  # plain types only
+
+    torch.manual_seed(0)
+    root = TwoBackbones()
+    optimizer = torch.optim.SGD(root.parameters(), lr=0.1)
+    restored = pair(root)
+    for u, state in zip(restored, states, strict=True):
+        u.load_state_dict(state)
+    for u in reversed(restored):  # the second restores first
+        u.freeze()
+        u.restore()
+    assert group_names(restored[0]) == saved_names
+    assert [u.history for u in restored] == [first.history, second.history]
+    assert [u.state_dict() for u in restored] == states
+    assert optimizer.param_groups[1]["params"] == list(root.backbone[3].parameters())
+
+
+def test_a_checkpoint_with_more_releases_than_the_plan_is_refused() -> None:
+    u = unfreezer(what=Blocks(per_release=2))
+    epochs(u, 3)
+    with pytest.raises(ValueError, match=r"holds 2 releases, but the plan has 1"):
+        unfreezer(what=LayerDecay(0.5)).load_state_dict(u.state_dict())
+
+
+def move(u: Unfreezer, part: str, relative: float) -> None:
+    """An optimizer step that moves the part's weights (ndim >= 2) by ``relative`` of their norm."""
+    with torch.no_grad():
+        for param in u.root.get_submodule(part).parameters():
+            if param.ndim >= 2:
+                param.mul_(1 + relative)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "relative", "trains"),
+    [
+        ("sgd", 2 * AUTO_STEP, True),
+        ("sgd", AUTO_STEP / 2, False),
+        ("momentum", AUTO_STEP / 5, True),  # one step of momentum 0.9 is a tenth of the steps to come
+        ("sgd", AUTO_STEP / 5, False),  # the control: the same step without momentum
+        ("adam", AUTO_STEP / 5, False),  # Adam's betas: no correction
+    ],
+)
+def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
+    optimizer: str, relative: float, trains: bool
+) -> None:
+    u = unfreezer(bn="auto", optimizer=optimizer)
+    u.start_norms(BackboneNorms(u.root, "backbone"))
+    [record] = u.advance(u.moment(1, 4), "epoch")
+    assert record.train_norms == (False,)
+    layer = u.root.backbone[3][1]
+    u.before_step(4)
+    assert u.after_step(4) == []  # an accumulated batch, no optimizer step yet: nothing decided
+    move(u, "backbone.3", relative)
+    lines = u.after_step(5)
+    assert u.history[0].train_norms == (trains,)
+    assert bool(lines) == trains and all(line.startswith("backbone.3: its first step moved") for line in lines)
+    layer.train()
+    u.before_step(5)
+    assert layer.training == trains  # a frozen layer is put back in inference mode
+    move(u, "backbone.3", 10 * AUTO_STEP)  # later steps decide nothing
+    assert u.after_step(6) == [] and u.history[0].train_norms == (trains,)
+
+
+def test_bn_auto_decides_after_a_resume_before_the_first_step() -> None:
+    """Saved between the release and its first step: the resumed unfreezer still decides at that step."""
+    u = unfreezer(bn="auto")
+    u.advance(u.moment(1, 4), "epoch")
+    state = json.loads(json.dumps(u.state_dict()))
+    resumed = unfreezer(bn="auto")
+    resumed.load_state_dict(state)
+    resumed.freeze()
+    resumed.restore()
+    resumed.before_step(4)
+    move(resumed, "backbone.3", 2 * AUTO_STEP)
+    assert resumed.after_step(5) and resumed.history[0].train_norms == (True,)
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_bn_train_or_frozen_is_recorded_as_it_is(bn: str) -> None:
+    u = unfreezer(bn=bn)
+    u.advance(u.moment(1, 4), "epoch")
+    move(u, "backbone.3", 1.0)
+    u.before_step(4)
+    assert u.after_step(5) == [] and u.history[0].train_norms == (bn == "train",)
+
+
+def test_trainable_parameters_are_never_frozen_nor_released() -> None:
+    root = Net(adapter=True)
+    u = unfreezer(root=root, trainable=("backbone.3.lora_down.weight",))
+    adapter = root.backbone[3].lora_down.weight
+    assert adapter.requires_grad
+    assert id(adapter) not in u.frozen_ids
+    epochs(u, 3)
+    released = [p for group in u.groups.optimizer.param_groups[1:] for p in group["params"]]
+    assert len(released) == sum(1 for _ in root.backbone.parameters()) - 1
+    assert all(p is not adapter for p in released)
+    assert any(p is adapter for p in u.groups.head["params"])  # it stays where the user's optimizer put it
+
+
+# --------------------------------------------------------------------------------------------- triggers
+
+
+def test_every_defaults_to_each_epoch_from_epoch_one() -> None:
+    every = Every()
+    assert (every.checked_at, every.unit, every.times(3)) == ("epoch", "epoch", [1, 2, 3])
+    assert every.check(Moment(0, 0)) is None and every.check(Moment(1, 4)) == "scheduled"
+    assert every.check(Moment(1, 4, released=1)) is None
+    assert Every(first=0).times(2) == [0, 1]
+    assert Every(epochs=3, first=2).times(3) == [2, 5, 8]
+    steps = Every(steps=4)
+    assert (steps.checked_at, steps.unit, steps.times(2)) == ("step", "step", [4, 8])
+    assert steps.check(Moment(0.5, 3)) is None and steps.check(Moment(1.0, 4)) == "scheduled"
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Every(epochs=1, steps=2), r"`epochs` or `steps`, not both"),
+        (lambda: Every(epochs=0), r"`epochs` must be an integer >= 1, got 0"),
+        (lambda: Every(steps=True), r"`steps` must be an integer >= 1, got True"),
+        (lambda: Every(first=-1), r"`first` must be an integer >= 0, got -1"),
+        (lambda: At([2, 1]), r"increasing order, got \[2, 1\]"),
+        (lambda: At([1.5]), r"`times` must be an integer >= 0, got 1.5"),
+        (lambda: At([1], unit="batch"), r"`unit` must be one of .*'batch'"),
+    ],
+)
+def test_bad_trigger_arguments_name_the_argument(build: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_at_releases_at_its_times_in_its_unit() -> None:
+    at = At([0, 3], unit="step")
+    assert (at.checked_at, at.times(5)) == ("step", [0, 3])
+    assert at.check(Moment(0, 0)) == "scheduled"
+    assert at.check(Moment(0, 2, released=1)) is None and at.check(Moment(0, 3, released=1)) == "scheduled"
+    assert at.check(Moment(9, 9, released=2)) is None
+
+
+def test_plateau_state_is_plain_and_resets() -> None:
+    plateau = Plateau("loss", patience=2)
+    assert plateau.state_dict() == {"best": None, "wait": 0}  # no best yet: no infinity in a checkpoint
+    plateau.check(Moment(1, 4, metrics={"loss": 0.5}))
+    plateau.check(Moment(2, 8, metrics={"loss": 0.6}))
+    assert plateau.state_dict() == {"best": 0.5, "wait": 1}
+    other = Plateau("loss", patience=2)
+    other.load_state_dict(json.loads(json.dumps(plateau.state_dict())))
+    assert other.check(Moment(3, 12, metrics={"loss": 0.7})) == "plateau"
+    other.reset()
+    assert other.state_dict() == {"best": None, "wait": 0}
+    assert (Plateau("acc", mode="max").check(Moment(1, 4, metrics={"acc": math.nan})), other.unit) == (None, "epoch")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [
+        ({"val_loss": 1.0, "val_acc": 0.5, "train_loss": 2.0}, r"'val_los', which is not among the logged metrics. Closest: 'val_loss'"),
+        ({}, r"'val_los', which is not among the logged metrics. Logged: \(none\)"),
+    ],
+)
+def test_an_unlogged_metric_names_the_closest_logged_ones(metrics: dict[str, float], match: str) -> None:
+    with pytest.raises(RuntimeError, match=match):
+        Moment(1, 4, metrics=metrics).metric("val_los")
+
+
+def test_moment_counts_time_since_the_last_release() -> None:
+    moment = Moment(3.5, 14, released=1, last_release=(2.0, 8))
+    assert (moment.since_release("epoch"), moment.since_release("step")) == (1.5, 6)
+    assert Moment(3.5, 14).since_release("step") == 14
+
+
+# --------------------------------------------------------------------------------------------- plans
+
+
+def plan_names(what: What) -> list[list[str]]:
+    return [[part.name for part in release] for release in what.plan(Net(), "backbone").releases]
+
+
+def test_blocks_per_release_and_decay() -> None:
+    plan = Blocks(per_release=2, decay=0.5).plan(Net(), "backbone")
+    assert [[part.name for part in release] for release in plan.releases] == [BLOCKS[:2], BLOCKS[2:]]
+    assert [[part.lr_factor for part in release] for release in plan.releases] == [[1.0, 1.0], [0.5]]
+    assert plan.frozen_params == 0 and [block.name for block in plan.blocks] == BLOCKS[::-1]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["backbone.*"], [["backbone.3"], ["backbone.1"], ["backbone.0"]]),  # a glob: a block per match with params
+        (["backbone.[01]", "backbone.3"], [["backbone.3"], ["backbone.1"], ["backbone.0"]]),
+        ([["backbone.0", "backbone.1"], "backbone.3"], [["backbone.3"], ["backbone.stem"]]),  # a list: one block
+        (["backbone.1"], [["backbone.1+3"], ["backbone.0"]]),  # what no entry holds joins the block before it
+    ],
+)
+def test_named_blocks(names: list[Any], expected: list[list[str]]) -> None:
+    assert plan_names(Blocks(per_release=1, names=names)) == expected
+
+
+def test_a_plain_string_for_names_is_an_error_naming_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"`names` must be a list of blocks.*got 'backbone.3'.*write \['backbone.3'\]"):
+        Blocks(names="backbone.3")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("releases", "match"),
+    [
+        ({}, r"`releases` must map epochs.*empty schedule"),
+        ([(1, "backbone.3")], r"`releases` must map epochs"),
+        ({"1.5": "backbone.3"}, r"`releases` has the key '1.5'"),
+        ({1.0: "backbone.3"}, r"`releases` has the key 1.0"),
+        ({True: "backbone.3"}, r"`releases` has the key True"),
+        ({-1: "backbone.3"}, r"`releases` has the key -1"),
+        ({1: 3}, r"`releases\[1\]` is 3"),
+        ({1: ["backbone.3", ""]}, r"`releases\[1\]` holds ''"),
+    ],
+)
+def test_schedule_validation(releases: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Schedule(releases)
+
+
+def test_a_schedule_sorts_its_times_and_decays_by_release() -> None:
+    schedule = Schedule({4: "backbone.0", 1: ["backbone.3", "backbone.1"]}, decay=0.5)
+    assert schedule.trigger().times(2) == [1, 4]
+    plan = schedule.plan(Net(), "backbone")
+    assert [[(p.name, p.lr_factor) for p in release] for release in plan.releases] == [
+        [("backbone.3", 1.0), ("backbone.1", 1.0)],
+        [("backbone.0", 0.5)],
+    ]
+    assert Blocks().trigger() is None and LayerDecay().trigger() is None
+
+
+def test_layer_decay_releases_every_block_at_once_decayed_with_depth() -> None:
+    [release] = LayerDecay(0.5).plan(Net(), "backbone").releases
+    assert [(part.name, part.lr_factor) for part in release] == [
+        ("backbone.3", 1.0),
+        ("backbone.1", 0.5),
+        ("backbone.0", 0.25),
+    ]
+
+
+# --------------------------------------------------------------------------------------------- released groups
+
+
+def test_the_head_is_the_first_group_left_with_parameters() -> None:
+    """The user lists a backbone-only group first: the head is the next one, named "head" as it had no name."""
+    root = Net()
+    optimizer = torch.optim.SGD(
+        [{"params": root.backbone.parameters(), "lr": 0.5}, {"params": root.head.parameters(), "lr": 0.01}], lr=0.1
+    )
+    groups = ReleasedGroups(optimizer)
+    groups.withdraw(named_backbone(root))
+    assert groups.head_index == 1 and groups.head is optimizer.param_groups[1]
+    assert optimizer.param_groups[1]["name"] == "head" and "name" not in optimizer.param_groups[0]
+    groups.add(list(root.backbone[3].parameters()), "backbone.3", 0.5, step=0)
+    groups.tie_to_head(0)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.005)  # the head's rate, not group 0's
+    named = torch.optim.SGD([{"params": root.head.parameters(), "name": "classifier"}], lr=0.1)
+    ReleasedGroups(named).withdraw(named_backbone(root))
+    assert named.param_groups[0]["name"] == "classifier"
+
+
+def test_the_head_follows_its_group_through_an_optimizer_reload() -> None:
+    root = Net()
+    optimizer = torch.optim.SGD(root.parameters(), lr=0.1)
+    groups = ReleasedGroups(optimizer)
+    groups.withdraw(named_backbone(root))
+    optimizer.load_state_dict(optimizer.state_dict())  # a resumed fit: new group dicts, the same params lists
+    groups.add(list(root.backbone[3].parameters()), "backbone.3", 0.5, step=0)
+    assert groups.head is optimizer.param_groups[0]
+
+
+def test_origin_rule_puts_a_never_held_parameter_where_timms_rule_would() -> None:
+    timm_optim = pytest.importorskip("timm.optim")
+    root = Net()
+    for param in root.backbone.parameters():
+        param.requires_grad = False  # configure_optimizers sees only the trainable parameters
+    optimizer = torch.optim.AdamW(timm_optim.param_groups_weight_decay(root, weight_decay=0.05), lr=0.01)
+    named = list(root.named_parameters())
+    rule = origin_rule(optimizer, named)
+    assert rule is not None
+    groups = ReleasedGroups(optimizer)
+    groups.rule = rule
+    groups.withdraw(named_backbone(root))
+    block = root.backbone[3]
+    groups.add([block[0].weight, block[0].bias, block[1].weight], "backbone.3", 1.0, step=0)
+    added = {group["name"]: group for group in optimizer.param_groups[2:]}
+    # timm's no-decay group comes first: it holds the head's bias, so it is the head's group
+    decay, plain = added["backbone.3/group1"], added["backbone.3/head"]
+    assert decay["weight_decay"] == 0.05 and decay["params"] == [block[0].weight]  # a conv weight
+    assert plain["weight_decay"] == 0.0 and plain["params"] == [block[0].bias, block[1].weight]  # bias, norm weight
+    # the control: one group does not follow the rule
+    assert origin_rule(torch.optim.AdamW(root.head.parameters(), lr=0.01, weight_decay=0.05), named) is None
+
+
+# --------------------------------------------------------------------------------------------- lr preview
+
+
+def test_simulate_drives_an_unfreezer_over_a_budget() -> None:
+    u = unfreezer(lr_scale=0.5, what=Blocks(per_release=1, decay=0.5))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(u.groups.optimizer, gamma=0.9)
+    u.groups.schedulers.append(scheduler)
+    preview = simulate(u, [SchedulerStep(scheduler, "step")], Budget(batches_per_epoch=4, max_epochs=3))
+    assert [(r.step, r.epoch, r.names) for r in preview.releases] == [(4, 1, ("backbone.3",)), (8, 2, ("backbone.1",))]
+    head = preview.lrs["head"]
+    assert head == pytest.approx([0.1 * 0.9**step for step in range(12)])
+    assert preview.lrs["backbone.3"][:4] == [None] * 4
+    assert preview.lrs["backbone.3"][4:] == pytest.approx([0.5 * lr for lr in head[4:]])
+    assert preview.lrs["backbone.1"][8:] == pytest.approx([0.25 * lr for lr in head[8:]])
+    assert [r.index for r in u.history] == [0, 1]  # the same object a fit drives
