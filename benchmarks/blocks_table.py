@@ -12,6 +12,7 @@ Run from the repository root (under a minute)::
 
     python -m benchmarks.blocks_table
     python -m benchmarks.blocks_table --markdown /tmp/blocks.md
+    python -m benchmarks.blocks_table --quick                     # CI smoke test: a model per zoo, to a temp dir
 
 The report goes to ``benchmarks/blocks_table.md`` (committed).
 """
@@ -19,9 +20,8 @@ The report goes to ``benchmarks/blocks_table.md`` (committed).
 from __future__ import annotations
 
 import argparse
-import inspect
+import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import timm
 import torch
@@ -29,15 +29,14 @@ import torchvision
 import transformers
 from torch import nn
 
-import lightning_bnfreeze.blocks
-from benchmarks.common import markdown_table, write_report
-from lightning_bnfreeze import GradualUnfreeze
-from lightning_bnfreeze.blocks import Block, find_blocks
-from lightning_bnfreeze.schedule import ReleasePlan
-from tests.test_blocks import HF_MODELS, _hf_models, timm_model, torchvision_model
+from benchmarks import common
+from benchmarks.common import markdown_table
+from lightning_bnfreeze import Block, GradualUnfreeze, Trigger
+from lightning_bnfreeze.plan import ReleasePlan
+from tests.model_zoo import HF_MODELS, hf_models, timm_model, torchvision_model
 
-HERE = Path(__file__).resolve().parent
-CLASSIFIER = lightning_bnfreeze.blocks._CLASSIFIER  # the module names find_blocks takes for a classifier
+CLASSIFIER = re.compile(r"fc|heads?|classifier|last_linear|lm_head|pre_logits|aux\w*", re.IGNORECASE)
+"""The module names ``find_blocks`` takes for a classifier (as ``lightning_bnfreeze.blocks`` does)."""
 TORCHVISION = {
     "resnet50": "ResNet",
     "vit_b_16": "ViT",
@@ -66,13 +65,15 @@ TIMM = {
 }
 
 
-def models() -> list[tuple[str, nn.Module]]:
-    """``(label, model)`` of each family: torchvision, timm, then Hugging Face."""
-    built = [(f"{family} (torchvision `{name}`)", torchvision_model(name)) for name, family in TORCHVISION.items()]
-    built += [(f"{family} (timm `{name}`)", timm_model(name)) for name, family in TIMM.items()]
-    for name in HF_MODELS:
+def models(quick: bool = False) -> list[tuple[str, nn.Module]]:
+    """``(label, model)`` of each family: torchvision, timm, then Hugging Face (``quick``: the first of each)."""
+    first = slice(1 if quick else None)
+    vision = [(family, f"torchvision `{name}`", torchvision_model, name) for name, family in TORCHVISION.items()][first]
+    vision += [(family, f"timm `{name}`", timm_model, name) for name, family in TIMM.items()][first]
+    built = [(f"{family} ({source})", build(name)) for family, source, build, name in vision]
+    for name in HF_MODELS[first]:
         torch.manual_seed(0)
-        model = _hf_models()[name][0]()
+        model = hf_models()[name][0]()
         built.append((f"transformers `{type(model).__name__}` (3 layers)", model))
     return built
 
@@ -101,32 +102,29 @@ def describe_blocks(blocks: Sequence[Block], prefix: str = "backbone.") -> str:
     return " + ".join(parts)
 
 
-def describe_releases(plan: ReleasePlan) -> str:
+def describe_releases(plan: ReleasePlan, when: Trigger) -> str:
     """``8 releases, epochs 1-8``; ``3 releases, epochs 1, 3, 5`` for another cadence."""
-    times = [release.at for release in plan.releases]
+    times = when.times(len(plan.releases)) or []
     frozen = f"; {plan.frozen_params:,} parameters never released" if plan.frozen_params else ""
     if len(times) == 1:
-        return f"1 release, {plan.unit} {times[0]}{frozen}"
+        return f"1 release, {when.unit} {times[0]}{frozen}"
     consecutive = times == list(range(times[0], times[-1] + 1))
     spread = f"{times[0]}-{times[-1]}" if consecutive else ", ".join(map(str, times))
-    return f"{len(times)} releases, {plan.unit}s {spread}{frozen}"
+    return f"{len(times)} releases, {when.unit}s {spread}{frozen}"
 
 
-def rows() -> list[list[str]]:
+def rows(quick: bool = False) -> list[list[str]]:
     table = []
-    for label, model in models():
-        module = nn.ModuleDict({"backbone": model})
-        unfreeze = GradualUnfreeze()
-        blocks = find_blocks(model, "backbone", unfreeze.granularity)
-        table.append([label, describe_blocks(blocks), describe_releases(unfreeze.plan(module))])
+    unfreeze = GradualUnfreeze()
+    for label, model in models(quick):
+        plan = unfreeze.plan(nn.ModuleDict({"backbone": model}))
+        table.append([label, describe_blocks(plan.blocks), describe_releases(plan, unfreeze.when)])
     return table
 
 
 def report(table: Sequence[Sequence[str]]) -> str:
-    defaults = {name: p.default for name, p in inspect.signature(GradualUnfreeze).parameters.items()}
-    shown = ", ".join(
-        f"{name}={defaults[name]!r}" for name in ("granularity", "blocks_per_release", "first_release", "release_every")
-    )
+    defaults = GradualUnfreeze()
+    shown = f"what={defaults.what!r}, when={defaults.when!r}"
     return (
         "# The blocks found and the default releases\n\n"
         "Generated by `python -m benchmarks.blocks_table` (torch"
@@ -137,7 +135,7 @@ def report(table: Sequence[Sequence[str]]) -> str:
         ' belongs to exactly one block; "stem (a, b)" is an input-side block made of several modules; `x+y` is a'
         " block where `y` (a final norm, a pooler, a downsample between stages, a last 1x1 conv) joined `x`; a"
         " classifier left in the backbone is its own last block. The blocks are released output side first,"
-        " `blocks_per_release` at a time, the stem last. timm models use their own `group_matcher` (PoolFormer"
+        " `Blocks(per_release=...)` at a time, the stem last. timm models use their own `group_matcher` (PoolFormer"
         " has none); the others are discovered.\n\n"
         f"{markdown_table(['model family', 'blocks found', 'default releases'], table)}\n"
     )
@@ -145,9 +143,9 @@ def report(table: Sequence[Sequence[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--markdown", type=Path, default=HERE / "blocks_table.md", help="the Markdown report")
+    common.output_arguments(parser, "blocks_table", raw=False)
     args = parser.parse_args(argv)
-    write_report(report(rows()), {}, args.markdown, None)
+    common.write_report(args, "blocks_table", report(rows(args.quick)), {}, 1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Run from the repository root (about a minute; ``nice -n 10``, ``OMP_NUM_THREADS=
 
     python -m benchmarks.plan_speed
     python -m benchmarks.plan_speed --runs 5 --markdown /tmp/plan.md   # quick look, no raw file
+    python -m benchmarks.plan_speed --quick                            # CI smoke test: 2 runs, to a temp dir
 
 The report goes to ``benchmarks/plan_speed.md`` (committed), the raw times to
 ``benchmarks/raw/plan_speed.json`` (git-ignored).
@@ -21,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -35,10 +33,10 @@ import torchvision
 import transformers
 from torch import nn
 
-from benchmarks.common import environment, markdown_table, write_report
+from benchmarks import common
+from benchmarks.common import markdown_table, median
 from lightning_bnfreeze.blocks import GRANULARITIES, find_blocks
 
-HERE = Path(__file__).resolve().parent
 BUDGET_MS = 100.0
 
 
@@ -93,7 +91,7 @@ def measure(runs: int) -> list[dict[str, Any]]:
                     "tensors": sum(1 for _ in model.parameters()),
                     "modules": sum(1 for _ in model.modules()),
                     "blocks": len(find_blocks(model, "backbone", granularity)),
-                    "median_ms": statistics.median(times),
+                    "median_ms": median(times),
                     "min_ms": min(times),
                     "max_ms": max(times),
                     "raw_ms": times,
@@ -140,18 +138,16 @@ def report(env: dict[str, Any], rows: Sequence[dict[str, Any]], runs: int) -> st
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=21, help="timed calls per model and granularity (default: 21)")
-    parser.add_argument("--json", type=Path, help="raw results file (default: benchmarks/raw/plan_speed.json)")
-    parser.add_argument("--markdown", type=Path, help="Markdown report (default: benchmarks/plan_speed.md)")
+    common.output_arguments(parser, "plan_speed")
     args = parser.parse_args(argv)
-    if args.json is None and args.markdown is None:
-        args.json, args.markdown = HERE / "raw" / "plan_speed.json", HERE / "plan_speed.md"
+    args.runs = 2 if args.quick else args.runs
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     torch.set_num_threads(1)
-    env = environment()
+    env, start = common.environment(), time.perf_counter()
     rows = measure(args.runs)
-    env["load_average_1min_at_end"] = os.getloadavg()[0]
-    write_report(report(env, rows, args.runs), {"environment": env, "rows": rows}, args.markdown, args.json)
+    common.finish_environment(env, start)
+    common.write_report(args, "plan_speed", report(env, rows, args.runs), {"environment": env, "rows": rows}, 1)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,28 @@
-"""Transfer accuracy of fine-tuning recipes on the digits example: recipes x shifts x seeds, paired by seed.
+"""Transfer accuracy of fine-tuning recipes: benches x tasks x optimizers x learning rates x K x seeds, paired.
 
-Every run fine-tunes the same pretrained digits backbone (``examples.digits``, pretrained once on
-digits 0-4 and cached) on digits 5-9 from 10 labelled images per class, with the SAME optimizer
-(``DigitsClassifier``'s AdamW, head lr 0.01, weight decay 1e-4, cosine schedule over ``--epochs``),
-the same epochs, and the same data and batch order (``DigitsTransfer(seed=seed)`` and
-``seed_everything(seed)``); only the recipe differs. The metric is the accuracy of the final weights
-on the held-out target test images (about 150 per class). Run from the repository root::
+Within a setting (bench, task, optimizer, head learning rate, K labelled images per class, epochs)
+every recipe gets the same data split, batch order and initial weights per seed; only the recipe
+differs. The metric is the accuracy of the final weights on the held-out test images. Run from the
+repository root (``pip install -e '.[bench]'``)::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.transfer --seeds 0 1 2 3 4 --jobs 2
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.transfer --bench real --jobs 2 \\
+        --tasks digits textures --optimizers adamw --lrs 1e-4 3e-4 1e-3 3e-3 --seeds 0 1 2 3 4
+    python -m benchmarks.transfer --bench real --report        # benchmarks/transfer_real.md (+ .png)
+    python -m benchmarks.transfer --quick                      # every bench, one short run per recipe (CI)
 
-Raw results are appended to ``benchmarks/raw/transfer.jsonl`` (git-ignored) as runs finish (a rerun
-skips the runs already there, so an interrupted run loses nothing); the report goes to
-``benchmarks/transfer.md`` and its numbers to ``benchmarks/transfer.json`` (``--report-only`` rewrites
-them from the JSONL without training; ``--notes FILE`` appends a Markdown analysis).
-
-Recipes (``--recipes``; peers first, then the library's):
-
-- ``full``: everything trains from the first step, BatchNorm included.
-- ``lightning_backbone_finetuning``: ``lightning.pytorch.callbacks.BackboneFinetuning()`` with its
-  documented defaults (backbone released at epoch 10 at 0.1 x the head's lr, then x1.5 per epoch up to
-  the head's lr; BatchNorm trains through the frozen phase). ``DigitsClassifier.configure_optimizers``
-  already hands the optimizer only the trainable parameters, as ``BackboneFinetuning`` needs.
-- ``finetuning_scheduler``: ``FinetuningScheduler`` with an explicit epoch-driven schedule mirroring
-  ``GradualUnfreeze``'s default cadence (head, then stage3, stage2, stage1, stem at epochs 1, 2, 3, 4),
-  each phase at lr 0.1 x the head's, ``restore_best=False``, default BatchNorm handling.
-- ``frozen_bn_training``: ``freeze_backbone=True`` only: BatchNorm statistics keep updating (plain PyTorch).
-- ``ours_probe``: ``freeze_backbone=True`` + ``BNFreezeCallback(modules="backbone")``.
-- ``ours_probe_adapted``: the same with ``adapt_batches=1.0`` (AdaBN on the target training data, the
-  library's default ``adapt_prior``).
-- ``ours_gradual``: ``GradualUnfreeze()``, the library defaults (also those of the example config).
-- ``ours_gradual_adapted``: ``GradualUnfreeze(adapt_batches=1.0)``.
-- ``finetuning_scheduler:key=value,...``: the same with other ``_fts_schedule`` arguments (``lr_factor=0.3``).
-- ``gradual:key=value,...``: ``GradualUnfreeze`` with the given arguments (a sweep), e.g.
-  ``gradual:lr_scale=0.3,lr_decay=1.0,adapt_batches=1.0``.
-- ``probe_adapted:adapt_prior=N`` / ``gradual_adapted:adapt_prior=N``: ``ours_probe`` / ``ours_gradual``
-  with AdaBN on the whole first epoch's batches blended with ``N`` source pseudo-samples
-  (``TrainDataAdaptation(1.0, prior=N)`` on the backbone's norm layers right after the callback froze
-  them: what the callbacks' ``adapt_batches=1.0, adapt_prior=N`` runs).
+Raw results are appended to ``benchmarks/raw/transfer_<bench>.jsonl`` (git-ignored) as runs finish; a
+rerun skips the runs done, unless the library's defaults changed what ``ours`` runs (a fingerprint
+of its resolved arguments). See ``benchmarks.tasks`` for the benches and ``benchmarks.recipes`` for the recipes.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -58,57 +34,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-PEERS = ("full", "lightning_backbone_finetuning", "finetuning_scheduler", "frozen_bn_training")
-OURS = ("ours_probe", "ours_probe_adapted", "ours_gradual", "ours_gradual_adapted")
-RECIPES = PEERS + OURS
-SHIFTS = ("none", "contrast", "invert")
-HEAD_LR = 0.01
-GRADUAL_PRESETS: dict[str, dict[str, Any]] = {
-    "ours_gradual": {},
-    "ours_gradual_adapted": {"adapt_batches": 1.0},
-}
-
-
-def recipe_kwargs(recipe: str, family: str) -> dict[str, Any] | None:
-    """The ``key=value`` arguments of a ``family:k=v,...`` recipe, else ``None``."""
-    if recipe != family and not recipe.startswith(f"{family}:"):
-        return None
-    pairs = (item.split("=", 1) for item in recipe.partition(":")[2].split(",") if item)
-    return {key.strip(): ast.literal_eval(value.strip()) for key, value in pairs}
-
-
-def gradual_kwargs(recipe: str) -> dict[str, Any] | None:
-    """``GradualUnfreeze`` arguments of a gradual recipe (a preset or ``gradual:k=v,...``), else ``None``."""
-    if recipe in GRADUAL_PRESETS:
-        return dict(GRADUAL_PRESETS[recipe])
-    return recipe_kwargs(recipe, "gradual")
-
-
-def adapted_prior(recipe: str) -> float | None:
-    """``N`` of a ``probe_adapted:adapt_prior=N`` or ``gradual_adapted:adapt_prior=N`` recipe, else ``None``."""
-    for family in ("probe_adapted", "gradual_adapted"):
-        kwargs = recipe_kwargs(recipe, family)
-        if kwargs is not None and "adapt_prior" in kwargs:
-            return float(kwargs["adapt_prior"])
-    return None
-
-
-def _backbone_adaptation(prior: float) -> Any:
-    """A callback that re-estimates the backbone's norm statistics at fit start, after the callbacks before it."""
-    import lightning.pytorch as pl
-
-    from lightning_bnfreeze import named_norm_layers
-    from lightning_bnfreeze.callbacks.train_data_adaptation import TrainDataAdaptation
-
-    class BackboneAdaptation(pl.Callback):
-        def __init__(self) -> None:
-            self.adaptation = TrainDataAdaptation(1.0, prior, "benchmark")
-
-        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            layers = [layer for _, layer in named_norm_layers(pl_module.backbone)]
-            self.adaptation.run_once(trainer, pl_module, layers)
-
-    return BackboneAdaptation()
+EPOCHS = {"real": 15, "cnn": 20, "vit": 20}
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def _quiet() -> None:
@@ -125,99 +52,105 @@ def _init_worker() -> None:
     _quiet()
 
 
-def _fts_schedule(epochs: int, first: int = 1, every: int = 1, lr_factor: float = 0.1) -> dict[int, dict[str, Any]]:
-    """Phase 0: the head; then stage3, stage2, stage1, stem, one per phase at ``lr_factor`` x the head's lr."""
-    stages = ("stage3", "stage2", "stage1", "stem")
-    starts = [first + every * i for i in range(len(stages))]
-    schedule: dict[int, dict[str, Any]] = {0: {"params": [r"head\..*"], "max_transition_epoch": starts[0]}}
-    for depth, stage in enumerate(stages, start=1):
-        end = starts[depth] if depth < len(stages) else epochs
-        lr = lr_factor * HEAD_LR
-        schedule[depth] = {"params": [rf"backbone\.{stage}\..*"], "lr": lr, "max_transition_epoch": end}
-    return schedule
+def fingerprint(recipe: str) -> str:
+    """What an ``ours`` recipe resolves to today (its arguments and the library's defaults); ``""`` for peers."""
+    if recipe.partition(":")[0] != "ours":
+        return ""
+    from benchmarks.recipes import gradual_unfreeze
+    from lightning_bnfreeze.step_size import AUTO_STEP
+
+    callback = gradual_unfreeze(recipe)
+    return repr(
+        (
+            callback.what,
+            callback.when,
+            callback.lr_scale,
+            callback.bn,
+            callback.warmup_steps,
+            AUTO_STEP,
+            callback.max_step,
+        )
+    )
 
 
-def run_one(seed: int, shift: str, recipe: str, epochs: int) -> dict[str, Any]:
-    """Fine-tune with one recipe and return the held-out target test accuracy (and a few facts about the run)."""
+def run_one(setting: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune with one recipe in one setting; the held-out accuracy and a few facts about the run."""
     import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import BackboneFinetuning
 
-    from benchmarks.common import transfer_trainer
-    from examples.digits import DigitsClassifier, DigitsTransfer
-    from lightning_bnfreeze import BNFreezeCallback, GradualUnfreeze
+    from benchmarks.recipes import callbacks_of, model_options
+    from benchmarks.tasks import make_data, make_model
 
     _quiet()
     start = time.perf_counter()
-    pl.seed_everything(seed, verbose=False)
-    data = DigitsTransfer(k_per_class=10, shift=shift, seed=seed)  # type: ignore[arg-type]
-    prior = adapted_prior(recipe)
-    freeze = recipe in ("frozen_bn_training", "ours_probe", "ours_probe_adapted") or recipe.startswith("probe_adapted")
-    model = DigitsClassifier(backbone="digits", lr=HEAD_LR, scheduler="cosine", freeze_backbone=freeze)
-    callbacks: list[Any] = []
-    tmp = tempfile.TemporaryDirectory()
-    gradual = gradual_kwargs(recipe)
-    if recipe == "full" or recipe == "frozen_bn_training":
-        pass
-    elif recipe == "lightning_backbone_finetuning":
-        callbacks.append(BackboneFinetuning())
-    elif recipe == "finetuning_scheduler" or recipe.startswith("finetuning_scheduler:"):
-        from finetuning_scheduler import FinetuningScheduler
-        from finetuning_scheduler.fts_supporters import FTSCheckpoint
-
-        callbacks += [
-            FinetuningScheduler(
-                ft_schedule=_fts_schedule(epochs, **(recipe_kwargs(recipe, "finetuning_scheduler") or {})),
-                epoch_transitions_only=True,
-                restore_best=False,
-                log_dir=tmp.name,
-                logging_level=logging.ERROR,
-            ),
-            FTSCheckpoint(dirpath=tmp.name, monitor="val_loss", save_top_k=1),
-        ]
-    elif recipe == "ours_probe":
-        callbacks.append(BNFreezeCallback(modules="backbone"))
-    elif recipe == "ours_probe_adapted":
-        callbacks.append(BNFreezeCallback(modules="backbone", adapt_batches=1.0))
-    elif prior is not None:
-        first = BNFreezeCallback(modules="backbone") if recipe.startswith("probe_adapted") else GradualUnfreeze()
-        callbacks += [first, _backbone_adaptation(prior)]
-    elif gradual is not None:
-        callbacks.append(GradualUnfreeze(**gradual))
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}, 'gradual:key=value,...', 'probe_adapted:...'")
-    trainer = transfer_trainer(epochs, recipe, tmp.name, callbacks)
-    trainer.fit(model, datamodule=data)
-    val_acc = float(trainer.callback_metrics.get("val_acc", torch.tensor(float("nan"))))
-    trained = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)  # before `test`: the
-    groups = len(trainer.optimizers[0].param_groups)  # peers' callbacks re-freeze in their `setup` of any stage
-    (result,) = trainer.test(model, datamodule=data, verbose=False)
-    tmp.cleanup()
+    pl.seed_everything(setting["seed"], verbose=False)
+    data = make_data(setting["bench"], setting["task"], setting["k"], setting["seed"])
+    recipe = setting["recipe"]
+    model = make_model(setting["bench"], setting["optimizer"], setting["lr"], **model_options(recipe))
+    with tempfile.TemporaryDirectory() as tmp:
+        callbacks = callbacks_of(recipe, model, setting["lr"], setting["epochs"], tmp)
+        trainer = pl.Trainer(
+            max_epochs=setting["epochs"],
+            logger=False,
+            enable_checkpointing=recipe.startswith("finetuning_scheduler"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            deterministic=True,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=tmp,
+            callbacks=callbacks,
+        )
+        trainer.fit(model, datamodule=data)
+        history = [record.to_dict() for cb in callbacks for record in getattr(cb, "history", ())]
+        (result,) = trainer.test(model, datamodule=data, verbose=False)
     return {
-        "seed": seed,
-        "shift": shift,
-        "recipe": recipe,
-        "epochs": epochs,
+        **setting,
         "test_acc": float(result["test_acc"]),
-        "final_val_acc": val_acc,
-        "backbone_trainable_at_end": trained,
-        "param_groups_at_end": groups,
+        "history": history,
         "seconds": time.perf_counter() - start,
     }
 
 
-# ----------------------------------------------------------------------------------------------- report
+# -------------------------------------------------------------------------------------------------- runs
+
+Key = tuple[Any, ...]
+SETTING = ("bench", "task", "optimizer", "lr", "k", "epochs")
 
 
-def _load(path: Path, epochs: int) -> dict[tuple[int, str, str], dict[str, Any]]:
-    done: dict[tuple[int, str, str], dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row["epochs"] == epochs:
-                    done[(row["seed"], row["shift"], row["recipe"])] = row
-    return done
+def _key(row: dict[str, Any]) -> Key:
+    return (*(row[name] for name in SETTING), row["seed"], row["recipe"], row["fingerprint"])
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """The raw rows, keeping for ``ours`` recipes only those that ran what they resolve to today."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    current = {recipe: fingerprint(recipe) for recipe in {row["recipe"] for row in rows}}
+    return [row for row in rows if row["fingerprint"] == current[row["recipe"]]]
+
+
+def run(settings: list[dict[str, Any]], raw: Path, jobs: int) -> None:
+    """Run the settings not in ``raw`` yet, appending each result as it finishes."""
+    done = {_key(row) for row in load(raw)}
+    todo = [s for s in settings if _key(s) not in done]
+    print(f"{len(todo)} runs to do ({len(settings) - len(todo)} done)", flush=True)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = [pool.submit(run_one, setting) for setting in todo]
+        for n, future in enumerate(as_completed(futures), start=1):
+            row = future.result()
+            with raw.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+            print(
+                f"[{n}/{len(todo)} {time.perf_counter() - start:.0f}s] {row['task']} {row['optimizer']} {row['lr']:g}"
+                f" k={row['k']} seed {row['seed']} {row['recipe']}:"
+                f" {100 * row['test_acc']:.1f}% ({row['seconds']:.0f}s)",
+                flush=True,
+            )
+
+
+# ------------------------------------------------------------------------------------------------ report
 
 
 def _msd(values: Sequence[float]) -> str:
@@ -225,172 +158,174 @@ def _msd(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
-def report(rows: dict[tuple[int, str, str], dict[str, Any]], epochs: int, command: str) -> tuple[str, dict[str, Any]]:
-    """The Markdown summary and its JSON form, from the raw results."""
+def summarise(rows: list[dict[str, Any]], ours: str = "ours") -> list[dict[str, Any]]:
+    """Per setting: each recipe's accuracies by seed, the best peer, ours against it and against the probe."""
+    from benchmarks.recipes import PEERS
+
+    by_setting: dict[Key, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        by_setting[tuple(row[name] for name in SETTING)][row["recipe"]][row["seed"]] = 100.0 * row["test_acc"]
+    summaries = []
+    for setting, acc in sorted(by_setting.items(), key=lambda item: tuple(map(str, item[0]))):
+        peers = {name: seeds for name, seeds in acc.items() if name in PEERS}
+        summary: dict[str, Any] = {"setting": dict(zip(SETTING, setting, strict=True)), "accuracy": acc}
+        if peers and ours in acc:
+            best = max(peers, key=lambda name: statistics.fmean(peers[name].values()))
+            seeds = sorted(set(acc[ours]) & set(peers[best]))
+            summary["best_peer"] = best
+            summary["vs_best"] = [acc[ours][s] - peers[best][s] for s in seeds]
+            if "probe" in acc:
+                summary["vs_probe"] = [
+                    acc[ours][s] - acc["probe"][s] for s in sorted(set(acc[ours]) & set(acc["probe"]))
+                ]
+        summaries.append(summary)
+    return summaries
+
+
+def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
+    """The Markdown report: the verdict per setting, then every recipe's accuracy per setting."""
     from benchmarks.common import environment, markdown_table
 
-    acc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for (seed, shift, recipe), row in rows.items():
-        acc[(recipe, shift)][seed] = 100.0 * row["test_acc"]
-    shifts = [s for s in SHIFTS if any(key[1] == s for key in acc)]
-    recipes = [r for r in RECIPES if any(key[0] == r for key in acc)]
-    mean = {key: statistics.fmean(v.values()) for key, v in acc.items()}
-
-    def paired(a: str, b: str, shift: str) -> list[float]:
-        seeds = sorted(set(acc.get((a, shift), {})) & set(acc.get((b, shift), {})))
-        return [acc[(a, shift)][s] - acc[(b, shift)][s] for s in seeds]
-
-    best_peer: dict[str, str] = {}
-    for shift in shifts:
-        peers = [p for p in PEERS if (p, shift) in mean]
-        if peers:
-            best_peer[shift] = max(peers, key=lambda p: mean[(p, shift)])
-
-    def worst_shift(recipe: str) -> float:
-        """The sweep's order: the smallest mean paired difference to the best peer over the shifts."""
-        means = [statistics.fmean(d) for s in best_peer if (d := paired(recipe, best_peer[s], s))]
-        return min(means) if means else float("-inf")
-
-    recipes += sorted({key[0] for key in acc} - set(recipes), key=worst_shift, reverse=True)
-
+    summaries = summarise(rows)
     lines = [
-        "# Transfer accuracy: fine-tuning recipes on the digits example",
+        f"# Transfer accuracy: the `{bench}` bench",
         "",
-        f"Held-out target test accuracy (%), mean ± sd over seeds (n per cell in brackets); {epochs} epochs,"
-        f" AdamW (head lr {HEAD_LR}, weight decay 1e-4), cosine schedule, 10 labelled images per class, batch 10,"
-        " the same pretrained backbone, data split and batch order per seed for every recipe.",
+        (sys.modules[__name__].__doc__ or "").split("\n\n")[1].replace("\n", " "),
         "",
         f"Command: `{command}`",
         "",
+        "## `GradualUnfreeze()` against the best peer of each setting",
+        "",
+        "Paired by seed, in points: mean ± sd (wins/losses), and the smallest margin over the linear probe.",
+        "",
     ]
     table = []
-    for recipe in recipes:
-        cells = []
-        for shift in shifts:
-            values = list(acc.get((recipe, shift), {}).values())
-            cells.append(f"{_msd(values)} [{len(values)}]" if values else "-")
-        table.append([f"`{recipe}`", *cells])
-    lines += [markdown_table(["recipe", *shifts], table), ""]
+    for summary in summaries:
+        if "vs_best" not in summary:
+            continue
+        s, diffs = summary["setting"], summary["vs_best"]
+        best = statistics.fmean(summary["accuracy"][summary["best_peer"]].values())
+        ours = statistics.fmean(summary["accuracy"]["ours"].values())
+        probe = f"{min(summary['vs_probe']):+.1f}" if summary.get("vs_probe") else "-"
+        verdict = "yes" if statistics.fmean(diffs) >= -1.0 and (probe == "-" or min(summary["vs_probe"]) > 0) else "NO"
+        wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        table.append([
+            s["task"], s["optimizer"], f"{s['lr']:g}", str(s["k"]), f"`{summary['best_peer']}` {best:.1f}",
+            f"{ours:.1f}", f"{_msd(diffs)} ({wins}/{losses})", probe, verdict,
+        ])  # fmt: skip
+    header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "holds"]
+    lines += [markdown_table(header, table), "", *overview(summaries), "## Every recipe", ""]
+    for summary in summaries:
+        s = summary["setting"]
+        lines.append(f"**{s['task']}, {s['optimizer']}, head lr {s['lr']:g}, K={s['k']}, {s['epochs']} epochs**")
+        lines.append("")
+        rows_ = sorted(summary["accuracy"].items(), key=lambda item: -statistics.fmean(item[1].values()))
+        lines += [markdown_table(["recipe", "accuracy", "seeds"], [[f"`{r}`", _msd(list(v.values())), str(len(v))]
+                                                                    for r, v in rows_]), ""]  # fmt: skip
+    seconds = [row["seconds"] for row in rows]
+    lines += [f"{len(rows)} runs, {sum(seconds) / 3600:.1f} CPU-process hours.", ""]
+    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()), ""]
+    return "\n".join(lines)
 
-    diffs: dict[str, dict[str, Any]] = defaultdict(dict)
-    if best_peer:
+
+def overview(summaries: list[dict[str, Any]]) -> list[str]:
+    """Per task: every recipe's mean accuracy (rows) at each optimizer and head learning rate (columns)."""
+    from benchmarks.common import markdown_table
+
+    lines = []
+    for task in sorted({s["setting"]["task"] for s in summaries}):
+        chosen = sorted((s for s in summaries if s["setting"]["task"] == task),
+                        key=lambda s: (s["setting"]["optimizer"], s["setting"]["lr"], s["setting"]["k"]))  # fmt: skip
+        recipes = sorted({r for s in chosen for r in s["accuracy"]}, key=lambda r: (r.startswith("ours"), r))
+        header = ["recipe", *(f"{s['setting']['optimizer']} {s['setting']['lr']:g}" for s in chosen)]
+        table = [[f"`{r}`", *(f"{statistics.fmean(s['accuracy'][r].values()):.1f}" if r in s["accuracy"] else "-"
+                              for s in chosen)] for r in recipes]  # fmt: skip
         lines += [
-            "## Paired differences vs the best peer of each shift",
+            f"## Mean accuracy on `{task}` (K={chosen[0]['setting']['k']})",
             "",
-            "Percentage points, mean ± sd of the per-seed difference (wins/ties/losses over seeds). Best peer: "
-            + ", ".join(f"{shift}: `{peer}`" for shift, peer in best_peer.items())
-            + ". Sweep rows (`gradual:...`) are sorted by their worst shift.",
+            markdown_table(header, table),
             "",
         ]
-        table = []
-        for recipe in [r for r in recipes if r not in PEERS]:
-            cells = []
-            for shift in shifts:
-                d = paired(recipe, best_peer[shift], shift) if shift in best_peer else []
-                if not d:
-                    cells.append("-")
-                    continue
-                wins, ties = sum(x > 0 for x in d), sum(x == 0 for x in d)
-                cells.append(f"{_msd(d)} ({wins}/{ties}/{len(d) - wins - ties})")
-                diffs[recipe][shift] = {"vs": best_peer[shift], "diffs": d}
-            table.append([f"`{recipe}`", *cells])
-        lines += [markdown_table(["recipe", *shifts], table), ""]
+    return lines
 
-    adapted_comparisons = (
-        ("Frozen backbone with adapted statistics vs the better of 'BN training' and 'BN frozen'", "probe_adapted",
-         ("frozen_bn_training", "ours_probe"), "better_probe"),
-        ("GradualUnfreeze with adapted statistics vs without", "gradual_adapted", ("ours_gradual",), "ours_gradual"),
-    )  # fmt: skip
-    for title, family, bases, versus in adapted_comparisons:
-        table = []
-        members = [r for r in recipes if r == f"ours_{family}" or r.startswith(f"{family}:")]
-        for recipe in sorted(members, key=lambda r: adapted_prior(r) or -1.0):  # the preset first, then by prior
-            cells = []
-            for shift in shifts:
-                present = [b for b in bases if paired(recipe, b, shift)]
-                if not present:
-                    cells.append("-")
-                    continue
-                best = min(present, key=lambda b: statistics.fmean(paired(recipe, b, shift)))  # on the same seeds
-                d = paired(recipe, best, shift)
-                wins, ties = sum(x > 0 for x in d), sum(x == 0 for x in d)
-                cells.append(f"{_msd(d)} vs `{best}` ({wins}/{ties}/{len(d) - wins - ties})")
-                diffs[f"{recipe}_vs_{versus}"][shift] = {"vs": best, "diffs": d}
-            table.append([f"`{recipe}`", *cells])
-        if table:
-            lines += [f"## {title}", "", markdown_table(["recipe", *shifts], table), ""]
-    seconds = [row["seconds"] for row in rows.values()]
-    lines += [f"{len(rows)} runs, {sum(seconds) / 60:.1f} CPU-process minutes ({statistics.fmean(seconds):.1f} s/run)."]
-    env = environment()
-    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    summary = {
-        "epochs": epochs,
-        "command": command,
-        "accuracy_percent": {f"{r}|{s}": v for (r, s), v in acc.items()},
-        "mean_percent": {f"{r}|{s}": v for (r, s), v in mean.items()},
-        "best_peer": best_peer,
-        "paired_differences": diffs,
-        "environment": env,
-    }
-    return "\n".join(lines), summary
+
+def figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy against the head's learning rate, one panel per task and optimizer, for the BatchNorm question."""
+    from matplotlib.figure import Figure
+
+    curves = {"full": "full fine-tuning, BN training", "full_bn_frozen": "full fine-tuning, BN frozen",
+              "probe": "linear probe", "ours": "GradualUnfreeze()"}  # fmt: skip
+    summaries = [s for s in summarise(rows) if s["setting"]["k"] == min(row["k"] for row in rows)]
+    panels = sorted({(s["setting"]["task"], s["setting"]["optimizer"]) for s in summaries})
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    for axes, (task, optimizer) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        panel = [s for s in summaries if (s["setting"]["task"], s["setting"]["optimizer"]) == (task, optimizer)]
+        chosen = sorted(panel, key=lambda s: s["setting"]["lr"])
+        for recipe, label in curves.items():
+            points = [(s["setting"]["lr"], statistics.fmean(s["accuracy"][recipe].values())) for s in chosen
+                      if recipe in s["accuracy"]]  # fmt: skip
+            if points:
+                axes.plot(*zip(*points, strict=True), "o-", lw=2.5 if recipe == "ours" else 1.2, label=label)
+        axes.set(xscale="log", xlabel=f"head learning rate ({optimizer})", ylabel="test accuracy (%)", title=task,
+                 ylim=(0, 100))  # fmt: skip
+        axes.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7, loc="lower left")
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    from benchmarks.common import check_tables
+    from benchmarks.recipes import PEERS, REFERENCES, validate
+    from benchmarks.tasks import BENCHES
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--bench", choices=sorted(BENCHES), default="real")
+    parser.add_argument("--tasks", nargs="+", help="default: the bench's tasks (cnn, vit: the shifts)")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=["adamw"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3], help="the head's learning rates")
+    parser.add_argument("--ks", type=int, nargs="+", default=[10], help="labelled training images per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--recipes", nargs="+", default=[*PEERS, *REFERENCES, "ours"])
+    parser.add_argument("--epochs", type=int, help="default: 15 (real), 20 (cnn, vit)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
-    parser.add_argument("--raw", type=Path, default=HERE / "raw" / "transfer.jsonl", help="raw results (appended)")
-    parser.add_argument("--out", type=Path, default=HERE / "transfer", help="writes OUT.md and OUT.json")
-    parser.add_argument("--report-only", action="store_true", help="summarise the raw results without training")
-    parser.add_argument("--notes", type=Path, help="a Markdown file appended to OUT.md (the analysis)")
+    parser.add_argument("--raw", type=Path, help="default: benchmarks/raw/transfer_<bench>.jsonl")
+    parser.add_argument("--report", action="store_true", help="write benchmarks/transfer_<bench>.md from the raw runs")
+    parser.add_argument("--quick", action="store_true", help="every bench, one seed, 2 epochs, 3 recipes (CI)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
-        parsed = (gradual_kwargs(recipe), recipe_kwargs(recipe, "finetuning_scheduler"), adapted_prior(recipe))
-        if recipe not in RECIPES and all(value is None for value in parsed):
-            parser.error(f"unknown recipe {recipe!r}")
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.transfer " + " ".join(argv if argv is not None else [])
-    if argv is None:
-        import sys
-
-        command = "OMP_NUM_THREADS=1 python -m benchmarks.transfer " + " ".join(sys.argv[1:])
-    _init_worker()
-    done = _load(args.raw, args.epochs)
-    todo = [
-        (seed, shift, recipe, args.epochs)
-        for seed in args.seeds
-        for shift in args.shifts
-        for recipe in args.recipes
-        if (seed, shift, recipe) not in done
-    ]
-    if todo and not args.report_only:
-        from examples.digits import pretrained_backbone
-
-        pretrained_backbone()  # build the cache once, before the workers read it
-        print(f"{len(todo)} runs to do ({len(done)} already in {args.raw})", flush=True)
-        args.raw.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = {pool.submit(run_one, *task): task for task in todo}
-            for n, future in enumerate(as_completed(futures), start=1):
-                row = future.result()
-                with args.raw.open("a") as raw:
-                    raw.write(json.dumps(row) + "\n")
-                done[(row["seed"], row["shift"], row["recipe"])] = row
-                print(
-                    f"[{n}/{len(todo)} {time.perf_counter() - start:.0f}s] seed {row['seed']} {row['shift']:8}"
-                    f" {row['recipe']}: {100 * row['test_acc']:.1f}% ({row['seconds']:.1f}s)",
-                    flush=True,
-                )
-    rows = {key: row for key, row in done.items() if key[0] in args.seeds or args.report_only}
-    markdown, summary = report(rows, args.epochs, command.strip())
-    if args.notes is not None:
-        markdown += "\n" + args.notes.read_text()
-    args.out.with_suffix(".md").write_text(markdown)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(markdown)
+        try:
+            validate(recipe)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            for bench, tasks in BENCHES.items():
+                settings = [{"bench": bench, "task": tasks[0], "optimizer": "adamw", "lr": 1e-3, "k": 2, "epochs": 2,
+                             "seed": 0, "recipe": recipe, "fingerprint": fingerprint(recipe)}
+                            for recipe in ("full", "probe", "ours")]  # fmt: skip
+                run(settings, Path(tmp) / f"{bench}.jsonl", args.jobs)
+                text = report(bench, load(Path(tmp) / f"{bench}.jsonl"), "--quick")
+                print(text.split("## Every recipe")[0])
+                check_tables(text, 2, f"transfer --bench {bench}")  # the verdict and the setting's recipes
+        return
+    raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
+    if args.report:
+        rows = load(raw)
+        command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
+        (HERE / f"transfer_{args.bench}.md").write_text(report(args.bench, rows, command))
+        if args.bench == "real":
+            print(f"figure: {figure(rows, HERE / 'transfer_real.png')}")
+        print(f"report: {HERE / f'transfer_{args.bench}.md'}")
+        return
+    epochs = args.epochs or EPOCHS[args.bench]
+    settings = [
+        {"bench": args.bench, "task": task, "optimizer": optimizer, "lr": lr, "k": k, "epochs": epochs, "seed": seed,
+         "recipe": recipe, "fingerprint": fingerprint(recipe)}
+        for seed in args.seeds for task in args.tasks or BENCHES[args.bench] for optimizer in args.optimizers
+        for lr in args.lrs for k in args.ks for recipe in args.recipes
+    ]  # fmt: skip
+    run(settings, raw, args.jobs)
 
 
 if __name__ == "__main__":

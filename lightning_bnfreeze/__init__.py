@@ -16,7 +16,7 @@ from lightning_bnfreeze.blocks import Block, find_blocks
 from lightning_bnfreeze.freezer import NormFreezer, governing_parameters, norm_layer_names
 from lightning_bnfreeze.norm import freeze_norm, is_norm_frozen, is_norm_layer, named_norm_layers, unfreeze_norm
 from lightning_bnfreeze.plan import Blocks, LayerDecay, Schedule
-from lightning_bnfreeze.release import ReleaseRecord
+from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.triggers import At, Every, Moment, Plateau, Trigger
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ as in the paper it is left out: on the transfer benchmark it cost up to half a p
 During the pass, each chosen layer normalises with the statistics accumulated so far (blended, with
 the biased variance), so later layers see inputs close to what they will see in inference, and
 batches of any size work, even 1. Nothing else changes: no gradients, no other layer's state, the
-same modes and grad mode afterwards; if the pass fails, the statistics are left as they were.
+same modes and grad mode afterwards; if the pass fails, the statistics are left as they were. The pass
+runs eagerly also where the model is compiled: it compiles no graph.
 
 The sums live on the inputs' device, in float64, except on MPS, which has no float64: there they are
 float32, so a channel whose mean is large against its spread gets a less accurate variance.
@@ -198,7 +199,7 @@ def adapt_norm_statistics(
     used = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks accumulate in Python
             for batch in batches:
                 run(batch)
                 used += 1

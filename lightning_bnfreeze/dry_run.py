@@ -7,7 +7,8 @@ Two ways in::
 
 ``--batches-per-epoch N`` adds the learning rate of every param group at each epoch start and
 release; ``--preview lr.png`` also draws them, step by step. ``--help`` describes it all.
-:func:`main` returns the text it prints.
+:func:`main` returns the text it prints. This module reads the command line; the plans and previews are
+built in :mod:`lightning_bnfreeze.dry_run_plans`.
 """
 
 from __future__ import annotations
@@ -15,31 +16,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import logging
 import re
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-import lightning.pytorch as pl
-import torch
 import yaml  # type: ignore[import-untyped]
 from lightning_utilities.core.imports import RequirementCache
-from torch import nn
 
 from lightning_bnfreeze.adapt import AdaBN
-from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze
-from lightning_bnfreeze.cli import ClearErrorsCLI
+from lightning_bnfreeze.callbacks import GradualUnfreeze
+from lightning_bnfreeze.dry_run_plans import build_model, config_plan, model_plan
 from lightning_bnfreeze.names import closest_names
-from lightning_bnfreeze.norm_plan import norm_freeze_plan
 from lightning_bnfreeze.plan import Blocks, LayerDecay, Schedule, What
 from lightning_bnfreeze.release import NORM_MODES
 from lightning_bnfreeze.triggers import Every, Plateau, Trigger
 
-__all__ = ["StandIn", "build_model", "main", "model_plan", "release_object"]
+__all__ = ["build_model", "main", "model_plan", "release_object"]
 
 PROG = "python -m lightning_bnfreeze.dry_run"
 CLI_AVAILABLE = RequirementCache("jsonargparse[signatures]")
@@ -93,20 +86,6 @@ Examples:
   {PROG} --config examples/configs/gradual_unfreeze.yaml --batches-per-epoch 5"""
 
 
-class StandIn(pl.LightningModule):
-    """A LightningModule with ``model`` as its ``backbone``, a one-parameter ``head`` and AdamW at ``lr``."""
-
-    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.backbone = model
-        device = next(model.parameters(), torch.empty(0)).device
-        self.head = nn.Linear(1, 1, device=device)
-        self.lr = lr
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
 def main(args: Sequence[str] | None = None) -> str:
     """The dry run of ``args`` (default: the command line), as printed by ``python -m lightning_bnfreeze.dry_run``."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -123,58 +102,6 @@ def main(args: Sequence[str] | None = None) -> str:
     if given:
         parser.error(f"{', '.join(given)}: with --model SOURCE:NAME only; with --config, set it in the config.")
     return _config_plan(argv, parser)
-
-
-def model_plan(options: argparse.Namespace) -> str:
-    """``GradualUnfreeze(**arguments).dry_run(...)`` on the model of ``options.model`` (see :func:`build_model`),
-    and with ``options.batches_per_epoch``, the learning rates of its preview."""
-    own = ("model", "config", "max_epochs", "lr", "batches_per_epoch", "preview")
-    arguments = {key: value for key, value in vars(options).items() if key not in own}
-    callback = GradualUnfreeze(**arguments)
-    model = StandIn(build_model(options.model), options.lr)
-    parameters = sum(param.numel() for param in model.backbone.parameters())
-    given = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
-    text = (
-        f"GradualUnfreeze({given}) on {options.model} as `backbone` ({parameters:,} parameters; built on the meta"
-        f" device: no weights, no training):\n\n{callback.dry_run(model, options.max_epochs)}"
-    )
-    if options.batches_per_epoch is None:
-        return text
-    max_epochs, max_steps = _preview_end(callback, model, options.max_epochs, options.batches_per_epoch)
-    preview = callback.preview(model, options.batches_per_epoch, max_epochs, max_steps)
-    text += f"\n\nLearning rates ({options.batches_per_epoch} batches per epoch, AdamW at lr {options.lr:g}):"
-    text += f"\n{preview.table()}"
-    if options.preview is not None:
-        text += f"\nPlot: {preview.plot(options.preview)}"
-    return text
-
-
-def build_model(spec: str) -> nn.Module:
-    """The torchvision or timm model named ``torchvision:NAME`` or ``timm:NAME``, built on the meta device.
-
-    Raises:
-        ValueError: another source, or a name the library does not know (with the closest names).
-    """
-    source, _, name = spec.partition(":")
-    factory: Callable[[], nn.Module]
-    if source == "torchvision":
-        import torchvision  # type: ignore[import-untyped]
-
-        names = torchvision.models.list_models()
-        factory = lambda: torchvision.models.get_model(name, weights=None)  # noqa: E731
-    elif source == "timm":
-        import timm
-
-        names = timm.list_models()
-        factory = lambda: timm.create_model(name, pretrained=False)  # noqa: E731
-    else:
-        raise ValueError(f"`--model` must be torchvision:NAME or timm:NAME here, got {spec!r}.")
-    if name.partition(".")[0] not in names:  # timm accepts a pretrained tag: `vit_base_patch16_224.augreg_in21k`
-        close = closest_names(name, names)
-        hint = f" Closest names: {', '.join(close)}." if close else ""
-        raise ValueError(f"`--model` names the {source} model {name!r}, which {source} does not know.{hint}")
-    with torch.device("meta"):
-        return factory()
 
 
 def release_object(argument: str, text: str) -> object:
@@ -303,22 +230,6 @@ def _import_subclass(path: str, base: type) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, base) else None
 
 
-def _preview_end(callback: GradualUnfreeze, model: nn.Module, max_epochs: int, batches: int) -> tuple[int, int]:
-    """``max_epochs``, or else one epoch past the plan's last release, as ``(max_epochs, max_steps)``.
-
-    Raises:
-        ValueError: no ``max_epochs`` and release times that depend on the run (a metric).
-    """
-    if max_epochs >= 0:
-        return max_epochs, -1
-    times = callback.when.times(len(callback.plan(model).releases))
-    if not times:
-        raise ValueError(f"the preview of `when={callback.when!r}` needs an end: give --max-epochs N.")
-    if callback.when.unit == "step":
-        return -1, times[-1] + batches
-    return times[-1] + 1, -1
-
-
 # --------------------------------------------------------------------------------------------- --config
 
 
@@ -328,34 +239,7 @@ def _config_plan(argv: list[str], parser: argparse.ArgumentParser) -> str:
     options, args = _preview_options(argv)
     if options.preview is not None and options.batches_per_epoch is None:
         parser.error("--preview needs --batches-per-epoch N (training batches per epoch).")
-    cli = _lightning_cli(args)
-    configured = cli.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-    callbacks = [callback for callback in configured if isinstance(callback, GradualUnfreeze)]
-    max_epochs = cli.trainer.max_epochs if cli.trainer.max_epochs is not None else -1
-    tables = []
-    for callback in callbacks:
-        last = cli.trainer.max_steps if callback.when.unit == "step" else max_epochs
-        table = f"GradualUnfreeze(backbone={callback.backbone!r}):\n{callback.dry_run(cli.model, last)}"
-        if options.batches_per_epoch is not None:
-            trainer = cli.trainer
-            preview = callback.preview(
-                cli.model, options.batches_per_epoch, max_epochs, trainer.max_steps, trainer.accumulate_grad_batches
-            )
-            table += f"\n\nLearning rates ({options.batches_per_epoch} batches per epoch):\n{preview.table()}"
-            if options.preview is not None:
-                path = Path(options.preview)
-                path = path if len(callbacks) == 1 else path.with_stem(f"{path.stem}-{callback.backbone}")
-                table += f"\nPlot: {preview.plot(path)}"
-        tables.append(table)
-    tables += [
-        norm_freeze_plan(cli.model, callback.modules, callback.train_affine)
-        for callback in configured
-        if isinstance(callback, BNFreezeCallback)
-    ]
-    if not tables:
-        none = "No GradualUnfreeze or BNFreezeCallback in `trainer.callbacks`; BNFreezeCallback() would do this."
-        return f"{none}\n\n{norm_freeze_plan(cli.model)}"
-    return "\n\n".join(tables)
+    return config_plan(args, options, PROG)
 
 
 def _preview_options(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -365,33 +249,6 @@ def _preview_options(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--preview", default=None)
     options, rest = parser.parse_known_args(args)
     return options, rest
-
-
-def _lightning_cli(argv: list[str]) -> ClearErrorsCLI:
-    """LightningCLI's model and trainer of ``argv``, without Lightning's banners (GPU/TPU available, tips)."""
-    with _quiet("lightning.pytorch", "lightning.fabric"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # `argv` is the command line, parsed
-        return ClearErrorsCLI(
-            args=argv,
-            run=False,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            parser_kwargs={"prog": PROG, "description": "LightningCLI arguments"},
-        )
-
-
-@contextmanager
-def _quiet(*names: str) -> Iterator[None]:
-    """Only warnings and errors from these loggers meanwhile."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -19,21 +19,30 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = [
+    "DISTRIBUTED_CHECKPOINT_METADATA",
     "SCHEDULER_PER_GROUP_STATE",
     "SCHEDULER_SHARED_STATE",
-    "nested_schedulers",
-    "DISTRIBUTED_CHECKPOINT_METADATA",
     "BatchNormBase",
     "InstanceNormBase",
     "NormBase",
     "batches_done_in_epoch",
-    "callback_state_key",
     "before_checkpoint_load",
-    "forget_checkpoint_hook",
+    "callback_state_key",
+    "compile_module_with",
+    "compiled_call",
+    "compiled_original",
     "ddp_ignored_names",
     "ddp_process_group",
     "ddp_syncs_gradients",
+    "dynamo_counters",
+    "forget_checkpoint_hook",
+    "forget_compiled_call",
+    "lightning_compile_context",
+    "lightning_compiled",
+    "nested_schedulers",
     "parse_configure_optimizers",
+    "recompile_limits",
+    "set_recompile_limits",
     "sparse_nnz",
     "training_batches",
 ]
@@ -73,6 +82,79 @@ def nested_schedulers(scheduler: Any) -> list[Any]:
 def sparse_nnz(tensor: torch.Tensor) -> int:
     """The number of specified elements of a sparse COO tensor."""
     return int(tensor._nnz())
+
+
+def recompile_limits() -> tuple[int, int]:
+    """Dynamo's recompile limits: cache entries per code object (``torch._dynamo.config.recompile_limit``, called
+    ``cache_size_limit`` before torch 2.7), and over all regions of one (``accumulated_recompile_limit``)."""
+    config = _dynamo_config()
+    per_code, accumulated = _recompile_limit_names(config)
+    return int(getattr(config, per_code)), int(getattr(config, accumulated))
+
+
+def set_recompile_limits(per_code: int, accumulated: int) -> None:
+    """Set Dynamo's recompile limits (see :func:`recompile_limits`); read at each compile, also by compiled code."""
+    config = _dynamo_config()
+    names = _recompile_limit_names(config)
+    setattr(config, names[0], int(per_code))
+    setattr(config, names[1], int(accumulated))
+
+
+def _dynamo_config() -> Any:
+    import torch._dynamo
+
+    return torch._dynamo.config
+
+
+def _recompile_limit_names(config: Any) -> tuple[str, str]:
+    if hasattr(config, "recompile_limit"):
+        return "recompile_limit", "accumulated_recompile_limit"
+    return "cache_size_limit", "accumulated_cache_size_limit"  # torch < 2.7
+
+
+def dynamo_counters() -> dict[str, dict[str, int]]:
+    """A copy of Dynamo's event counters (``torch._dynamo.utils.counters``): ``["stats"]["unique_graphs"]``,
+    ``["frames"]["total"]``/``["ok"]``, and per reason the frames it ran uncompiled (``["unimplemented"]``, a
+    recompile-limit hit among them)."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(values) for group, values in counters.items()}
+
+
+def compiled_call(module: nn.Module) -> Callable[..., Any] | None:
+    """What a module compiled in place (``module.compile()``) runs instead of its ``__call__``, else ``None``."""
+    return getattr(module, "_compiled_call_impl", None)
+
+
+def forget_compiled_call(module: nn.Module) -> None:
+    """Undo ``module.compile()``: the module runs eagerly again."""
+    module._compiled_call_impl = None
+
+
+def compiled_original(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wraps (an ``OptimizedModule``'s ``_orig_mod``), else ``None``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return module._orig_mod if isinstance(module, OptimizedModule) else None
+
+
+def lightning_compiled(pl_module: nn.Module) -> bool:
+    """Whether the LightningModule came to the fit as ``torch.compile(model)`` (Lightning's ``from_compiled``
+    leaves its ``_compiler_ctx`` set, and its ``*_step`` and ``forward`` methods compiled)."""
+    return getattr(pl_module, "_compiler_ctx", None) is not None
+
+
+def lightning_compile_context(pl_module: nn.Module) -> Callable[[Callable[..., Any]], Callable[..., Any]] | None:
+    """For a LightningModule that came as ``torch.compile(model, **options)``: the function that compiles a function
+    with those options (the ``OptimizedModule``'s ``dynamo_ctx``, kept in ``_compiler_ctx``), else ``None``."""
+    context = getattr(pl_module, "_compiler_ctx", None)
+    return None if context is None else context["dynamo_ctx"]
+
+
+def compile_module_with(module: nn.Module, compiler: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """``module.compile()`` with ``compiler`` (a ``dynamo_ctx``) in place of ``torch.compile``: the module's calls run
+    ``compiler(module._call_impl)``, its names, parameters and state dict unchanged."""
+    module._compiled_call_impl = compiler(module._call_impl)
 
 
 def ddp_ignored_names(model: nn.Module) -> set[str]:

@@ -59,6 +59,27 @@ class What:
         return None
 
 
+def what_and_when(what: What | None, when: Trigger | None) -> tuple[What, Trigger | None]:
+    """``what`` (default: :class:`Blocks`) and the trigger of its releases: its own (an explicit schedule's), or
+    ``when`` (``None``: the caller's default).
+
+    Raises:
+        ValueError: not a :class:`What` or a :class:`~lightning_bnfreeze.triggers.Trigger`, or a ``when`` that an
+            explicit schedule leaves nothing to decide.
+    """
+    what = Blocks() if what is None else what
+    if not isinstance(what, What):
+        raise ValueError(f"`what` must be Blocks(...), Schedule(...) or LayerDecay(...), got {what!r}.")
+    if when is not None and not isinstance(when, Trigger):
+        raise ValueError(f"`when` must be Every(...), Plateau(...) or a Trigger subclass, got {when!r}.")
+    if when is not None and what.trigger() is not None:
+        raise ValueError(
+            f"`what={what!r}` gives each release its own time, so `when={when!r}` has nothing to decide:"
+            " leave `when` out, or name the blocks with `what=Blocks(names=[...])` to release them on `when`."
+        )
+    return what, what.trigger() or when
+
+
 def _check_names(value: object) -> list[str | list[str]] | None:
     """``Blocks``' ``names``: ``None`` or a non-empty list whose entries are names/globs or lists of them."""
     if value is None or callable(value):
@@ -172,9 +193,7 @@ class Schedule(What):
             backbone, a name listed twice or inside another listed one, a release of nothing.
     """
 
-    def __init__(
-        self, releases: Mapping[int | str, str | list[str]], unit: str = "epoch", decay: float = 1.0
-    ) -> None:
+    def __init__(self, releases: Mapping[int | str, str | list[str]], unit: str = "epoch", decay: float = 1.0) -> None:
         if not isinstance(releases, Mapping) or not releases:
             raise ValueError(
                 f"`releases` must map epochs (or steps) to the names released then, got {releases!r}: an empty"
@@ -182,7 +201,9 @@ class Schedule(What):
             )
         check_choice("unit", unit, UNITS)
         check_positive("decay", decay)
-        self.releases = {at: releases[key] for key, at in sorted(((key, _time(key)) for key in releases), key=lambda kv: kv[1])}
+        self.releases = {
+            at: releases[key] for key, at in sorted(((key, _time(key)) for key in releases), key=lambda kv: kv[1])
+        }
         for at, names in self.releases.items():
             as_name_list(names, f"releases[{at}]")
         self.unit = unit
@@ -259,5 +280,3 @@ def _check_no_overlap(name: str, at: int, explicit: dict[str, int]) -> None:
                 f"`releases[{at}]` holds {name!r}, which overlaps {other!r} of `releases[{other_at}]`:"
                 f" {inner!r} lies inside {outer!r}. List each name once, or use a glob."
             )
-
-

@@ -12,72 +12,24 @@ tells it where the fit stands; :mod:`lightning_bnfreeze.lr_preview` drives the s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_bnfreeze.checks import check_choice
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
-from lightning_bnfreeze.fsdp import register_sharded_parameters, squared_norm
+from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
+from lightning_bnfreeze.step_size import AUTO_STEP, FirstStep, momentum_of
 from lightning_bnfreeze.triggers import Moment, Trigger
 
-__all__ = ["AUTO_STEP", "NORM_MODES", "ReleaseRecord", "Unfreezer"]
+__all__ = ["NORM_MODES", "Unfreezer"]
 
 NORM_MODES = ("auto", "train", "frozen")
-AUTO_STEP = 0.002
-"""``bn="auto"``: a released block's norm layers train once its first optimizer step moved its weights by
-more than this (relative, momentum included); below it they keep frozen statistics (see the README)."""
-
-
-@dataclass(frozen=True)
-class ReleaseRecord:
-    """A release done: which one of the plan, when, why, at which rates, and where its groups sit in the optimizer.
-
-    ``step`` is the first optimizer step that trains it (``trainer.global_step`` at the release),
-    ``epoch`` the epoch it happened in, ``reason`` what the trigger answered (``"scheduled"``,
-    ``"plateau"``, ``"max_phase"``, ``"early_stopping"``, or a custom trigger's reason), ``value``
-    the monitored metric's value (``None`` for a scheduled release), ``train_norms`` whether its
-    norm layers train, ``lr_factors`` each part's learning rate relative to the head's.
-    """
-
-    index: int
-    epoch: int
-    step: int
-    reason: str
-    positions: tuple[int, ...] = ()
-    value: float | None = None
-    metric: str | None = None
-    train_norms: tuple[bool, ...] = ()
-    lr_factors: tuple[float, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only, so that checkpoints load with ``torch.load(weights_only=True)``."""
-        state = asdict(self)
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in state.items()}
-
-    @classmethod
-    def from_dict(cls, state: Mapping[str, Any]) -> ReleaseRecord:
-        fields: dict[str, Any] = {
-            key: tuple(value) if isinstance(value, list) else value for key, value in state.items()
-        }
-        return cls(**fields)
-
-    def when(self, unit: str) -> str:
-        """When and why, in words: ``"epoch 3"``, ``"step 40 (epoch 2), val_loss stopped improving at 0.41"``."""
-        when = f"epoch {self.epoch}" if unit == "epoch" else f"step {self.step} (epoch {self.epoch})"
-        value = "" if self.value is None else f" at {self.value:.4g}"
-        why = {
-            "scheduled": "",
-            "plateau": f", {self.metric} stopped improving{value}",
-            "max_phase": f", the phase reached `max_phase` ({self.metric}{value})",
-            "early_stopping": f", EarlyStopping on {self.metric} ran out of patience{value}: releasing instead",
-        }
-        return when + why.get(self.reason, f", {self.reason}{value}")
 
 
 class Unfreezer:
@@ -127,7 +79,7 @@ class Unfreezer:
         self._history: list[ReleaseRecord] = []
         self._last_release: tuple[float, int] | None = None
         self._undecided: list[tuple[int, int]] = []  # bn="auto": (release, part) whose first step is still to come
-        self._before: dict[tuple[int, int], list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self._before: dict[tuple[int, int], FirstStep] = {}
         self.max_step = max_step
         self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
 
@@ -215,8 +167,7 @@ class Unfreezer:
         factors = tuple(self.lr_scale * part.lr_factor for part in parts)
         added = self._add(index, moment.step, factors)
         trains = (self.bn == "train",) * len(parts)
-        if self.bn == "auto" or self.max_step is not None:
-            self._undecided += [(index, position) for position in range(len(parts))]
+        self._undecided += [(index, position) for position in range(len(parts))]
         epoch = int(moment.epoch) if epoch is None else epoch
         record = ReleaseRecord(
             index, epoch, moment.step, reason, self.groups.positions(added), value, metric, trains, factors
@@ -237,39 +188,41 @@ class Unfreezer:
         for index, position in self._undecided:
             if (index, position) not in self._before:
                 part = self.plan.releases[index][position]
-                weights = [params[name] for name in part.params if params[name].ndim >= 2]
-                self._before[index, position] = [(w, w.detach().clone()) for w in weights]
+                self._before[index, position] = FirstStep(params[name] for name in part.params)
 
-    def after_step(self, step: int) -> list[str]:
-        """After a batch, with ``step`` optimizer steps done: with ``bn="auto"``, decide the norm mode of the parts
-        whose first step is done.
+    def after_step(self, step: int) -> list[FirstStepNote]:
+        """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last
+        (:class:`~lightning_bnfreeze.step_size.FirstStep`), cap it (``max_step``), and with ``bn="auto"`` decide their
+        norm mode.
 
-        Returns a line for each part whose norm layers start training.
+        Returns a note for each part whose norm layers start training, and a warning for each part whose fixed
+        ``bn`` mode is one the real-weights benchmark saw fail at such a step size.
         """
         done = [key for key in self._undecided if key in self._before and self._history[key[0]].step < step]
-        if not done:
-            return []
-        lines = []
+        notes = []
         for index, position in done:
-            weights = self._before.pop((index, position))
             self._undecided.remove((index, position))
-            moved = squared_norm([w - before for w, before in weights]) ** 0.5
-            size = squared_norm([before for _, before in weights]) ** 0.5
-            change = moved / size / (1.0 - self._momentum()) if size > 0 else 0.0
+            change = self._before.pop((index, position)).change(momentum_of(self.groups.head))
             if self.max_step is not None and change > self.max_step:
                 self._scale_part(index, position, self.max_step / change)
                 change = self.max_step
-            if self.bn == "auto" and self._agree(change > AUTO_STEP):
+            part = self.plan.releases[index][position].name
+            large = self._agree(change > AUTO_STEP)
+            moved = f"{part}: its first step moved its weights by {change:.2%}"
+            if self.bn == "auto" and large:
                 record = self._history[index]
                 trains = tuple(train or i == position for i, train in enumerate(record.train_norms))
                 self._history[index] = replace(record, train_norms=trains)
-                part = self.plan.releases[index][position].name
-                lines.append(
-                    f"{part}: its first step moved its weights by {change:.2%} (> {AUTO_STEP:.1%}): its norm layers"
-                    " train from now on (frozen statistics do not hold at such rates)"
-                )
-        self.update_norms()
-        return lines
+                notes.append(FirstStepNote(f"{moved} (> {AUTO_STEP:.1%}): its norm layers train from now on", False))
+            elif self.bn == "frozen" and large:
+                advice = "frozen statistics collapsed to chance", "`bn='auto'` or a smaller `lr_scale`"
+                notes.append(FirstStepNote(f"{moved} (> {AUTO_STEP:.1%}) with `bn='frozen'`: {_failed(*advice)}", True))
+            elif self.bn == "train" and not large:
+                advice = "batch statistics fell below a linear probe", "`bn='auto'`"
+                notes.append(FirstStepNote(f"{moved} (< {AUTO_STEP:.1%}) with `bn='train'`: {_failed(*advice)}", True))
+        if done:
+            self.update_norms()
+        return notes
 
     def after_backward(self) -> None:
         """After a backward: reduce the released gradients a DDP reducer leaves out."""
@@ -336,11 +289,6 @@ class Unfreezer:
         for group in self._groups_of.get((index, position), []):
             group.lr_factor = factors[position]
 
-    def _momentum(self) -> float:
-        """The momentum of plain SGD-type optimizers (``1 / (1 - momentum)`` scales their steps), else 0."""
-        group = self.groups.head
-        return 0.0 if "betas" in group else float(group.get("momentum", 0.0) or 0.0)
-
     def update_norms(self) -> None:
         """Put the norm layers in the modes the releases give them (call when modules may have changed modes)."""
         if self.norms is None:
@@ -359,3 +307,7 @@ class Unfreezer:
             train if self.norms is None or self.norms.holds_norms(params[n] for n in part.params) else None
             for part, train in zip(parts, record.train_norms, strict=True)
         ]
+
+
+def _failed(what: str, fix: str) -> str:
+    return f"at such steps {what} on the real-weights benchmark (benchmarks/transfer_real.md); use {fix}"

@@ -17,3 +17,13 @@ def pytest_configure(config: pytest.Config) -> None:
         r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     ):
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
+
+
+CUDA_SUITE = "the CUDA suite (compile tests on CUDA, DDP over NCCL, FSDP2, AdaBN on CUDA)"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Without a GPU every test marked `cuda` skips here, from one place: `pytest -m cuda -rs` says so in one line.
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device: skipped {CUDA_SUITE}")

@@ -74,7 +74,7 @@ def main(out_dir: Path) -> None:
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = pl.Trainer(
         strategy="ddp",
-        accelerator="cpu",
+        accelerator=os.environ.get("GU_TEST_ACCELERATOR", "cpu"),  # "cuda": over NCCL (tests/test_cuda.py)
         devices=2,
         max_epochs=3,
         callbacks=[GradualUnfreeze(what=Schedule(SCHEDULE), lr_scale=0.5, bn="train")],
@@ -87,7 +87,7 @@ def main(out_dir: Path) -> None:
     torch.save(
         {
             "initial": initial,
-            "final": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "final": {name: p.detach().cpu().clone() for name, p in model.named_parameters()},
             "groups": [group.get("name") for group in trainer.optimizers[0].param_groups],
             "data_sum": model.data_sum,
             "lines": lines.lines,

@@ -2,7 +2,8 @@
 
 Usage: ``python -m tests.distributed_script OUT_DIR SCENARIO...`` from the repository root, started once per rank
 with ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set (so that one process pair runs every
-scenario in turn).
+scenario in turn). ``GU_TEST_ACCELERATOR=cuda`` runs them on GPUs over NCCL (``tests/test_cuda.py``; with one GPU on
+one rank, ``WORLD_SIZE=1``), deterministic cuDNN and no TF32.
 Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``:
 
 - ``ddp``, ``fsdp``: the same run (releases at epochs 1 and 2, AdaBN before the first step, ``BNFreezeCallback``
@@ -23,6 +24,7 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +43,8 @@ import lightning_bnfreeze.distributed
 from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
 
 RELEASES = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
+ACCELERATOR = os.environ.get("GU_TEST_ACCELERATOR", "cpu")
+WORLD = int(os.environ.get("WORLD_SIZE", "2"))
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -123,8 +127,8 @@ def full(tensor: Tensor) -> Tensor:
 def trainer(strategy: Any, max_epochs: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
         strategy=strategy,
-        accelerator="cpu",
-        devices=2,
+        accelerator=ACCELERATOR,
+        devices=WORLD,
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
@@ -214,7 +218,7 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     sharded = scenario != "ddp"
     model = ConvModel(sharded)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "ddp"
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
     probe = GroupsAtFitStart()
     callbacks = [
         GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2)),
@@ -242,7 +246,7 @@ def amp_run() -> dict[str, Any]:
     torch.manual_seed(0)
     model = LinearModel()
     probe = LocalGradients()
-    precision = MixedPrecision("16-mixed", "cpu")
+    precision = MixedPrecision("16-mixed", ACCELERATOR)
     fit = trainer("ddp", 3, [probe, GradualUnfreeze(what=Schedule({1: "backbone.1"}), bn="train")], plugins=[precision])
     fit.fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
     assert precision.scaler is not None
@@ -256,6 +260,10 @@ def amp_run() -> dict[str, Any]:
 
 def main(out_dir: Path, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
+    if ACCELERATOR == "cuda":  # as exact as on the CPU: a resumed run ends where the uninterrupted one does
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for scenario in scenarios:
         if scenario == "amp":
             result = amp_run()
@@ -264,7 +272,17 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
         else:
             result = conv_run(out_dir, scenario)
         rank = torch.distributed.get_rank()
-        torch.save(result, out_dir / f"{scenario}-rank{rank}.pt")
+        torch.save(_to_cpu(result), out_dir / f"{scenario}-rank{rank}.pt")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
 
 
 if __name__ == "__main__":

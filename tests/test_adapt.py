@@ -258,7 +258,8 @@ def test_statistics_are_accumulated_on_the_inputs_device() -> None:
     assert all(layer.running_mean.is_meta and layer.running_var.is_meta for layer in layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: skipped AdaBN on CUDA")
 def test_a_cuda_model_is_adapted_on_its_device() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).cuda()

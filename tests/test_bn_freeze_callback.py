@@ -7,6 +7,7 @@ start) show that the same checks fail without the library.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BackboneFinetuning, BaseFinetuning, Callback, ModelCheckpoint
+from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -510,6 +512,9 @@ def test_compiled_backbone(with_callback: bool, expected: str) -> None:
 # --------------------------------------------------------------------------------------------- Lightning's warning
 
 
+@pytest.mark.skipif(
+    not RequirementCache("lightning>=2.5.5"), reason="Lightning warns about modules in eval mode from 2.5.5 on"
+)
 def test_eval_mode_warning_is_detected_when_a_layer_starts_in_eval() -> None:
     """Baseline for the warning checks above: a norm layer left in eval before fit does trip it."""
     run = run_fit(build_module("toy"), [], before_fit=lambda trainer, model, dm: model.backbone.stem[1].eval())
@@ -622,3 +627,22 @@ trainer:
     assert callbacks[0].train_affine is False
     run = run_fit(cli.model, trainer=cli.trainer, datamodule=cli.datamodule)
     assert_frozen_throughout(run, list(norm_layers(cli.model)), batches=2)
+
+
+@pytest.mark.parametrize(("lr", "warns"), [(1.0, True), (1e-7, False)])
+def test_frozen_statistics_under_a_large_first_step_are_warned_about_in_one_line(lr: float, warns: bool) -> None:
+    """Frozen statistics with trainable weights around them: the run says when the first step is one the
+    real-weights benchmark saw collapse (relative change above AUTO_STEP), and nothing at a small step."""
+    from lightning_bnfreeze.step_size import AUTO_STEP
+
+    model = build_module("toy", lr=lr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([BNFreezeCallback(modules="backbone", train_affine=True)], max_steps=3).fit(
+            model, datamodule=ImageDataModule()
+        )
+    lines = [str(w.message) for w in caught if "collapsed to chance" in str(w.message)]
+    assert len(lines) == (1 if warns else 0)
+    if warns:
+        assert lines[0].startswith("BNFreezeCallback: the first step moved the trainable weights of ['backbone'] by")
+        assert f"(> {AUTO_STEP:.1%})" in lines[0] and "Lower their learning rate" in lines[0]

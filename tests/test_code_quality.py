@@ -1,4 +1,7 @@
-"""The code stays ruff- and mypy-clean (the project's configuration is in pyproject.toml)."""
+"""The layout holds: the plain-PyTorch core imports no Lightning, the callbacks load on first use.
+
+(ruff and mypy run as steps of ``.ci/run``, not as tests.)
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.parametrize(
-    "command",
-    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
-    ids=["ruff-check", "ruff-format", "mypy"],
-)
-def test_tool_is_clean(command: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 CORE = sorted(
     path.stem
     for path in (ROOT / "lightning_bnfreeze").glob("*.py")
-    if path.stem not in {"__init__", "cli", "dry_run", "pytorch_lightning"}
+    if path.stem not in {"__init__", "cli", "cli_config_errors", "dry_run", "dry_run_plans", "pytorch_lightning"}
 )
 
 

@@ -120,7 +120,8 @@ def test_a_schedule_may_name_a_parameter() -> None:
     [
         (lambda: Schedule({1: 42}), r"`releases\[1\]` is 42"),
         (lambda: Schedule({}), r"`releases` must map epochs.*got \{\}.*empty schedule"),
-        (lambda: Schedule({"1": "backbone.3"}), r"`releases` has the key '1'.*integers >= 0"),
+        (lambda: Schedule({"1.5": "backbone.3"}), r"`releases` has the key '1.5'.*integers >= 0"),
+        (lambda: Schedule({1.5: "backbone.3"}), r"`releases` has the key 1.5.*integers >= 0"),
         (lambda: GradualUnfreeze(backbone=""), r"`backbone` must be the name of a module.*got ''"),
         (lambda: Blocks(granularity="layers"), r"`granularity` must be one of.*'layers'"),
         (lambda: LayerDecay(granularity="layers"), r"`granularity` must be one of.*'layers'"),

@@ -131,6 +131,10 @@ def test_contrast_without_the_tie_a_closed_form_scheduler_breaks_the_ratio(monke
     assert len(ratio_errors(probe)) > 5
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10),
+    reason="before torch 2.10 LambdaLR zips its lambdas with the groups without a check: the failure is silent",
+)
 def test_contrast_without_extending_the_scheduler_it_fails_at_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(released_groups_module, "extend_for_new_group", lambda scheduler, ratio, template=0: None)
     with pytest.raises(ValueError, match="zip"):

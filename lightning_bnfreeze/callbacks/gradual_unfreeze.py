@@ -8,7 +8,7 @@ Releases a frozen backbone block by block, each block in its own param group at 
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+from contextlib import suppress
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,29 +18,38 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_bnfreeze.adapt import AdaBN
-from lightning_bnfreeze.blocks import check_block_order, format_blocks, forward_order
+from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
+from lightning_bnfreeze.blocks import format_blocks
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
-from lightning_bnfreeze.callbacks.early_stopping import is_early_stopping, monitored_now
-from lightning_bnfreeze.callbacks.preview import configure_on_copy
+from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
+from lightning_bnfreeze.callbacks.early_stopping import monitored_now
+from lightning_bnfreeze.callbacks.fit_checks import (
+    checks_on_train_epoch_end,
+    epochs_done,
+    warn_about_adapters,
+    warn_about_early_stopping,
+    warn_about_forward_order,
+    warn_about_late_releases,
+)
+from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
-from lightning_bnfreeze.checks import check_positive
+from lightning_bnfreeze.checks import check_integer
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import (
-    batches_done_in_epoch,
     before_checkpoint_load,
     callback_state_key,
     forget_checkpoint_hook,
 )
-from lightning_bnfreeze.lr_preview import Budget, LrPreview, simulate
-from lightning_bnfreeze.lr_schedulers import check_extendable
+from lightning_bnfreeze.lr_preview import Budget, LrPreview, SchedulerStep, simulate
 from lightning_bnfreeze.names import get_module
-from lightning_bnfreeze.plan import Blocks, LayerDecay, ReleasePlan, Schedule, What
+from lightning_bnfreeze.plan import Blocks, LayerDecay, ReleasePlan, Schedule, What, what_and_when
 from lightning_bnfreeze.plan_table import format_plan
-from lightning_bnfreeze.release import NORM_MODES, ReleaseRecord, Unfreezer
-from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule, pick_optimizer
+from lightning_bnfreeze.record import ReleaseRecord
+from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.released_groups import ReleasedGroups
 from lightning_bnfreeze.triggers import Every, Trigger
 
 __all__ = ["GradualUnfreeze"]
@@ -79,6 +88,18 @@ class GradualUnfreeze(NormFreezingCallback):
             step (:class:`~lightning_bnfreeze.AdaBN`); ``None`` (default): off.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
+        max_step: a cap on each released block's first optimizer step: when it moved the block's weights by
+            more than this (relative, momentum included, as for ``bn="auto"``), the block's learning rate is
+            scaled down from then on by the ratio, as a trust ratio would. ``None`` (default): no cap. See the
+            README's "Choosing BN mode and learning rates" for what it does on the benchmarks.
+        compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
+            release unit becomes a region of its own after ``configure_model`` (``dynamic=False``; blocks of one
+            class share their compiled code), so that no release recompiles the whole model and the fit never
+            falls back to eager; a model given as ``torch.compile(model, ...)`` gets its regions compiled with
+            that call's options, a ``torch.compile`` around the backbone in ``configure_model`` is replaced by
+            them. A dict: ``torch.compile``'s keyword arguments for the regions. ``False`` (default): nothing is
+            compiled; a model compiled as a whole gets the recompile limit its releases need, and one warning
+            line on what each release costs. See :mod:`lightning_bnfreeze.compile`.
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
@@ -110,40 +131,25 @@ class GradualUnfreeze(NormFreezingCallback):
         adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
         max_step: float | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        if not isinstance(backbone, str) or not backbone.strip():
-            raise ValueError(f"`backbone` must be the name of a module of the LightningModule, got {backbone!r}.")
-        what = Blocks() if what is None else what
-        if not isinstance(what, What):
-            raise ValueError(f"`what` must be Blocks(...), Schedule(...) or LayerDecay(...), got {what!r}.")
-        if when is not None and not isinstance(when, Trigger):
-            raise ValueError(f"`when` must be Every(...), Plateau(...) or a Trigger subclass, got {when!r}.")
-        if when is not None and what.trigger() is not None:
-            raise ValueError(
-                f"`what={what!r}` gives each release its own time, so `when={when!r}` has nothing to decide:"
-                " leave `when` out, or name the blocks with `what=Blocks(names=[...])` to release them on `when`."
-            )
-        check_positive("lr_scale", lr_scale)
-        if bn not in NORM_MODES:
-            raise ValueError(f"`bn` must be one of {NORM_MODES}, got {bn!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
-        if trainable is not None and (isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable)):
-            raise ValueError(f"`trainable` must be a list of parameter-name patterns, got {trainable!r}.")
-        if optimizer_index is not None and (
-            isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0
-        ):
-            raise ValueError(f"`optimizer_index` must be None or an integer >= 0, got {optimizer_index!r}.")
+        resolved, own_when = what_and_when(what, when)
+        self._params = BackboneParameters(backbone, () if trainable is None else trainable)
+        self._settings = ReleaseSettings(lr_scale, bn, warmup_steps, max_step)
+        if optimizer_index is not None:
+            check_integer("optimizer_index", optimizer_index, 0)
         self.backbone = backbone
-        self.what = what
-        self.when = what.trigger() or when or Every()
+        self.what: What = resolved
+        self.when = own_when or Every()
         self.lr_scale = lr_scale
         self.bn = bn
         self.warmup_steps = warmup_steps
-        self.trainable = list(trainable or [])
+        self.trainable = list(self._params.trainable)
         self.optimizer_index = optimizer_index
         self.max_step = max_step
         self._adaptation = TrainDataAdaptation(adapt, "GradualUnfreeze")
+        self.compile = compile
+        self._compilation = FitCompilation(check_compile_option(compile))
         self._plan: ReleasePlan | None = None
         self._unfreezer: Unfreezer | None = None
         self._saved: dict[str, Any] | None = None
@@ -172,7 +178,11 @@ class GradualUnfreeze(NormFreezingCallback):
     def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
         """The plan as text: the blocks found, each release (time, parts, parameters, learning-rate factor, group)."""
         plan = self.plan(pl_module)
-        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, self._groups_preview(pl_module))
+        groups = None  # the groups each part joins, if `configure_optimizers` runs on a copy without a trainer
+        if isinstance(pl_module, pl.LightningModule):
+            with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
+                groups = groups_preview(self._on_copy(pl_module, Budget(1, 1))[0])
+        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, groups)
         if not plan.blocks:
             return table
         return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(plan.blocks)}\n\nReleases:\n{table}"
@@ -193,11 +203,12 @@ class GradualUnfreeze(NormFreezingCallback):
         them, ``.plot(path)`` draws them (matplotlib: the ``plot`` extra).
         """
         budget = Budget(batches_per_epoch, max_epochs, max_steps, accumulate_grad_batches)
-        model, optimizers, schedulers = configure_on_copy(pl_module, self.backbone, budget)
-        optimizer = self._pick_optimizer(optimizers, model)
-        mine = [item for item in schedulers if item.scheduler.optimizer is optimizer]
-        unfreezer = self._make_unfreezer(model, self.plan(model), optimizer, [s.scheduler for s in mine], None)
-        return simulate(unfreezer, mine, budget)
+        return simulate(*self._on_copy(pl_module, budget), budget)
+
+    def _on_copy(self, pl_module: pl.LightningModule, budget: Budget) -> tuple[Unfreezer, list[SchedulerStep]]:
+        return unfreezer_on_copy(
+            pl_module, self._params, self.what, self.when, self._settings, self.optimizer_index, budget
+        )
 
     # ------------------------------------------------------------------------------------------ the fit
 
@@ -211,31 +222,26 @@ class GradualUnfreeze(NormFreezingCallback):
         self._saved = None
         self._adaptation.reset()
         self.when.reset()
-        self._check_at_epoch_end = _checks_on_train_epoch_end(trainer, self.when)
-        plain = [cb for cb in trainer.callbacks if is_early_stopping(cb) and not hasattr(cb, "releases_instead")]  # type: ignore[attr-defined]
-        if plain:
-            rank_zero_warn(
-                "GradualUnfreeze: Lightning's EarlyStopping stops the fit as usual, also while blocks are still frozen;"
-                " to release the next block instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
-            )
+        self._check_at_epoch_end = checks_on_train_epoch_end(trainer, self.when)
+        warn_about_early_stopping(trainer)
         after_configure_model(pl_module, lambda: self._plan_and_freeze(trainer, pl_module))
 
     def _plan_and_freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._plan = self.plan(pl_module)
-        self._check_forward_order(pl_module)
-        self._warn_about_late_releases(trainer)
-        self._warn_about_adapters(pl_module)
-        for param in self._frozen_parameters(pl_module):
+        self._plan = self._compilation.prepare(pl_module, self.backbone, self.plan)  # compiled as `compile` says
+        if getattr(self.what, "names", None) is None:
+            warn_about_forward_order(self._plan, pl_module)
+        warn_about_late_releases(self.when, self._plan, trainer)
+        warn_about_adapters(self._params.named(pl_module), self._params.is_trainable)
+        for param in self._params.to_freeze(pl_module):
             param.requires_grad = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before Lightning restores the optimizers from a checkpoint: the groups built here must be those saved.
         assert self._plan is not None
-        optimizer = self._pick_optimizer(trainer.optimizers, pl_module)
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        unfreezer = self._make_unfreezer(pl_module, self._plan, optimizer, schedulers, trainer)
-        backbone = [(name, p) for name, p in self._named_backbone(pl_module) if id(p) in unfreezer.frozen_ids]
+        optimizer = self._params.optimizer(trainer.optimizers, pl_module, self.optimizer_index)
+        unfreezer = self._make_unfreezer(trainer, pl_module, optimizer)
+        backbone = [(name, p) for name, p in self._params.named(pl_module) if id(p) in unfreezer.frozen_ids]
         for other in trainer.optimizers:
             if other is not optimizer:
                 ReleasedGroups(other).withdraw(backbone)
@@ -290,8 +296,13 @@ class GradualUnfreeze(NormFreezingCallback):
     ) -> None:
         if self._unfreezer is None:
             return
-        for line in self._unfreezer.after_step(trainer.global_step):
-            announce(trainer, f"GradualUnfreeze: {line}.")
+        notes = self._unfreezer.after_step(trainer.global_step)
+        for note in notes:
+            if note.warning:
+                rank_zero_warn(f"GradualUnfreeze: {note.text}.")
+            else:
+                announce(trainer, f"GradualUnfreeze: {note.text}.")
+        if notes:
             self.remember_statistics()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
         self._unfreezer.groups.tie_to_head(trainer.global_step)
@@ -334,47 +345,21 @@ class GradualUnfreeze(NormFreezingCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         forget_checkpoint_hook(trainer.strategy)  # a fit that failed before training started
+        self._compilation.close()
         if self._unfreezer is not None:
             self._unfreezer.close()
             self._unfreezer.norms = None
 
     # --------------------------------------------------------------------------------------- helpers
 
-    def _make_unfreezer(
-        self,
-        pl_module: nn.Module,
-        plan: ReleasePlan,
-        optimizer: Optimizer,
-        schedulers: list[Any],
-        trainer: pl.Trainer | None,
-    ) -> Unfreezer:
-        for scheduler in schedulers:
-            check_extendable(scheduler)
-        groups = ReleasedGroups(optimizer, schedulers, self.warmup_steps)
-        named = list(pl_module.named_parameters())
-        no_decay = getattr(get_module(pl_module, self.backbone, "backbone"), "no_weight_decay", lambda: ())()
-        groups.rule = origin_rule(optimizer, named, [f"{self.backbone}.{name}" for name in no_decay])
-        trainable = [p for name, p in self._named_backbone(pl_module) if self._is_trainable(name)]
-        agree = (lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)) if trainer else bool
-        gradients = GradientSync(trainer.strategy.model) if trainer is not None else None
-        unfreezer = Unfreezer(
-            pl_module, plan, self.when, groups, gradients, self.lr_scale, self.bn, trainable, agree, self.max_step
+    def _make_unfreezer(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: Optimizer) -> Unfreezer:
+        assert self._plan is not None
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+        agree = lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)  # noqa: E731
+        gradients = GradientSync(trainer.strategy.model)
+        return self._params.unfreezer(
+            pl_module, self._plan, self.when, optimizer, schedulers, self._settings, gradients, agree
         )
-        groups.withdraw((name, p) for name, p in self._named_backbone(pl_module) if id(p) in unfreezer.frozen_ids)
-        return unfreezer
-
-    def _named_backbone(self, pl_module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return list(get_module(pl_module, self.backbone, "backbone").named_parameters(prefix=self.backbone))
-
-    def _is_trainable(self, name: str) -> bool:
-        return any(fnmatchcase(name, pattern) for pattern in self.trainable)
-
-    def _frozen_parameters(self, pl_module: nn.Module) -> list[nn.Parameter]:
-        return [p for name, p in self._named_backbone(pl_module) if not self._is_trainable(name)]
-
-    def _pick_optimizer(self, optimizers: list[Optimizer], pl_module: nn.Module) -> Optimizer:
-        params = [p for _, p in self._named_backbone(pl_module)]
-        return pick_optimizer(optimizers, params, self.optimizer_index)
 
     def _running(self) -> Unfreezer:
         assert self._unfreezer is not None, "GradualUnfreeze: no fit in progress"
@@ -393,7 +378,9 @@ class GradualUnfreeze(NormFreezingCallback):
         """Releases of the plan not done yet in the fit in progress (0 outside a fit)."""
         return len(self._unfreezer.remaining) if self._unfreezer is not None else 0
 
-    def release_next(self, trainer: pl.Trainer, reason: str, metric: str | None = None, value: float | None = None) -> bool:
+    def release_next(
+        self, trainer: pl.Trainer, reason: str, metric: str | None = None, value: float | None = None
+    ) -> bool:
         """Release the plan's next release now (one per check: ``True`` too if one happened at this step already).
 
         For callbacks that decide releases themselves, such as :class:`~lightning_bnfreeze.ReleasingEarlyStopping`;
@@ -403,7 +390,7 @@ class GradualUnfreeze(NormFreezingCallback):
         if unfreezer is None or not unfreezer.remaining:
             return False
         if not self._released_at(trainer):
-            moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+            moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
             record = unfreezer.release(moment, reason, value, metric, trainer.current_epoch)
             self._released(trainer, trainer.lightning_module, record)
         return True
@@ -414,7 +401,7 @@ class GradualUnfreeze(NormFreezingCallback):
             return
         if unfreezer.trigger.checked_at != "metrics" or not unfreezer.remaining or self._released_at(trainer):
             return
-        moment = unfreezer.moment(_epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+        moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
         reason = unfreezer.trigger.check(moment)
         # every rank releases when any says so: param groups stay identical across ranks
         if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
@@ -450,75 +437,3 @@ class GradualUnfreeze(NormFreezingCallback):
             self._adaptation.run(trainer, pl_module, self._freezer.layers)
         self.remember_statistics()
         self._unsettled = False
-
-    def _check_forward_order(self, pl_module: pl.LightningModule) -> None:
-        """With found blocks and an ``example_input_array``, warn if the forward pass runs them in another order."""
-        example = pl_module.example_input_array
-        plan = self._plan
-        if plan is None or not plan.blocks or example is None or isinstance(example, dict):
-            return
-        if getattr(self.what, "names", None) is not None:
-            return
-        inputs = example if isinstance(example, tuple) else (example,)
-        message = check_block_order(plan.blocks, forward_order(pl_module, *inputs))
-        if message is not None:
-            rank_zero_warn(f"GradualUnfreeze: {message} Name them with `what=Blocks(names=[...])` (input side first).")
-
-    def _warn_about_late_releases(self, trainer: pl.Trainer) -> None:
-        assert self._plan is not None
-        unit = self.when.unit
-        last = trainer.max_steps if unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
-        times = self.when.times(len(self._plan.releases)) or []
-        late = [time for time in times if time >= last >= 0]
-        if late:
-            rank_zero_warn(
-                f"GradualUnfreeze: release {unit}(s) {late} are at or past `max_{unit}s={last}`:"
-                " those blocks will never train."
-            )
-
-    def _warn_about_adapters(self, pl_module: nn.Module) -> None:
-        """A few backbone parameters that require grad among many that do not: an adapter (LoRA) set up by hand."""
-        named = self._named_backbone(pl_module)
-        wanted = [(name, p) for name, p in named if p.requires_grad and not self._is_trainable(name)]
-        if wanted and 2 * sum(p.numel() for _, p in wanted) < sum(p.numel() for _, p in named):
-            names = [name for name, _ in wanted]
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            rank_zero_warn(
-                f"GradualUnfreeze: {len(names)} backbone parameter(s) require grad while most do not ({shown}):"
-                " an adapter? They are frozen until their block is released; to train them from the first step,"
-                f" name them in `trainable` (e.g. trainable={names[:1]!r})."
-            )
-
-    def _groups_preview(self, pl_module: nn.Module) -> dict[str, list[str]] | None:
-        """Part name -> the user's param groups its parameters take their hyperparameters from, if
-        ``configure_optimizers`` runs on a copy of the model without a trainer; else ``None``."""
-        if not isinstance(pl_module, pl.LightningModule):
-            return None
-        try:
-            model, optimizers, _ = configure_on_copy(pl_module, self.backbone, Budget(1, 1))
-        except (AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
-            return None
-        plan = self.plan(model)
-        groups = self._make_unfreezer(model, plan, self._pick_optimizer(optimizers, model), [], None).groups
-        params = dict(model.named_parameters())
-        return {
-            part.name: sorted({groups.origin_label(params[name]) for name in part.params})
-            for parts in plan.releases
-            for part in parts
-        }
-
-
-def _checks_on_train_epoch_end(trainer: pl.Trainer, trigger: Trigger) -> bool:
-    """``EarlyStopping``'s rule: at the training epoch end when validation runs once per epoch (or never),
-    else after each validation; a trigger's ``check_on_train_epoch_end`` (``True``/``False``) overrides it."""
-    setting = getattr(trigger, "check_on_train_epoch_end", None)
-    if setting is not None:
-        return bool(setting)
-    return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
-
-
-def _epochs_done(trainer: pl.Trainer) -> float:
-    """Epochs trained so far: the current epoch plus the fraction of its batches done."""
-    total = trainer.num_training_batches
-    fraction = batches_done_in_epoch(trainer) / total if 0 < total < float("inf") else 0.0
-    return trainer.current_epoch + min(fraction, 1.0)

@@ -8,11 +8,15 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 from torch.optim import Optimizer
 
+from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.freezer import set_requires_grad
 from lightning_bnfreeze.internals import parse_configure_optimizers
 from lightning_bnfreeze.lr_preview import Budget, SchedulerStep
+from lightning_bnfreeze.plan import What
+from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.triggers import Trigger
 
-__all__ = ["configure_on_copy"]
+__all__ = ["configure_on_copy", "groups_preview", "unfreezer_on_copy"]
 
 
 @dataclass
@@ -67,3 +71,31 @@ def configure_on_copy(
     optimizers, configs = parse_configure_optimizers(configured)
     steps = [SchedulerStep(c.scheduler, c.interval, c.frequency, c.reduce_on_plateau) for c in configs]
     return model, optimizers, steps
+
+
+def unfreezer_on_copy(
+    pl_module: pl.LightningModule,
+    params: BackboneParameters,
+    what: What,
+    trigger: Trigger,
+    settings: ReleaseSettings,
+    optimizer_index: int | None,
+    budget: Budget,
+) -> tuple[Unfreezer, list[SchedulerStep]]:
+    """The :class:`~lightning_bnfreeze.release.Unfreezer` a fit of ``budget`` would run, on a copy of ``pl_module``
+    (:func:`configure_on_copy`), and the LR schedulers of its optimizer."""
+    model, optimizers, schedulers = configure_on_copy(pl_module, params.name, budget)
+    optimizer = params.optimizer(optimizers, model, optimizer_index)
+    mine = [step for step in schedulers if step.scheduler.optimizer is optimizer]
+    plan = what.plan(model, params.name)
+    return params.unfreezer(model, plan, trigger, optimizer, [step.scheduler for step in mine], settings), mine
+
+
+def groups_preview(unfreezer: Unfreezer) -> dict[str, list[str]]:
+    """Part name -> the user's param groups its parameters take their hyperparameters from."""
+    params = dict(unfreezer.root.named_parameters())
+    return {
+        part.name: sorted({unfreezer.groups.origin_label(params[name]) for name in part.params})
+        for parts in unfreezer.plan.releases
+        for part in parts
+    }

@@ -1,0 +1,86 @@
+"""What ``GradualUnfreeze`` checks and warns about when a fit starts, and when it checks metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_bnfreeze.blocks import check_block_order, forward_order
+from lightning_bnfreeze.callbacks.early_stopping import is_early_stopping
+from lightning_bnfreeze.internals import batches_done_in_epoch
+from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.triggers import Trigger
+
+__all__ = [
+    "checks_on_train_epoch_end",
+    "epochs_done",
+    "warn_about_adapters",
+    "warn_about_early_stopping",
+    "warn_about_forward_order",
+    "warn_about_late_releases",
+]
+
+
+def warn_about_early_stopping(trainer: pl.Trainer) -> None:
+    """Lightning's own ``EarlyStopping`` among the callbacks: it stops the fit while blocks are still frozen."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    if any(is_early_stopping(cb) and not hasattr(cb, "releases_instead") for cb in callbacks):
+        rank_zero_warn(
+            "GradualUnfreeze: Lightning's EarlyStopping stops the fit as usual, also while blocks are still frozen;"
+            " to release the next block instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
+        )
+
+
+def warn_about_forward_order(plan: ReleasePlan, pl_module: pl.LightningModule) -> None:
+    """With found blocks and an ``example_input_array``, warn if the forward pass runs them in another order."""
+    example = pl_module.example_input_array
+    if not plan.blocks or example is None or isinstance(example, dict):
+        return
+    inputs = example if isinstance(example, tuple) else (example,)
+    message = check_block_order(plan.blocks, forward_order(pl_module, *inputs))
+    if message is not None:
+        rank_zero_warn(f"GradualUnfreeze: {message} Name them with `what=Blocks(names=[...])` (input side first).")
+
+
+def warn_about_late_releases(trigger: Trigger, plan: ReleasePlan, trainer: pl.Trainer) -> None:
+    """Releases due at or after the fit's last epoch or step: those blocks would never train."""
+    unit = trigger.unit
+    last = trainer.max_steps if unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
+    late = [time for time in trigger.times(len(plan.releases)) or [] if time >= last >= 0]
+    if late:
+        rank_zero_warn(
+            f"GradualUnfreeze: release {unit}(s) {late} are at or past `max_{unit}s={last}`:"
+            " those blocks will never train."
+        )
+
+
+def warn_about_adapters(named: list[tuple[str, nn.Parameter]], is_trainable: Callable[[str], bool]) -> None:
+    """A few backbone parameters that require grad among many that do not: an adapter (LoRA) set up by hand."""
+    wanted = [(name, p) for name, p in named if p.requires_grad and not is_trainable(name)]
+    if wanted and 2 * sum(p.numel() for _, p in wanted) < sum(p.numel() for _, p in named):
+        names = [name for name, _ in wanted]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        rank_zero_warn(
+            f"GradualUnfreeze: {len(names)} backbone parameter(s) require grad while most do not ({shown}):"
+            " an adapter? They are frozen until their block is released; to train them from the first step,"
+            f" name them in `trainable` (e.g. trainable={names[:1]!r})."
+        )
+
+
+def checks_on_train_epoch_end(trainer: pl.Trainer, trigger: Trigger) -> bool:
+    """``EarlyStopping``'s rule: at the training epoch end when validation runs once per epoch (or never),
+    else after each validation; a trigger's ``check_on_train_epoch_end`` (``True``/``False``) overrides it."""
+    setting = getattr(trigger, "check_on_train_epoch_end", None)
+    if setting is not None:
+        return bool(setting)
+    return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
+
+def epochs_done(trainer: pl.Trainer) -> float:
+    """Epochs trained so far: the current epoch plus the fraction of its batches done."""
+    total = trainer.num_training_batches
+    fraction = batches_done_in_epoch(trainer) / total if 0 < total < float("inf") else 0.0
+    return trainer.current_epoch + min(fraction, 1.0)

@@ -1,0 +1,62 @@
+"""The records of releases: what the history of a fit holds, and what a released part's first step said."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+__all__ = ["FirstStepNote", "ReleaseRecord"]
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A release done: which one of the plan, when, why, at which rates, and where its groups sit in the optimizer.
+
+    ``step`` is the first optimizer step that trains it (``trainer.global_step`` at the release),
+    ``epoch`` the epoch it happened in, ``reason`` what the trigger answered (``"scheduled"``,
+    ``"plateau"``, ``"max_phase"``, ``"early_stopping"``, or a custom trigger's reason), ``value``
+    the monitored metric's value (``None`` for a scheduled release), ``train_norms`` whether its
+    norm layers train, ``lr_factors`` each part's learning rate relative to the head's.
+    """
+
+    index: int
+    epoch: int
+    step: int
+    reason: str
+    positions: tuple[int, ...] = ()
+    value: float | None = None
+    metric: str | None = None
+    train_norms: tuple[bool, ...] = ()
+    lr_factors: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so that checkpoints load with ``torch.load(weights_only=True)``."""
+        state = asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in state.items()}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> ReleaseRecord:
+        fields: dict[str, Any] = {
+            key: tuple(value) if isinstance(value, list) else value for key, value in state.items()
+        }
+        return cls(**fields)
+
+    def when(self, unit: str) -> str:
+        """When and why, in words: ``"epoch 3"``, ``"step 40 (epoch 2), val_loss stopped improving at 0.41"``."""
+        when = f"epoch {self.epoch}" if unit == "epoch" else f"step {self.step} (epoch {self.epoch})"
+        value = "" if self.value is None else f" at {self.value:.4g}"
+        why = {
+            "scheduled": "",
+            "plateau": f", {self.metric} stopped improving{value}",
+            "max_phase": f", the phase reached `max_phase` ({self.metric}{value})",
+            "early_stopping": f", EarlyStopping on {self.metric} ran out of patience{value}: releasing instead",
+        }
+        return when + why.get(self.reason, f", {self.reason}{value}")
+
+
+class FirstStepNote(NamedTuple):
+    """What :meth:`Unfreezer.after_step` has to say about a released part's first step."""
+
+    text: str
+    warning: bool
