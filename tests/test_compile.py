@@ -121,6 +121,19 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randint(0, 4, (16,), generator=generator)), batch_size=8)
 
 
+def quiet_trainer(max_epochs: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        **kwargs,
+    )
+
+
 class Probe(Callback):
     """Per training epoch, the graphs compiled; at every epoch end, whether the norm layers frozen then (their
     parameters do not require grad) still hold the statistics they had when training started, bitwise."""
@@ -159,17 +172,7 @@ def fit(
     model = Model().to(device)
     callback = GradualUnfreeze(compile=compiled, **callback_kwargs)
     probe = Probe()
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[callback, probe],
-        accelerator=device,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-    )
+    trainer = quiet_trainer(epochs, [callback, probe], accelerator=device, devices=1)
     before = compile_counts()
     trainer.fit(torch.compile(model) if compiled else model, loader(), loader(), ckpt_path=ckpt_path)
     if save is not None:
@@ -255,15 +258,7 @@ def whole_model_fit(budget_off: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[
         monkeypatch.setattr(compiling, "whole_model_budget", lambda releases: 0)
     model = Model()
     callback = GradualUnfreeze(what=Blocks(per_release=1, granularity="block"))
-    trainer = pl.Trainer(
-        max_epochs=7,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-    )
+    trainer = quiet_trainer(7, [callback])
     before = compile_counts()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -292,15 +287,7 @@ def test_a_compile_around_the_backbone_in_configure_model_is_replaced_by_regions
     model = Model(wrap)
     names = [name for name, _ in model.named_parameters()]
     callback = GradualUnfreeze(what=Blocks(per_release=1, granularity="block"), compile={"backend": "eager"})
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-    )
+    trainer = quiet_trainer(2, [callback])
     before = compile_counts()
     trainer.fit(model, loader(), loader())
     assert (compile_counts() - before).limit_hits == 0

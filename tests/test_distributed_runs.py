@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 7)
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
-SCENARIOS = ("ddp", "amp", "ddp_unused", *(("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_unused") if FSDP2_ON_CPU else ()))
+FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume") if FSDP2_ON_CPU else ()
+SCENARIOS = ("ddp", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()))
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
@@ -92,8 +93,9 @@ def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[
 def test_fsdp2_resumes_exactly_from_a_distributed_checkpoint(runs: dict[str, list[dict[str, Any]]]) -> None:
     (stopped, _), (resumed, resumed_rank1), (uninterrupted, _) = runs["fsdp_stop"], runs["fsdp_resume"], runs["fsdp"]
     assert [name for name, _ in stopped["groups"]] == ["head", "backbone.3"]
-    # ModelParallelStrategy restores the optimizers after `on_fit_start`: the released groups exist by then
-    assert resumed["groups_at_fit_start"] == resumed_rank1["groups_at_fit_start"] == ["head", "backbone.3"]
+    # ModelParallelStrategy restores after `on_fit_start`: the released groups are added right before it loads the
+    # optimizers' state (which fails on a missing group), so a probe at `on_fit_start` sees the head alone
+    assert resumed["groups_at_fit_start"] == resumed_rank1["groups_at_fit_start"] == ["head"]
     assert uninterrupted["groups_at_fit_start"] == ["head"]
     assert resumed["groups"] == uninterrupted["groups"]
     assert max_difference(resumed["final"], uninterrupted["final"]) == 0.0

@@ -74,8 +74,8 @@ class GradualUnfreeze(NormFreezingCallback):
         when: when the next release happens: :class:`~lightning_bnfreeze.Every` (default: every epoch
             from epoch 1, the head training alone first), :class:`~lightning_bnfreeze.Plateau`, or your
             own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
-        lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). The
-            default, 1.0, is the best of the benchmarks on real pretrained weights (see the README).
+        lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
+            1.0: on the real-weights benchmark no reduced rate held at every head learning rate (README).
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics while the
             block moves slowly, batch statistics from its first step if that step moved its weights by
             more than 0.2 %; ``"train"``: batch statistics, as without freezing; ``"frozen"``: inference
