@@ -254,7 +254,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     curves = {"full": "full fine-tuning, BN training", "full_bn_frozen": "full fine-tuning, BN frozen",
-              "probe": "linear probe", "ours": "GradualUnfreeze()"}  # fmt: skip
+              "probe": "linear probe", "llrd": "layer-wise LR decay 0.75", "ours": "GradualUnfreeze()"}  # fmt: skip
     summaries = [s for s in summarise(rows) if s["setting"]["k"] == min(row["k"] for row in rows)]
     panels = sorted({(s["setting"]["task"], s["setting"]["optimizer"]) for s in summaries})
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
@@ -266,7 +266,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
                       if recipe in s["accuracy"]]  # fmt: skip
             if points:
                 axes.plot(*zip(*points, strict=True), "o-", lw=2.5 if recipe == "ours" else 1.2, label=label)
-        axes.set(xscale="log", xlabel=f"head learning rate ({optimizer})", ylabel="test accuracy (%)", title=task,
+        axes.set(xscale="log", xlabel=f"head learning rate ({optimizer})", ylabel="test accuracy (%)",
+                 title=f"{task}, {optimizer}",
                  ylim=(0, 100))  # fmt: skip
         axes.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7, loc="lower left")
