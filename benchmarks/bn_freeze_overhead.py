@@ -77,7 +77,7 @@ from lightning_bnfreeze import (
 )
 
 # What `BNFreezeCallback` reads of the trainer outside a fit (`setup`, `on_train_start`, its batch hook).
-STUB_TRAINER = cast(pl.Trainer, SimpleNamespace(callbacks=[]))
+STUB_TRAINER = cast(pl.Trainer, SimpleNamespace(callbacks=[], optimizers=[]))
 
 
 def norm_layers(module: nn.Module) -> list[nn.Module]:

@@ -237,11 +237,15 @@ def overview(summaries: list[dict[str, Any]]) -> list[str]:
         chosen = sorted((s for s in summaries if s["setting"]["task"] == task),
                         key=lambda s: (s["setting"]["optimizer"], s["setting"]["lr"], s["setting"]["k"]))  # fmt: skip
         recipes = sorted({r for s in chosen for r in s["accuracy"]}, key=lambda r: (r.startswith("ours"), r))
-        header = ["recipe", *(f"{s['setting']['optimizer']} {s['setting']['lr']:g}" for s in chosen)]
+        several_ks = len({s["setting"]["k"] for s in chosen}) > 1
+        header = ["recipe"] + [
+            f"{s['setting']['optimizer']} {s['setting']['lr']:g}" + (f" K={s['setting']['k']}" if several_ks else "")
+            for s in chosen
+        ]
         table = [[f"`{r}`", *(f"{statistics.fmean(s['accuracy'][r].values()):.1f}" if r in s["accuracy"] else "-"
                               for s in chosen)] for r in recipes]  # fmt: skip
         lines += [
-            f"## Mean accuracy on `{task}` (K={chosen[0]['setting']['k']})",
+            f"## Mean accuracy on `{task}`" + ("" if several_ks else f" (K={chosen[0]['setting']['k']})"),
             "",
             markdown_table(header, table),
             "",
@@ -255,7 +259,8 @@ def figure(rows: list[dict[str, Any]], path: Path) -> Path:
 
     curves = {"full": "full fine-tuning, BN training", "full_bn_frozen": "full fine-tuning, BN frozen",
               "probe": "linear probe", "llrd": "layer-wise LR decay 0.75", "ours": "GradualUnfreeze()"}  # fmt: skip
-    summaries = [s for s in summarise(rows) if s["setting"]["k"] == min(row["k"] for row in rows)]
+    ks = [row["k"] for row in rows]
+    summaries = [s for s in summarise(rows) if s["setting"]["k"] == max(set(ks), key=ks.count)]  # the main K
     panels = sorted({(s["setting"]["task"], s["setting"]["optimizer"]) for s in summaries})
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     for axes, (task, optimizer) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
@@ -308,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run(settings, Path(tmp) / f"{bench}.jsonl", args.jobs)
                 text = report(bench, load(Path(tmp) / f"{bench}.jsonl"), "--quick")
                 print(text.split("## Every recipe")[0])
-                check_tables(text, 2, f"transfer --bench {bench}")  # the verdict and the setting's recipes
+                check_tables(text, 3, f"transfer --bench {bench}")  # the verdict, the overview, the setting's recipes
         return
     raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
     if args.report:
