@@ -187,7 +187,7 @@ def test_recompile_limits_are_the_ones_dynamo_falls_back_to_eager_at_and_dynamo_
     compiled = torch.compile(linear.forward, backend="eager", dynamic=False)
     previous = internals.recompile_limits()
     with relies_on("recompile_limits", "torch._dynamo.config.recompile_limit (cache_size_limit before torch 2.7)"):
-        assert previous[0] >= 1 and previous[1] >= previous[0]
+        assert previous[0] >= 1 and previous[1] >= 1  # (another library may have raised one of them alone)
     try:
         internals.set_recompile_limits(2, previous[1])
         with relies_on("set_recompile_limits", "torch._dynamo.config.recompile_limit, read at each compile"):
