@@ -123,6 +123,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     adapt_norm_statistics(with_prior, [with_prior], batches, prior=4.0)
     state = {"mean": bn.running_mean, "var": bn.running_var, "prior_mean": with_prior.running_mean}
     torch.save({**state, "prior_var": with_prior.running_var, "inputs": batches}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 
