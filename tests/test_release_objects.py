@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import pytest
@@ -420,6 +421,18 @@ def test_layer_decay_releases_every_block_at_once_decayed_with_depth() -> None:
         ("backbone.1", 0.5),
         ("backbone.0", 0.25),
     ]
+
+
+def test_the_release_line_pairs_each_part_with_its_own_rate() -> None:
+    """With layer decay the parts get different rates: the line names each part next to the rate its group has."""
+    u = unfreezer(what=LayerDecay(0.5), lr_scale=1.0)
+    [record] = u.advance(u.moment(1, 4), "epoch")
+    line = u.describe(record)
+    rates = {g["name"]: g["lr"] for g in u.groups.optimizer.param_groups}
+    described = re.findall(r"(backbone\.\d) \([\d,]+ params, lr ([\d.e-]+) = ([\d.]+) x head", line)
+    assert [name for name, _, _ in described] == ["backbone.3", "backbone.1", "backbone.0"]
+    for name, lr, factor in described:
+        assert float(lr) == pytest.approx(rates[name], rel=1e-3) and float(factor) == pytest.approx(rates[name] / 0.1)
 
 
 # --------------------------------------------------------------------------------------------- released groups
