@@ -94,6 +94,9 @@ def main(out_dir: Path) -> None:
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
+    if torch.distributed.is_initialized():  # gloo's threads must not outlive the group (a SIGABRT at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

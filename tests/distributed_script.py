@@ -273,6 +273,9 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
             result = conv_run(out_dir, scenario)
         rank = torch.distributed.get_rank()
         torch.save(_to_cpu(result), out_dir / f"{scenario}-rank{rank}.pt")
+    if torch.distributed.is_initialized():  # gloo's threads must not outlive the group (a SIGABRT at exit in CI)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _to_cpu(value: Any) -> Any:
