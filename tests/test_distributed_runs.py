@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from lightning_utilities.core.imports import RequirementCache
 
 REPO = Path(__file__).resolve().parents[1]
-FSDP2_ON_CPU = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 7)
+FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
 FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume") if FSDP2_ON_CPU else ()

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning_utilities.core.imports import RequirementCache
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as sched
 
@@ -132,7 +133,7 @@ def test_contrast_without_the_tie_a_closed_form_scheduler_breaks_the_ratio(monke
 
 
 @pytest.mark.skipif(
-    tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 10),
+    not RequirementCache("torch>=2.10"),
     reason="before torch 2.10 LambdaLR zips its lambdas with the groups without a check: the failure is silent",
 )
 def test_contrast_without_extending_the_scheduler_it_fails_at_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,7 +141,8 @@ class BNFreezeCallback(NormFreezingCallback):
         modules = [pl_module.get_submodule(name) for name in self._module_names]
         weights = [p for module in modules for p in module.parameters() if p.requires_grad]
         groups = [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        group = next((g for g in groups if any(p is q for p in weights for q in g["params"])), None)
+        ids = {id(p) for p in weights}
+        group = next((g for g in groups if any(id(q) in ids for q in g["params"])), None)
         if weights and group is not None:
             self._first_step = FirstStep(weights), trainer.global_step, momentum_of(group)
 
