@@ -241,6 +241,32 @@ def verdicts(rows: list[dict], reference: float | None) -> list[str]:
     return [*cells, f"{met}; worst {floors[worst]['ratio']:.2f}x (phase {worst})"]
 
 
+def findings(model: str, by_name: dict[str, dict]) -> list[str]:
+    """The verdict on one model, in words, from the rows alone."""
+    lines = []
+    for name, result in by_name.items():
+        rows = result["rows"]
+        hits = [row["phase"] for row in rows if row["hits"]]
+        fell = f"falls back to eager from phase {hits[0]} of {len(rows) - 1}" if hits else "never falls back to eager"
+        bitwise = "stay" if all(row["bitwise"] for row in rows) else "do **not** stay"
+        graphs = total(rows, "graphs")
+        lines.append(f"- {model} / `{name}`: {fell}; {graphs} graphs, frozen statistics {bitwise} bitwise.")
+    rows = by_name.get("regional", {}).get("rows", [])
+    floors = [(row["phase"], row["floor"]) for row in rows if "floor" in row]
+    if floors:
+        ratios = [f["ratio"] for _, f in floors]
+        within = sum(r <= 1.05 for r in ratios)
+        reach = sum(f["ci"][0] <= 1.05 for _, f in floors)
+        slower = [phase for phase, f in floors if f["ms"]["regional"] > f["ms"]["eager"]]
+        lines.append(
+            f"- {model} / `regional` step time: {min(ratios):.2f}x to {max(ratios):.2f}x of the compiled floor;"
+            f" {within} of {len(floors)} phases within 1.05x, {reach} with a 95% interval reaching below it;"
+            f" slower than the eager model in {len(slower)} phase(s)"
+            + (f" (from phase {slower[0]})." if slower else ".")
+        )
+    return lines
+
+
 def per_phase(rows: list[dict]) -> str:
     header = ["phase", "graphs", "limit hits", "compile s (CPU)", "compile s (wall)", "step ms", "frozen BN bitwise"]
     header += ["floor ms", "regional ms", "x floor [95% CI]", "eager x floor"] if "floor" in rows[0] else []
@@ -276,6 +302,10 @@ def report(args: argparse.Namespace, env: dict[str, Any], results: dict[str, dic
         "## Targets",
         "",
         common.markdown_table(SUMMARY, summary),
+        "",
+        "### Findings",
+        "",
+        *(line for model, by_name in results.items() for line in findings(model, by_name)),
         *sections,
         "",
         common.environment_table(env),
@@ -293,12 +323,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="mechanisms run at once (default: 1)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor)")
     common.output_arguments(parser, NAME)
+    parser.add_argument("--from-json", type=Path, help="write the report from a run's --json results, running nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.steps, args.rounds, args.backend = 5, 3, "eager"
+    if args.from_json:  # the report again from a run's raw results
+        saved = json.loads(args.from_json.read_text())
+        args.argv, args.backend = saved["argv"], saved["environment"]["backend"]
+        text, _ = report(args, saved["environment"], saved["results"])
+        (common.HERE / f"{NAME}.md").write_text(text)
+        return
     if args.worker:
         args.out.write_text(json.dumps(worker(*args.worker.split(":"), args)))
         return

@@ -169,10 +169,10 @@ def summarise(rows: list[dict[str, Any]], ours: str = "ours") -> list[dict[str, 
     for setting, acc in sorted(by_setting.items(), key=lambda item: tuple(map(str, item[0]))):
         peers = {name: seeds for name, seeds in acc.items() if name in PEERS}
         summary: dict[str, Any] = {"setting": dict(zip(SETTING, setting, strict=True)), "accuracy": acc}
-        if peers and ours in acc:
-            best = max(peers, key=lambda name: statistics.fmean(peers[name].values()))
-            seeds = sorted(set(acc[ours]) & set(peers[best]))
-            summary["best_peer"] = best
+        seeds = sorted(set(acc.get(ours, {})).intersection(*map(set, peers.values()))) if peers else []
+        if seeds:  # paired: the seeds that ours and every peer ran
+            best = max(peers, key=lambda name: statistics.fmean(peers[name][s] for s in seeds))
+            summary["best_peer"], summary["seeds"] = best, seeds
             summary["vs_best"] = [acc[ours][s] - peers[best][s] for s in seeds]
             if "probe" in acc:
                 summary["vs_probe"] = [
@@ -204,16 +204,18 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         if "vs_best" not in summary:
             continue
         s, diffs = summary["setting"], summary["vs_best"]
-        best = statistics.fmean(summary["accuracy"][summary["best_peer"]].values())
-        ours = statistics.fmean(summary["accuracy"]["ours"].values())
+        paired = summary["seeds"]
+        best = statistics.fmean(summary["accuracy"][summary["best_peer"]][seed] for seed in paired)
+        ours = statistics.fmean(summary["accuracy"]["ours"][seed] for seed in paired)
         probe = f"{min(summary['vs_probe']):+.1f}" if summary.get("vs_probe") else "-"
         verdict = "yes" if statistics.fmean(diffs) >= -1.0 and (probe == "-" or min(summary["vs_probe"]) > 0) else "NO"
         wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
         table.append([
             s["task"], s["optimizer"], f"{s['lr']:g}", str(s["k"]), f"`{summary['best_peer']}` {best:.1f}",
-            f"{ours:.1f}", f"{_msd(diffs)} ({wins}/{losses})", probe, verdict,
+            f"{ours:.1f}", f"{_msd(diffs)} ({wins}/{losses})", probe, str(len(paired)), verdict,
         ])  # fmt: skip
-    header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "holds"]
+    header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "seeds"]
+    header.append("holds")
     lines += [markdown_table(header, table), "", *overview(summaries), "## Every recipe", ""]
     for summary in summaries:
         s = summary["setting"]

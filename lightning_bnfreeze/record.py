@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+from lightning_bnfreeze.step_size import AUTO_STEP
+
 __all__ = ["FirstStepNote", "ReleaseRecord"]
 
 
@@ -60,3 +62,21 @@ class FirstStepNote(NamedTuple):
 
     text: str
     warning: bool
+
+    @classmethod
+    def judge(cls, moved: str, bn: str, large: bool, capped: bool) -> FirstStepNote | None:
+        """What to say of a first step (``moved``: what it did; ``large``: above :data:`AUTO_STEP`) under ``bn``:
+        norm layers that start training, a fixed mode the real-weights benchmark saw fail there, a capped rate."""
+        if bn == "auto" and large:
+            return cls(f"{moved} (> {AUTO_STEP:.1%}): its norm layers train from now on", False)
+        if bn == "frozen" and large:
+            advice = _failed("frozen statistics collapsed to chance", "`bn='auto'` or a smaller `lr_scale`")
+            return cls(f"{moved} (> {AUTO_STEP:.1%}) with `bn='frozen'`: {advice}", True)
+        if bn == "train" and not large:
+            advice = _failed("batch statistics fell below a linear probe", "`bn='auto'`")
+            return cls(f"{moved} (< {AUTO_STEP:.1%}) with `bn='train'`: {advice}", True)
+        return cls(moved, False) if capped else None
+
+
+def _failed(what: str, fix: str) -> str:
+    return f"at such steps {what} on the real-weights benchmark (benchmarks/transfer_real.md); use {fix}"

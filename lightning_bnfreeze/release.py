@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -24,7 +24,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import AUTO_STEP, FirstStep, momentum_of
+from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, FirstStep, momentum_of
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -48,6 +48,9 @@ class Unfreezer:
             by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum SGD).
         trainable: parameters inside the backbone that train from the first step (never frozen).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
+        max_step: a cap on a released part's first step (relative, momentum included), kept by scaling its rate:
+            ``"first"`` (default): the largest first step of the first release's parts, for every later release;
+            a number: that cap for every release; ``None``: no cap.
 
     The norm layers are left alone until :meth:`start_norms` (Lightning: at ``on_train_start``).
     """
@@ -63,7 +66,7 @@ class Unfreezer:
         bn: str = "auto",
         trainable: Iterable[nn.Parameter] = (),
         agree: Callable[[bool], bool] = bool,
-        max_step: float | None = None,
+        max_step: float | Literal["first"] | None = FIRST,
     ) -> None:
         check_choice("bn", bn, NORM_MODES)
         self.root = root
@@ -81,6 +84,7 @@ class Unfreezer:
         self._undecided: list[tuple[int, int]] = []  # bn="auto": (release, part) whose first step is still to come
         self._before: dict[tuple[int, int], FirstStep] = {}
         self.max_step = max_step
+        self._first_step = 0.0  # max_step="first": the largest first step of the first release's parts
         self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
 
     @property
@@ -195,31 +199,32 @@ class Unfreezer:
         (:class:`~lightning_bnfreeze.step_size.FirstStep`), cap it (``max_step``), and with ``bn="auto"`` decide their
         norm mode.
 
-        Returns a note for each part whose norm layers start training, and a warning for each part whose fixed
-        ``bn`` mode is one the real-weights benchmark saw fail at such a step size.
+        Returns a note for each part whose norm layers start training or whose rate the cap scaled, and a warning
+        for each part whose fixed ``bn`` mode is one the real-weights benchmark saw fail at such a step size.
         """
         done = [key for key in self._undecided if key in self._before and self._history[key[0]].step < step]
         notes = []
         for index, position in done:
             self._undecided.remove((index, position))
-            change = self._before.pop((index, position)).change(momentum_of(self.groups.head))
-            if self.max_step is not None and change > self.max_step:
-                self._scale_part(index, position, self.max_step / change)
-                change = self.max_step
+            # as at the full rate: the warm-up's factor on the first step divided out
+            change = self._before.pop((index, position)).change(momentum_of(self.groups.head)) / self.groups.warmup(0)
+            cap = self._step_cap(index)
             part = self.plan.releases[index][position].name
-            large = self._agree(change > AUTO_STEP)
             moved = f"{part}: its first step moved its weights by {change:.2%}"
+            scale = 1.0 if cap is None or change <= cap else cap / change
+            if scale < 1:
+                self._scale_part(index, position, scale)
+                moved += f", more than the cap of {change * scale:.2%}: its rate is scaled by {scale:.2f}"
+                change *= scale
+            if index == 0:
+                self._first_step = max(self._first_step, change)
+            large = self._agree(change > AUTO_STEP)
             if self.bn == "auto" and large:
                 record = self._history[index]
                 trains = tuple(train or i == position for i, train in enumerate(record.train_norms))
                 self._history[index] = replace(record, train_norms=trains)
-                notes.append(FirstStepNote(f"{moved} (> {AUTO_STEP:.1%}): its norm layers train from now on", False))
-            elif self.bn == "frozen" and large:
-                advice = "frozen statistics collapsed to chance", "`bn='auto'` or a smaller `lr_scale`"
-                notes.append(FirstStepNote(f"{moved} (> {AUTO_STEP:.1%}) with `bn='frozen'`: {_failed(*advice)}", True))
-            elif self.bn == "train" and not large:
-                advice = "batch statistics fell below a linear probe", "`bn='auto'`"
-                notes.append(FirstStepNote(f"{moved} (< {AUTO_STEP:.1%}) with `bn='train'`: {_failed(*advice)}", True))
+            note = FirstStepNote.judge(moved, self.bn, large, scale < 1)
+            notes += [note] if note is not None else []
         if done:
             self.update_norms()
         return notes
@@ -247,6 +252,7 @@ class Unfreezer:
             "last_release": None if self._last_release is None else list(self._last_release),
             "undecided": [list(key) for key in self._undecided],
             "trigger": self.trigger.state_dict(),
+            "first_step": self._first_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -266,6 +272,7 @@ class Unfreezer:
         self._last_release = None if last is None else (float(last[0]), int(last[1]))
         self._undecided = [(int(index), int(position)) for index, position in state.get("undecided", ())]
         self._before = {}
+        self._first_step = float(state.get("first_step", 0.0))
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 
     def close(self) -> None:
@@ -280,6 +287,12 @@ class Unfreezer:
             added += self._groups_of[index, position]
             self.gradients.track(group)
         return added
+
+    def _step_cap(self, index: int) -> float | None:
+        """The cap on the first step of release ``index``'s parts (``None``: none; the first release measures)."""
+        if self.max_step != FIRST:
+            return None if self.max_step is None else float(self.max_step)
+        return self._first_step if index > 0 and self._first_step > 0 else None
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""
@@ -307,7 +320,3 @@ class Unfreezer:
             train if self.norms is None or self.norms.holds_norms(params[n] for n in part.params) else None
             for part, train in zip(parts, record.train_norms, strict=True)
         ]
-
-
-def _failed(what: str, fix: str) -> str:
-    return f"at such steps {what} on the real-weights benchmark (benchmarks/transfer_real.md); use {fix}"

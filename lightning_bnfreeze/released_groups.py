@@ -182,7 +182,7 @@ class ReleasedGroups:
         """Set each released group's learning rate to the head's times its factor and warm-up at ``step``."""
         head_lr = self.head["lr"]
         for record in self.records:
-            record.group["lr"] = head_lr * record.lr_factor * self._warmup(step - record.release_step)
+            record.group["lr"] = head_lr * record.lr_factor * self.warmup(step - record.release_step)
 
     def _follow_reload(self) -> None:
         """``optimizer.load_state_dict`` (a resumed fit) replaces the group dicts but keeps each group's
@@ -192,7 +192,8 @@ class ReleasedGroups:
         for record in self.records:
             record.group = current.get(id(record.group["params"]), record.group)
 
-    def _warmup(self, steps_since_release: int) -> float:
+    def warmup(self, steps_since_release: int) -> float:
+        """The warm-up's factor on a released group's rate at its ``steps_since_release``-th step (0: its first)."""
         if self.warmup_steps == 0:
             return 1.0
         return min(1.0, (steps_since_release + 1) / self.warmup_steps)

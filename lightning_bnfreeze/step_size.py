@@ -4,18 +4,34 @@ and the warnings about frozen statistics at large rates (plain PyTorch)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from torch import nn
 
 from lightning_bnfreeze.fsdp import squared_norm
 
-__all__ = ["AUTO_STEP", "FirstStep", "momentum_of"]
+__all__ = ["AUTO_STEP", "FIRST", "FirstStep", "check_max_step", "momentum_of"]
 
 AUTO_STEP = 0.002
 """The relative step size (momentum included) above which frozen statistics stop holding: on the real-weights
 benchmark (``benchmarks/transfer_real.md``) fine-tuning with frozen statistics collapsed at head learning rates
 whose first step moved the backbone's weights by more than this, and batch statistics lost to frozen ones below it."""
+
+
+FIRST: Final = "first"
+"""``max_step="first"``: no release's first step goes further (relative to the weights) than the first release's did.
+Under AdamW the first steps shrink from the output side to the input side and the cap never binds; under momentum SGD
+they grow, and on the real-weights benchmark capping them this way lifted textures at SGD 1e-2 above layer-wise decay
+without costing digits (``benchmarks/transfer_real.md``)."""
+
+
+def check_max_step(value: object) -> None:
+    """Raise unless ``value`` is ``None``, ``"first"`` or a number > 0."""
+    if value is None or value == FIRST:
+        return
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return
+    raise ValueError(f"`max_step` must be 'first', a relative step size > 0 or None, got {value!r}.")
 
 
 def momentum_of(group: Mapping[str, Any]) -> float:

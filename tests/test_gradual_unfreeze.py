@@ -505,6 +505,8 @@ def test_a_missing_backbone_raises_before_the_first_training_step(backbone: str,
         ("warmup_steps", -1, lambda v: GradualUnfreeze(warmup_steps=v)),
         ("max_step", 0.0, lambda v: GradualUnfreeze(max_step=v)),
         ("max_step", -0.01, lambda v: GradualUnfreeze(max_step=v)),
+        ("max_step", "last", lambda v: GradualUnfreeze(max_step=v)),
+        ("max_step", True, lambda v: GradualUnfreeze(max_step=v)),
     ],
 )
 def test_bad_numbers_raise_at_construction(argument: str, value: float, build: Any) -> None:

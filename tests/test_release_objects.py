@@ -49,7 +49,8 @@ def unfreezer(
     optimizer: str = "sgd",
     root: nn.Module | None = None,
     trainable: tuple[str, ...] = (),
-    max_step: float | None = None,
+    max_step: float | str | None = None,
+    warmup_steps: int = 0,
 ) -> Unfreezer:
     """An Unfreezer as the callback builds one: the backbone withdrawn from a fresh optimizer over every parameter."""
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def unfreezer(
         "adam": lambda p: torch.optim.Adam(p, lr=0.1),
     }[optimizer]
     plan = (what or Blocks(per_release=1)).plan(root, "backbone")
-    settings = ReleaseSettings(lr_scale=lr_scale, bn=bn, max_step=max_step)
+    settings = ReleaseSettings(lr_scale=lr_scale, bn=bn, warmup_steps=warmup_steps, max_step=max_step)
     result = BackboneParameters("backbone", trainable).unfreezer(
         root, plan, trigger or Every(), make(root.parameters()), settings=settings
     )
@@ -224,6 +225,17 @@ def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
     assert layer.training == trains  # a frozen layer is put back in inference mode
     move(u, "backbone.3", 10 * AUTO_STEP)  # later steps decide nothing
     assert u.after_step(6) == [] and u.history[0].train_norms == (trains,)
+
+
+@pytest.mark.parametrize(("relative", "trains"), [(AUTO_STEP / 5, True), (AUTO_STEP / 20, False)])
+def test_bn_auto_judges_a_warmed_up_first_step_as_at_the_full_rate(relative: float, trains: bool) -> None:
+    """With ``warmup_steps=10`` the first step runs at a tenth of the rate: it counts ten times its size."""
+    u = unfreezer(bn="auto", warmup_steps=10)
+    u.advance(u.moment(1, 4), "epoch")
+    u.before_step(4)
+    move(u, "backbone.3", relative)
+    u.after_step(5)
+    assert u.history[0].train_norms == (trains,)
 
 
 def test_bn_auto_decides_after_a_resume_before_the_first_step() -> None:
@@ -528,3 +540,42 @@ def test_max_step_scales_a_released_parts_rate_by_how_far_its_first_step_went_pa
     resumed.before_step(6)
     [again] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.3"]
     assert again["lr"] == pytest.approx(0.05 * scale)  # the scaled rate survives a resume
+
+
+def first_release_measured(max_step: str | None = "first", first: float = 0.01) -> Unfreezer:
+    """Release 0 (``backbone.3``) done and its first step, of ``first``, measured."""
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step=max_step)
+    u.advance(u.moment(1, 4), "epoch")
+    u.before_step(4)
+    move(u, "backbone.3", first)
+    u.after_step(5)
+    return u
+
+
+def second_release(u: Unfreezer, relative: float, said: list[str] | None = None) -> ReleaseRecord:
+    """Release 1 (``backbone.1``) and a first step of ``relative``: its record after the step (notes to ``said``)."""
+    u.advance(u.moment(2, 8), "epoch")
+    u.before_step(8)
+    move(u, "backbone.1", relative)
+    notes = u.after_step(9)
+    (said if said is not None else []).extend(note.text for note in notes)
+    return u.history[1]
+
+
+@pytest.mark.parametrize(("second", "scale"), [(0.03, 1 / 3), (0.005, 1.0)])
+def test_max_step_first_caps_later_releases_at_the_first_releases_step(second: float, scale: float) -> None:
+    u, said = first_release_measured(), []
+    assert u.history[0].lr_factors == pytest.approx((0.5,))  # the first release sets the cap, uncapped itself
+    assert second_release(u, second, said).lr_factors == pytest.approx((0.5 * scale,))
+    assert any("more than the cap of 1.00%: its rate is scaled by 0.33" in text for text in said) == (scale < 1)
+    uncapped = first_release_measured(max_step=None)
+    assert second_release(uncapped, second).lr_factors == pytest.approx((0.5,))
+
+
+def test_max_step_first_survives_a_resume_between_the_releases() -> None:
+    state = json.loads(json.dumps(first_release_measured().state_dict()))
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="first")
+    resumed.load_state_dict(state)
+    resumed.freeze()
+    resumed.restore()
+    assert second_release(resumed, 0.03).lr_factors == pytest.approx((0.5 / 3,))

@@ -9,29 +9,26 @@ Releases a frozen backbone block by block, each block in its own param group at 
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
-from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
-from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.fit_checks import (
     checks_on_train_epoch_end,
-    epochs_done,
     warn_about_adapters,
     warn_about_early_stopping,
     warn_about_forward_order,
     warn_about_late_releases,
 )
+from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
 from lightning_bnfreeze.checks import check_integer
@@ -80,7 +77,8 @@ class GradualUnfreeze(NormFreezingCallback):
             block moves slowly, batch statistics from its first step if that step moved its weights by
             more than 0.2 %; ``"train"``: batch statistics, as without freezing; ``"frozen"``: inference
             mode and frozen statistics, affine parameters training (Keras after unfreezing).
-        warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly.
+        warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly (its first step
+            is judged as if taken at the full rate).
         trainable: parameters inside the backbone that train from the first step and are never frozen
             (adapters such as LoRA): shell-style patterns over the full parameter names, ``*`` matching
             across dots (``["*lora_*"]``).
@@ -88,10 +86,13 @@ class GradualUnfreeze(NormFreezingCallback):
             step (:class:`~lightning_bnfreeze.AdaBN`); ``None`` (default): off.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
-        max_step: a cap on each released block's first optimizer step: when it moved the block's weights by
-            more than this (relative, momentum included, as for ``bn="auto"``), the block's learning rate is
-            scaled down from then on by the ratio, as a trust ratio would. ``None`` (default): no cap. See the
-            README's "Choosing BN mode and learning rates" for what it does on the benchmarks.
+        max_step: a cap on a released block's first optimizer step (relative to its weights, momentum included, as
+            for ``bn="auto"``); a block whose first step went past it trains from then on at its rate scaled down by
+            the ratio, as a trust ratio would. ``"first"`` (default): the largest first step of the first release's
+            blocks caps every later release, so that no block moves further than the blocks nearest the head did
+            (under momentum SGD the input-side blocks' steps grow; under AdamW they shrink and the cap does not
+            bind). A number: that cap for every release. ``None``: no cap. See the README's "Choosing BN mode and
+            learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
             release unit becomes a region of its own after ``configure_model`` (``dynamic=False``; blocks of one
             class share their compiled code), so that no release recompiles the whole model and the fit never
@@ -130,7 +131,7 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable: list[str] | None = None,
         adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
-        max_step: float | None = None,
+        max_step: float | Literal["first"] | None = "first",
         compile: bool | dict[str, Any] = False,
     ) -> None:
         resolved, own_when = what_and_when(what, when)
@@ -151,9 +152,8 @@ class GradualUnfreeze(NormFreezingCallback):
         self.compile = compile
         self._compilation = FitCompilation(check_compile_option(compile))
         self._plan: ReleasePlan | None = None
-        self._unfreezer: Unfreezer | None = None
+        self._fit: FitReleases | None = None
         self._saved: dict[str, Any] | None = None
-        self._unsettled = False
         self._check_at_epoch_end = False
 
     @property
@@ -164,7 +164,7 @@ class GradualUnfreeze(NormFreezingCallback):
     @property
     def history(self) -> tuple[ReleaseRecord, ...]:
         """The releases done in the current (or last) fit, in order."""
-        return self._unfreezer.history if self._unfreezer is not None else ()
+        return self._fit.unfreezer.history if self._fit is not None else ()
 
     def plan(self, pl_module: nn.Module) -> ReleasePlan:
         """The resolved release plan for ``pl_module``, without training (checked against the model).
@@ -218,7 +218,6 @@ class GradualUnfreeze(NormFreezingCallback):
             return
         super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
-        self._unsettled = False
         self._saved = None
         self._adaptation.reset()
         self.when.reset()
@@ -240,7 +239,12 @@ class GradualUnfreeze(NormFreezingCallback):
         # Before Lightning restores the optimizers from a checkpoint: the groups built here must be those saved.
         assert self._plan is not None
         optimizer = self._params.optimizer(trainer.optimizers, pl_module, self.optimizer_index)
-        unfreezer = self._make_unfreezer(trainer, pl_module, optimizer)
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+        agree = lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)  # noqa: E731
+        unfreezer = self._params.unfreezer(
+            pl_module, self._plan, self.when, optimizer, schedulers, self._settings,
+            GradientSync(trainer.strategy.model), agree,
+        )  # fmt: skip
         backbone = [(name, p) for name, p in self._params.named(pl_module) if id(p) in unfreezer.frozen_ids]
         for other in trainer.optimizers:
             if other is not optimizer:
@@ -249,33 +253,33 @@ class GradualUnfreeze(NormFreezingCallback):
             unfreezer.load_state_dict(self._saved["unfreezer"])
         unfreezer.freeze()
         unfreezer.restore()
-        self._unfreezer = unfreezer
+        self._fit = FitReleases(unfreezer, self._adaptation, self.remember_statistics)
         if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy: it restores after this hook
             before_checkpoint_load(trainer.strategy, self._restore_late)
 
     def _restore_late(self, path: Any) -> None:
         state = saved_callback_state(path, self.state_key)
-        if state is not None and self._unfreezer is not None:
-            self._unfreezer.load_state_dict(state["unfreezer"])
-            self._unfreezer.restore()
+        if state is not None and self._fit is not None:
+            self._fit.unfreezer.load_state_dict(state["unfreezer"])
+            self._fit.unfreezer.restore()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Norm layers are frozen here, after the strategy's SyncBatchNorm conversion and after Lightning's
         # check for modules in eval mode.
         forget_checkpoint_hook(trainer.strategy)  # the checkpoint, if any, is restored by now
-        unfreezer = self._running()
+        fit = self._running()
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
-        unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
-        self._freezer = unfreezer.norms.freezer if unfreezer.norms is not None else None
+        fit.unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
+        self._freezer = fit.unfreezer.norms.freezer if fit.unfreezer.norms is not None else None
         self._adaptation.run_once(trainer, pl_module, self._freezer.layers if self._freezer else ())
         self.remember_statistics()
-        self._advance(trainer, pl_module, "epoch")
+        fit.advance(trainer, "epoch")
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._advance(trainer, pl_module, "epoch")
+        self._running().advance(trainer, "epoch")
         trainable = sum(param.numel() for param in pl_module.parameters() if param.requires_grad)
         for logger in trainer.loggers:
             logger.log_metrics({"gradual_unfreeze/trainable_params": float(trainable)}, step=trainer.global_step)
@@ -284,51 +288,33 @@ class GradualUnfreeze(NormFreezingCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._advance(trainer, pl_module, "step")
-        if self._unsettled:
-            self._settle(trainer, pl_module)
-        if self._unfreezer is not None:
-            self._unfreezer.before_step(trainer.global_step)
+        self._running().before_step(trainer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._unfreezer is None:
-            return
-        notes = self._unfreezer.after_step(trainer.global_step)
-        for note in notes:
-            if note.warning:
-                rank_zero_warn(f"GradualUnfreeze: {note.text}.")
-            else:
-                announce(trainer, f"GradualUnfreeze: {note.text}.")
-        if notes:
-            self.remember_statistics()
-        # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
-        self._unfreezer.groups.tie_to_head(trainer.global_step)
+        self._running().after_step(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._check_at_epoch_end:
-            self._check_metrics(trainer, pl_module)
+        if self._check_at_epoch_end and self._fit is not None:
+            self._fit.check_metrics(trainer)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._check_at_epoch_end:
-            self._check_metrics(trainer, pl_module)
+        if not self._check_at_epoch_end and self._fit is not None:
+            self._fit.check_metrics(trainer)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before a gradient scaler checks for infs: every rank then skips the same steps.
-        if self._unfreezer is not None:
-            self._unfreezer.after_backward()
+        self._running().unfreezer.after_backward()
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        unfreezer = (
-            self._unfreezer.state_dict() if self._unfreezer is not None else (self._saved or {}).get("unfreezer", {})
-        )
-        return {"unfreezer": unfreezer, **self._adaptation.state_dict()}
+        saved = self._fit.unfreezer.state_dict() if self._fit is not None else (self._saved or {}).get("unfreezer", {})
+        return {"unfreezer": saved, **self._adaptation.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -338,7 +324,7 @@ class GradualUnfreeze(NormFreezingCallback):
                 " otherwise: resume it with that version, or start the fit anew."
             )
         self._adaptation.load_state_dict(state_dict)
-        if self._unfreezer is None:  # before `on_fit_start`: it rebuilds the groups from this
+        if self._fit is None:  # before `on_fit_start`: it rebuilds the groups from this
             self._saved = state_dict
 
     @override
@@ -346,37 +332,16 @@ class GradualUnfreeze(NormFreezingCallback):
         super().teardown(trainer, pl_module, stage)
         forget_checkpoint_hook(trainer.strategy)  # a fit that failed before training started
         self._compilation.close()
-        if self._unfreezer is not None:
-            self._unfreezer.close()
-            self._unfreezer.norms = None
+        if self._fit is not None:
+            self._fit.unfreezer.close()
+            self._fit.unfreezer.norms = None
 
-    # --------------------------------------------------------------------------------------- helpers
-
-    def _make_unfreezer(self, trainer: pl.Trainer, pl_module: nn.Module, optimizer: Optimizer) -> Unfreezer:
-        assert self._plan is not None
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        agree = lambda decision: trainer.strategy.reduce_boolean_decision(decision, all=False)  # noqa: E731
-        gradients = GradientSync(trainer.strategy.model)
-        return self._params.unfreezer(
-            pl_module, self._plan, self.when, optimizer, schedulers, self._settings, gradients, agree
-        )
-
-    def _running(self) -> Unfreezer:
-        assert self._unfreezer is not None, "GradualUnfreeze: no fit in progress"
-        return self._unfreezer
-
-    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checked_at: str) -> None:
-        unfreezer = self._unfreezer
-        if unfreezer is None or unfreezer.trigger.checked_at != checked_at or not unfreezer.remaining:
-            return
-        moment = unfreezer.moment(trainer.current_epoch, trainer.global_step)
-        for record in unfreezer.advance(moment, checked_at):
-            self._released(trainer, pl_module, record)
+    # ------------------------------------------------------------------------------- for other callbacks
 
     @property
     def releases_left(self) -> int:
         """Releases of the plan not done yet in the fit in progress (0 outside a fit)."""
-        return len(self._unfreezer.remaining) if self._unfreezer is not None else 0
+        return len(self._fit.unfreezer.remaining) if self._fit is not None else 0
 
     def release_next(
         self, trainer: pl.Trainer, reason: str, metric: str | None = None, value: float | None = None
@@ -386,54 +351,8 @@ class GradualUnfreeze(NormFreezingCallback):
         For callbacks that decide releases themselves, such as :class:`~lightning_bnfreeze.ReleasingEarlyStopping`;
         call it on every rank alike. ``False`` when nothing is left to release.
         """
-        unfreezer = self._unfreezer
-        if unfreezer is None or not unfreezer.remaining:
-            return False
-        if not self._released_at(trainer):
-            moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
-            record = unfreezer.release(moment, reason, value, metric, trainer.current_epoch)
-            self._released(trainer, trainer.lightning_module, record)
-        return True
+        return self._fit is not None and self._fit.release_next(trainer, reason, metric, value)
 
-    def _check_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        unfreezer = self._unfreezer
-        if unfreezer is None or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        if unfreezer.trigger.checked_at != "metrics" or not unfreezer.remaining or self._released_at(trainer):
-            return
-        moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
-        reason = unfreezer.trigger.check(moment)
-        # every rank releases when any says so: param groups stay identical across ranks
-        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-            metric = getattr(unfreezer.trigger, "monitor", None)
-            value = moment.metrics.get(metric) if isinstance(metric, str) else None
-            record = unfreezer.release(moment, reason or "plateau", value, metric, trainer.current_epoch)
-            self._released(trainer, pl_module, record)
-
-    def _released_at(self, trainer: pl.Trainer) -> bool:
-        """Whether a release happened at this optimizer step by a metric check (one release per check)."""
-        history = self.history
-        return bool(history) and history[-1].reason != "scheduled" and history[-1].step == trainer.global_step
-
-    def _released(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: ReleaseRecord) -> None:
-        register_sharded_parameters(pl_module)  # FSDP2: release those it trains
-        # During validation modules are in eval mode, and Lightning restores the modes it found when it ends:
-        # released norm layers take their training mode at the next training step instead.
-        self._unsettled = True
-        if not trainer.validating:
-            self._settle(trainer, pl_module)
-        logged = {"gradual_unfreeze/release": float(record.index)}
-        if record.value is not None:
-            logged["gradual_unfreeze/release_value"] = record.value
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
-        announce(trainer, f"GradualUnfreeze: {self._running().describe(record)}")
-
-    def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Norm layers as the releases leave them (and re-estimated, with ``AdaBN(on_release=True)``)."""
-        self._running().update_norms()
-        config = self._adaptation.config
-        if config is not None and config.on_release and self._freezer is not None:
-            self._adaptation.run(trainer, pl_module, self._freezer.layers)
-        self.remember_statistics()
-        self._unsettled = False
+    def _running(self) -> FitReleases:
+        assert self._fit is not None, "GradualUnfreeze: no fit in progress"
+        return self._fit

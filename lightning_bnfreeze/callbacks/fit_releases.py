@@ -1,0 +1,116 @@
+"""The releases of one fit as the trainer meets them: when to ask the :class:`~lightning_bnfreeze.release.Unfreezer`,
+and what follows a release (norm layers, loggers, messages). :class:`~lightning_bnfreeze.GradualUnfreeze`'s hooks
+only call this."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.base import announce
+from lightning_bnfreeze.callbacks.early_stopping import monitored_now
+from lightning_bnfreeze.callbacks.fit_checks import epochs_done
+from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.record import ReleaseRecord
+from lightning_bnfreeze.release import Unfreezer
+
+__all__ = ["FitReleases"]
+
+
+class FitReleases:
+    """Drives ``unfreezer`` through one fit; ``statistics_changed`` runs whenever the frozen norm layers change."""
+
+    def __init__(
+        self, unfreezer: Unfreezer, adaptation: TrainDataAdaptation, statistics_changed: Callable[[], None]
+    ) -> None:
+        self.unfreezer = unfreezer
+        self._adaptation = adaptation
+        self._statistics_changed = statistics_changed
+        self._unsettled = False  # a release during validation: norm layers take their modes at the next step
+
+    def advance(self, trainer: pl.Trainer, checked_at: str) -> None:
+        """Release what the trigger says is due at this moment (``"epoch"`` or ``"step"`` checks)."""
+        unfreezer = self.unfreezer
+        if unfreezer.trigger.checked_at != checked_at or not unfreezer.remaining:
+            return
+        moment = unfreezer.moment(trainer.current_epoch, trainer.global_step)
+        for record in unfreezer.advance(moment, checked_at):
+            self._released(trainer, record)
+
+    def before_step(self, trainer: pl.Trainer) -> None:
+        """Step-timed releases, norm layers left by a release during validation, the first-step measure."""
+        self.advance(trainer, "step")
+        if self._unsettled:
+            self._settle(trainer)
+        self.unfreezer.before_step(trainer.global_step)
+
+    def after_step(self, trainer: pl.Trainer) -> None:
+        """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
+        notes = self.unfreezer.after_step(trainer.global_step)
+        for note in notes:
+            if note.warning:
+                rank_zero_warn(f"GradualUnfreeze: {note.text}.")
+            else:
+                announce(trainer, f"GradualUnfreeze: {note.text}.")
+        if notes:
+            self._statistics_changed()
+        # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
+        self.unfreezer.groups.tie_to_head(trainer.global_step)
+
+    def check_metrics(self, trainer: pl.Trainer) -> None:
+        """A metric-driven trigger's check (``Plateau``), after validation or at the training epoch's end."""
+        unfreezer = self.unfreezer
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if unfreezer.trigger.checked_at != "metrics" or not unfreezer.remaining or self._released_at(trainer):
+            return
+        moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+        reason = unfreezer.trigger.check(moment)
+        # every rank releases when any says so: param groups stay identical across ranks
+        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            metric = getattr(unfreezer.trigger, "monitor", None)
+            value = moment.metrics.get(metric) if isinstance(metric, str) else None
+            self._released(
+                trainer, unfreezer.release(moment, reason or "plateau", value, metric, trainer.current_epoch)
+            )
+
+    def release_next(self, trainer: pl.Trainer, reason: str, metric: str | None, value: float | None) -> bool:
+        """The next release now, unless a metric check released at this step already; ``False``: nothing left."""
+        unfreezer = self.unfreezer
+        if not unfreezer.remaining:
+            return False
+        if not self._released_at(trainer):
+            moment = unfreezer.moment(epochs_done(trainer), trainer.global_step, monitored_now(trainer))
+            self._released(trainer, unfreezer.release(moment, reason, value, metric, trainer.current_epoch))
+        return True
+
+    def _released_at(self, trainer: pl.Trainer) -> bool:
+        """Whether a release happened at this optimizer step by a metric check (one release per check)."""
+        history = self.unfreezer.history
+        return bool(history) and history[-1].reason != "scheduled" and history[-1].step == trainer.global_step
+
+    def _released(self, trainer: pl.Trainer, record: ReleaseRecord) -> None:
+        register_sharded_parameters(trainer.lightning_module)  # FSDP2: release those it trains
+        # During validation modules are in eval mode, and Lightning restores the modes it found when it ends:
+        # released norm layers take their training mode at the next training step instead.
+        self._unsettled = True
+        if not trainer.validating:
+            self._settle(trainer)
+        logged = {"gradual_unfreeze/release": float(record.index)}
+        if record.value is not None:
+            logged["gradual_unfreeze/release_value"] = record.value
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        announce(trainer, f"GradualUnfreeze: {self.unfreezer.describe(record)}")
+
+    def _settle(self, trainer: pl.Trainer) -> None:
+        """Norm layers as the releases leave them (and re-estimated, with ``AdaBN(on_release=True)``)."""
+        self.unfreezer.update_norms()
+        config, norms = self._adaptation.config, self.unfreezer.norms
+        if config is not None and config.on_release and norms is not None:
+            self._adaptation.run(trainer, trainer.lightning_module, norms.freezer.layers)
+        self._statistics_changed()
+        self._unsettled = False
