@@ -24,7 +24,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, FirstStep, momentum_of
+from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, SMALLEST_REFERENCE, FirstStep, momentum_of
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -84,7 +84,8 @@ class Unfreezer:
         self._undecided: list[tuple[int, int]] = []  # bn="auto": (release, part) whose first step is still to come
         self._before: dict[tuple[int, int], FirstStep] = {}
         self.max_step = max_step
-        self._first_step = 0.0  # max_step="first": the largest first step of the first release's parts
+        self._first_index: int | None = None  # max_step="first": the first release whose weights moved,
+        self._first_step = 0.0  # and the largest first step of its parts
         self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
 
     @property
@@ -207,17 +208,18 @@ class Unfreezer:
         for index, position in done:
             self._undecided.remove((index, position))
             # as at the full rate: the warm-up's factor on the first step divided out
-            change = self._before.pop((index, position)).change(momentum_of(self.groups.head)) / self.groups.warmup(0)
+            ramp = self.groups.warmup(0)
+            change = self._before.pop((index, position)).change(momentum_of(self.groups.head)) / ramp
             cap = self._step_cap(index)
             part = self.plan.releases[index][position].name
-            moved = f"{part}: its first step moved its weights by {change:.2%}"
+            moved = f"{part}: its first step {'at the full rate ' if ramp < 1 else ''}moved its weights by {change:.2%}"
             scale = 1.0 if cap is None or change <= cap else cap / change
             if scale < 1:
                 self._scale_part(index, position, scale)
-                moved += f", more than the cap of {change * scale:.2%}: its rate is scaled by {scale:.2f}"
                 change *= scale
-            if index == 0:
-                self._first_step = max(self._first_step, change)
+                moved += f", above the cap: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
+            if self._first_index in (None, index) and change > SMALLEST_REFERENCE:  # the first release that moved
+                self._first_index, self._first_step = index, max(self._first_step, change)
             large = self._agree(change > AUTO_STEP)
             if self.bn == "auto" and large:
                 record = self._history[index]
@@ -252,7 +254,7 @@ class Unfreezer:
             "last_release": None if self._last_release is None else list(self._last_release),
             "undecided": [list(key) for key in self._undecided],
             "trigger": self.trigger.state_dict(),
-            "first_step": self._first_step,
+            "first_step": [self._first_index, self._first_step],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -272,7 +274,8 @@ class Unfreezer:
         self._last_release = None if last is None else (float(last[0]), int(last[1]))
         self._undecided = [(int(index), int(position)) for index, position in state.get("undecided", ())]
         self._before = {}
-        self._first_step = float(state.get("first_step", 0.0))
+        first_index, self._first_step = state.get("first_step", (None, 0.0))
+        self._first_index = None if first_index is None else int(first_index)
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 
     def close(self) -> None:
@@ -292,7 +295,7 @@ class Unfreezer:
         """The cap on the first step of release ``index``'s parts (``None``: none; the first release measures)."""
         if self.max_step != FIRST:
             return None if self.max_step is None else float(self.max_step)
-        return self._first_step if index > 0 and self._first_step > 0 else None
+        return self._first_step if self._first_index is not None and index > self._first_index else None
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_bnfreeze.fsdp import squared_norm
 
-__all__ = ["AUTO_STEP", "FIRST", "FirstStep", "check_max_step", "momentum_of"]
+__all__ = ["AUTO_STEP", "FIRST", "SMALLEST_REFERENCE", "FirstStep", "check_max_step", "momentum_of"]
 
 AUTO_STEP = 0.002
 """The relative step size (momentum included) above which frozen statistics stop holding: on the real-weights
@@ -20,9 +20,13 @@ whose first step moved the backbone's weights by more than this, and batch stati
 
 FIRST: Final = "first"
 """``max_step="first"``: no release's first step goes further (relative to the weights) than the first release's did.
-Under AdamW the first steps shrink from the output side to the input side and the cap never binds; under momentum SGD
-they grow, and on the real-weights benchmark capping them this way lifted textures at SGD 1e-2 above layer-wise decay
-without costing digits (``benchmarks/transfer_real.md``)."""
+Under AdamW the first steps shrink from the output side to the input side and the cap rarely binds; under momentum
+SGD they grow, and it does. What it won and lost on the real-weights benchmark is in ``benchmarks/transfer_real.md``
+and the README's "Choosing BN mode and learning rates"."""
+
+SMALLEST_REFERENCE = AUTO_STEP / 10
+"""With ``max_step="first"``, a first step below this (0.02%) sets no cap: it measured weight decay rather than the
+gradient (a head still at zero, say), and the first release that moves further sets the cap instead."""
 
 
 def check_max_step(value: object) -> None:

@@ -56,13 +56,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def train(config: str, ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> Run:
+def train(
+    config: str,
+    ckpt_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    callback: GradualUnfreeze | None = None,
+) -> Run:
     torch.manual_seed(0)
     validate = CONFIGS[config].get("validate", False)
     model = (ValidatedModel if validate else UnfreezeModel)(
         record=True, batches_by_index=True, **CONFIGS[config]["model"]
     )
-    callback = GradualUnfreeze(what=Schedule(SCHEDULE, decay=0.4), lr_scale=0.3, **CONFIGS[config]["unfreeze"])
+    if callback is None:
+        callback = GradualUnfreeze(what=Schedule(SCHEDULE, decay=0.4), lr_scale=0.3, **CONFIGS[config]["unfreeze"])
     callbacks: list[Any] = [callback]
     if checkpoint_dir is not None:
         callbacks += [
@@ -130,3 +136,14 @@ def test_resume_state_is_needed(uninterrupted: dict[str, tuple[Run, Path]]) -> N
     torch.save(content, stripped)
     with pytest.raises(ValueError, match="parameter group"):
         train("adam-cosine-warmup", ckpt_path=stripped)
+
+
+def test_a_callback_fitted_before_resumes_the_checkpoint_it_is_given(
+    uninterrupted: dict[str, tuple[Run, Path]],
+) -> None:
+    """The callback of a finished fit, used again with ``ckpt_path``, takes the checkpoint's releases, not its own."""
+    reference, directory = uninterrupted["sgd-auto-bn"]
+    used = train("sgd-auto-bn").callback
+    assert len(used.history) == 2
+    resumed = train("sgd-auto-bn", ckpt_path=directory / "epoch=1.ckpt", callback=used)
+    assert_resumed_like(resumed, reference, torch.load(directory / "epoch=1.ckpt", weights_only=True)["global_step"])

@@ -20,7 +20,7 @@ from lightning_bnfreeze.plan import What
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
-from lightning_bnfreeze.step_size import AUTO_STEP
+from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
 from tests.unfreeze_helpers import tiny_backbone
 
 BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
@@ -567,7 +567,7 @@ def test_max_step_first_caps_later_releases_at_the_first_releases_step(second: f
     u, said = first_release_measured(), []
     assert u.history[0].lr_factors == pytest.approx((0.5,))  # the first release sets the cap, uncapped itself
     assert second_release(u, second, said).lr_factors == pytest.approx((0.5 * scale,))
-    assert any("more than the cap of 1.00%: its rate is scaled by 0.33" in text for text in said) == (scale < 1)
+    assert any("above the cap: its rate is scaled by 0.33, to steps of 1.00%" in text for text in said) == (scale < 1)
     uncapped = first_release_measured(max_step=None)
     assert second_release(uncapped, second).lr_factors == pytest.approx((0.5,))
 
@@ -579,3 +579,14 @@ def test_max_step_first_survives_a_resume_between_the_releases() -> None:
     resumed.freeze()
     resumed.restore()
     assert second_release(resumed, 0.03).lr_factors == pytest.approx((0.5 / 3,))
+
+
+def test_max_step_first_takes_its_cap_from_the_first_release_that_moved() -> None:
+    """A first release whose step measured weight decay rather than a gradient (a head at zero) sets no cap."""
+    u = first_release_measured(first=SMALLEST_REFERENCE / 10)
+    assert second_release(u, 0.01).lr_factors == pytest.approx((0.5,))  # no cap yet: it sets the cap
+    u.advance(u.moment(3, 12), "epoch")
+    u.before_step(12)
+    move(u, "backbone.0", 0.03)
+    u.after_step(13)
+    assert u.history[2].lr_factors == pytest.approx((0.5 / 3,))

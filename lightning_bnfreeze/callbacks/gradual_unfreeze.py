@@ -90,8 +90,8 @@ class GradualUnfreeze(NormFreezingCallback):
             for ``bn="auto"``); a block whose first step went past it trains from then on at its rate scaled down by
             the ratio, as a trust ratio would. ``"first"`` (default): the largest first step of the first release's
             blocks caps every later release, so that no block moves further than the blocks nearest the head did
-            (under momentum SGD the input-side blocks' steps grow; under AdamW they shrink and the cap does not
-            bind). A number: that cap for every release. ``None``: no cap. See the README's "Choosing BN mode and
+            (under momentum SGD the input-side blocks' steps grow; under AdamW they shrink and the cap rarely
+            binds). A number: that cap for every release. ``None``: no cap. See the README's "Choosing BN mode and
             learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
             release unit becomes a region of its own after ``configure_model`` (``dynamic=False``; blocks of one
@@ -219,6 +219,7 @@ class GradualUnfreeze(NormFreezingCallback):
         super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
         self._saved = None
+        self._fit = None  # a callback used for a second fit takes that fit's checkpoint, if any
         self._adaptation.reset()
         self.when.reset()
         self._check_at_epoch_end = checks_on_train_epoch_end(trainer, self.when)
