@@ -216,7 +216,7 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         ])  # fmt: skip
     header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "seeds"]
     header.append("holds")
-    lines += [markdown_table(header, table), "", *overview(summaries), "## Every recipe", ""]
+    lines += [markdown_table(header, table), "", *overview(summaries), *variants(summaries), "## Every recipe", ""]
     for summary in summaries:
         s = summary["setting"]
         lines.append(f"**{s['task']}, {s['optimizer']}, head lr {s['lr']:g}, K={s['k']}, {s['epochs']} epochs**")
@@ -253,6 +253,25 @@ def overview(summaries: list[dict[str, Any]]) -> list[str]:
             "",
         ]
     return lines
+
+
+def variants(summaries: list[dict[str, Any]]) -> list[str]:
+    """Each variant of ours (``ours:...``) against the default, paired by the seeds both ran: mean difference."""
+    from benchmarks.common import markdown_table
+
+    table = []
+    for summary in summaries:
+        s, acc = summary["setting"], summary["accuracy"]
+        for name in sorted(r for r in acc if r.startswith("ours:") and "ours" in acc):
+            seeds = sorted(set(acc[name]) & set(acc["ours"]))
+            if seeds:
+                diff = statistics.fmean(acc[name][seed] - acc["ours"][seed] for seed in seeds)
+                setting = f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}"
+                table.append([setting, f"`{name}`", f"{diff:+.1f}", str(len(seeds))])
+    if not table:
+        return []
+    title = "## Variants of ours against the default (variant - default, paired by seed)"
+    return [title, "", markdown_table(["setting", "variant", "difference", "seeds"], table), ""]
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> Path:
