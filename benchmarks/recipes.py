@@ -12,8 +12,7 @@ A recipe is a name, optionally with ``key=value`` options (``ours:lr_scale=0.5,b
   the blocks left at the last epoch (more blocks than epochs - 1) are released together then.
 - ``llrd``: timm-style layer-wise learning-rate decay 0.75 from the first step (``decay=...``).
 - ``ours``: ``GradualUnfreeze()`` with the library's defaults; options are its arguments, with
-  ``per_release``, ``granularity``, ``decay`` given to ``Blocks`` and ``every``, ``first`` to ``Every``;
-  ``adapt=<prior>`` (and ``adapt_on_release=True``) gives it ``AdaBN(prior=<prior>)``.
+  ``per_release``, ``granularity``, ``decay`` given to ``Blocks`` and ``every``, ``first`` to ``Every``.
 """
 
 from __future__ import annotations
@@ -70,11 +69,9 @@ def model_options(recipe: str) -> dict[str, Any]:
 def gradual_unfreeze(recipe: str) -> Any:
     """``GradualUnfreeze`` with the recipe's options (``per_release``, ``granularity``, ``decay`` to ``Blocks``,
     ``every``, ``first`` to ``Every``)."""
-    from lightning_bnfreeze import AdaBN, Blocks, Every, GradualUnfreeze
+    from lightning_bnfreeze import Blocks, Every, GradualUnfreeze
 
     kwargs = options(recipe)
-    if "adapt" in kwargs:
-        kwargs["adapt"] = AdaBN(prior=kwargs.pop("adapt"), on_release=kwargs.pop("adapt_on_release", False))
     blocks = {key: kwargs.pop(key) for key in ("per_release", "granularity", "decay") if key in kwargs}
     cadence = {key: kwargs.pop(key) for key in ("every", "first") if key in kwargs}
     if blocks:
