@@ -49,9 +49,9 @@ class Unfreezer:
         trainable: parameters inside the backbone that train from the first step (never frozen).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
         max_step: a cap on a released part's first step (relative, momentum included), kept by scaling its rate:
-            ``"first"`` (default): the largest first step of the parts of the first release that moved by more than
-            :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`, for every later release; a number: that cap
-            for every release; ``None``: no cap.
+            ``None`` (default): no cap; ``"first"``: the largest first step of the parts of the first release that
+            moved by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`, for every later release; a
+            number: that cap for every release.
 
     The norm layers are left alone until :meth:`start_norms` (Lightning: at ``on_train_start``).
     """
@@ -67,7 +67,7 @@ class Unfreezer:
         bn: str = "auto",
         trainable: Iterable[nn.Parameter] = (),
         agree: Callable[[bool], bool] = bool,
-        max_step: float | Literal["first"] | None = FIRST,
+        max_step: float | Literal["first"] | None = None,
     ) -> None:
         check_choice("bn", bn, NORM_MODES)
         self.root = root

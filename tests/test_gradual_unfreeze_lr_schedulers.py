@@ -77,8 +77,7 @@ def run(name: str) -> tuple[UnfreezeModel, pl.Trainer, LrProbe]:
     optimizer, factory = SCHEDULERS[name]
     model, probe = build_model(optimizer=optimizer, scheduler=factory), LrProbe()
     trainer = make_trainer(
-        [GradualUnfreeze(what=Schedule(SCHEDULE, decay=LR_DECAY), lr_scale=LR_SCALE, max_step=None), probe],
-        max_epochs=MAX_EPOCHS,
+        [GradualUnfreeze(what=Schedule(SCHEDULE, decay=LR_DECAY), lr_scale=LR_SCALE), probe], max_epochs=MAX_EPOCHS
     )
     trainer.fit(model)
     return model, trainer, probe

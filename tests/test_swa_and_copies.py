@@ -102,8 +102,7 @@ def test_frozen_layers_keep_their_statistics_through_ema(callbacks: Any, kept: b
 def test_released_groups_follow_the_heads_swa_learning_rate() -> None:
     model = build_model()
     swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1, annealing_epochs=1)
-    unfreeze = GradualUnfreeze(what=Schedule({1: "backbone.3", 2: "backbone.0"}), lr_scale=0.3, max_step=None)
-    trainer = make_trainer([unfreeze, swa])
+    trainer = make_trainer([GradualUnfreeze(what=Schedule({1: "backbone.3", 2: "backbone.0"}), lr_scale=0.3), swa])
     trainer.fit(model)
     lrs = {group["name"]: group["lr"] for group in trainer.optimizers[0].param_groups}
     assert lrs == pytest.approx({"head": 0.05, "backbone.3": 0.015, "backbone.0": 0.015})
