@@ -64,11 +64,14 @@ class FirstStepNote(NamedTuple):
     warning: bool
 
     @classmethod
-    def judge(cls, moved: str, bn: str, large: bool, capped: bool) -> FirstStepNote | None:
-        """What to say of a first step (``moved``: what it did; ``large``: above :data:`AUTO_STEP`) under ``bn``:
-        norm layers that start training, a fixed mode the real-weights benchmark saw fail there, a capped rate."""
-        if bn == "auto" and large:
-            return cls(f"{moved} (> {AUTO_STEP:.1%}): its norm layers train from now on", False)
+    def judge(cls, moved: str, bn: str, large: bool, capped: bool, trains: bool | None = None) -> FirstStepNote | None:
+        """What to say of a first step (``moved``: what it did; ``large``: above :data:`AUTO_STEP`) under ``bn``
+        (``trains``: the mode ``bn="auto"`` decided, if it has): a mode the real-weights benchmark saw fail there,
+        a capped rate."""
+        if bn == "auto" and trains is False and large:
+            advice = _failed("frozen statistics collapsed to chance", "`max_step='first'` or `bn='train'`")
+            return cls(f"{moved} (> {AUTO_STEP:.1%}), faster than the first release, whose step kept frozen statistics"
+                       f" (`bn='auto'`): {advice}", True)  # fmt: skip
         if bn == "frozen" and large:
             advice = _failed("frozen statistics collapsed to chance", "`bn='auto'` or a smaller `lr_scale`")
             return cls(f"{moved} (> {AUTO_STEP:.1%}) with `bn='frozen'`: {advice}", True)
@@ -76,6 +79,13 @@ class FirstStepNote(NamedTuple):
             advice = _failed("batch statistics fell below a linear probe", "`bn='auto'`")
             return cls(f"{moved} (< {AUTO_STEP:.1%}) with `bn='train'`: {advice}", True)
         return cls(moved, False) if capped else None
+
+    @classmethod
+    def decide(cls, moved: str, trains: bool) -> FirstStepNote:
+        """What ``bn="auto"`` decided from the first release's first step (``moved``: its largest part's)."""
+        if trains:
+            return cls(f"{moved} (> {AUTO_STEP:.1%}): norm layers train in every released block from now on", False)
+        return cls(f"{moved} (< {AUTO_STEP:.1%}): norm layers keep frozen statistics in every released block", False)
 
 
 def _failed(what: str, fix: str) -> str:

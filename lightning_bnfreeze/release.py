@@ -4,7 +4,8 @@
 and carries the release out: the parameters train in named param groups at their learning rate
 (:class:`~lightning_bnfreeze.released_groups.ReleasedGroups`), their gradients are averaged where a
 DDP reducer leaves them out (:class:`~lightning_bnfreeze.distributed.GradientSync`), their norm layers
-take the mode the norm policy gives them (:class:`~lightning_bnfreeze.freezer.BackboneNorms`), and a
+take the mode the norm policy gives them (:class:`~lightning_bnfreeze.freezer.BackboneNorms`), their first
+steps are measured, capped and decide that mode (:class:`~lightning_bnfreeze.first_steps.FirstSteps`), and a
 :class:`ReleaseRecord` joins the history, the state a checkpoint keeps. The Lightning callback only
 tells it where the fit stands; :mod:`lightning_bnfreeze.lr_preview` drives the same object without training.
 """
@@ -19,12 +20,13 @@ from torch import nn
 
 from lightning_bnfreeze.checks import check_choice
 from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, SMALLEST_REFERENCE, FirstStep, momentum_of
+from lightning_bnfreeze.step_size import momentum_of
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -44,8 +46,10 @@ class Unfreezer:
         lr_scale: the learning rate of a released part relative to the head's, times the part's factor.
         bn: what a released part's norm layers do: ``"train"`` (batch statistics, as without freezing),
             ``"frozen"`` (inference mode, frozen statistics, affine parameters training), or ``"auto"``:
-            frozen until the part's first optimizer step, then training if that step moved its weights
-            by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum SGD).
+            one mode for every part, decided by the first release whose first optimizer step moved its weights
+            (by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`): training if that step moved
+            them by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum SGD), else
+            frozen; frozen until then.
         trainable: parameters inside the backbone that train from the first step (never frozen).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
         max_step: a cap on a released part's first step (relative, momentum included), kept by scaling its rate:
@@ -78,15 +82,10 @@ class Unfreezer:
         self.lr_scale = lr_scale
         self.bn = bn
         self.norms: BackboneNorms | None = None
-        self._agree = agree
         self._trainable = {id(param) for param in trainable}
         self._history: list[ReleaseRecord] = []
         self._last_release: tuple[float, int] | None = None
-        self._undecided: list[tuple[int, int]] = []  # bn="auto": (release, part) whose first step is still to come
-        self._before: dict[tuple[int, int], FirstStep] = {}
-        self.max_step = max_step
-        self._first_index: int | None = None  # max_step="first": the first release whose weights moved,
-        self._first_step = 0.0  # and the largest first step of its parts
+        self.first_steps = FirstSteps(bn, max_step, agree)
         self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
 
     @property
@@ -172,8 +171,8 @@ class Unfreezer:
         parts = self.plan.releases[index]
         factors = tuple(self.lr_scale * part.lr_factor for part in parts)
         added = self._add(index, moment.step, factors)
-        trains = (self.bn == "train",) * len(parts)
-        self._undecided += [(index, position) for position in range(len(parts))]
+        trains = (self.bn == "train" or (self.bn == "auto" and self.first_steps.norms_train is True),) * len(parts)
+        self.first_steps.expect(index, len(parts))
         epoch = int(moment.epoch) if epoch is None else epoch
         record = ReleaseRecord(
             index, epoch, moment.step, reason, self.groups.positions(added), value, metric, trains, factors
@@ -186,48 +185,35 @@ class Unfreezer:
 
     def before_step(self, step: int) -> None:
         """Before an optimizer step (each batch it accumulates): released groups at their rate, frozen norm layers
-        as they must be, and with ``bn="auto"`` the weights of the parts this step is the first of."""
+        as they must be, and the weights of the parts this step is the first of."""
         self.groups.tie_to_head(step)
         if self.norms is not None:
             self.norms.enforce()
         params = dict(self.root.named_parameters())
-        for index, position in self._undecided:
-            if (index, position) not in self._before:
-                part = self.plan.releases[index][position]
-                self._before[index, position] = FirstStep(params[name] for name in part.params)
+        self.first_steps.snapshot(lambda part: (params[name] for name in self.plan.releases[part[0]][part[1]].params))
 
     def after_step(self, step: int) -> list[FirstStepNote]:
-        """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last
-        (:class:`~lightning_bnfreeze.step_size.FirstStep`), cap it (``max_step``), and with ``bn="auto"`` decide their
-        norm mode.
+        """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last, cap
+        it (``max_step``), and with ``bn="auto"`` decide every release's norm mode (:class:`~lightning_bnfreeze.first_steps.FirstSteps`).
 
-        Returns a note for each part whose norm layers start training or whose rate the cap scaled, and a warning
-        for each part whose fixed ``bn`` mode is one the real-weights benchmark saw fail at such a step size.
+        Returns a note for each part whose rate the cap scaled, one for the norm mode decided, and a warning for each
+        part whose norm mode is one the real-weights benchmark saw fail at such a step size.
         """
-        done = [key for key in self._undecided if key in self._before and self._history[key[0]].step < step]
+        done = self.first_steps.taken(lambda index: self._history[index].step, step)
         notes = []
         for index, position in done:
-            self._undecided.remove((index, position))
-            # as at the full rate: the warm-up's factor on the first step divided out
-            ramp = self.groups.warmup(0)
-            change = self._before.pop((index, position)).change(momentum_of(self.groups.head)) / ramp
-            cap = self._step_cap(index)
-            part = self.plan.releases[index][position].name
-            moved = f"{part}: its first step {'at the full rate ' if ramp < 1 else ''}moved its weights by {change:.2%}"
-            scale = 1.0 if cap is None or change <= cap else cap / change
+            name = self.plan.releases[index][position].name
+            scale, note = self.first_steps.judge(
+                (index, position), name, momentum_of(self.groups.head), self.groups.warmup(0)
+            )
             if scale < 1:
                 self._scale_part(index, position, scale)
-                change *= scale
-                moved += f", above the cap: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
-            if self._first_index in (None, index) and change > SMALLEST_REFERENCE:  # the first release that moved
-                self._first_index, self._first_step = index, max(self._first_step, change)
-            large = self._agree(change > AUTO_STEP)
-            if self.bn == "auto" and large:
-                record = self._history[index]
-                trains = tuple(train or i == position for i, train in enumerate(record.train_norms))
-                self._history[index] = replace(record, train_norms=trains)
-            note = FirstStepNote.judge(moved, self.bn, large, scale < 1)
             notes += [note] if note is not None else []
+        decided = self.first_steps.decide()
+        if decided is not None:
+            notes.append(decided)
+            if self.first_steps.norms_train:
+                self._history = [replace(r, train_norms=(True,) * len(r.train_norms)) for r in self._history]
         if done:
             self.update_norms()
         return notes
@@ -241,8 +227,8 @@ class Unfreezer:
         head_lr = self.groups.head["lr"]
         parts = self.plan.releases[record.index]
         modes = {True: ", norm layers train", False: ", norm layers frozen", None: ""}
-        if self.bn == "auto":
-            modes[False] = ", norm layers frozen until its first step says"
+        if self.bn == "auto" and self.first_steps.norms_train is None:
+            modes[False] = ", norm layers frozen until the first release's first step says"
         described = [
             f"{part.name} ({part.numel:,} params, lr {head_lr * factor:.3g} = {factor:.3g} x head{modes[train]})"
             for part, factor, train in zip(parts, record.lr_factors, self._norm_modes(record), strict=True)
@@ -253,9 +239,8 @@ class Unfreezer:
         return {
             "history": [record.to_dict() for record in self._history],
             "last_release": None if self._last_release is None else list(self._last_release),
-            "undecided": [list(key) for key in self._undecided],
             "trigger": self.trigger.state_dict(),
-            "first_step": [self._first_index, self._first_step],
+            **self.first_steps.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -273,10 +258,7 @@ class Unfreezer:
         self._history = history
         last = state.get("last_release")
         self._last_release = None if last is None else (float(last[0]), int(last[1]))
-        self._undecided = [(int(index), int(position)) for index, position in state.get("undecided", ())]
-        self._before = {}
-        first_index, self._first_step = state.get("first_step", (None, 0.0))
-        self._first_index = None if first_index is None else int(first_index)
+        self.first_steps.load_state_dict(state)
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 
     def close(self) -> None:
@@ -291,12 +273,6 @@ class Unfreezer:
             added += self._groups_of[index, position]
             self.gradients.track(group)
         return added
-
-    def _step_cap(self, index: int) -> float | None:
-        """The cap on the first step of release ``index``'s parts (``None``: none; the first release measures)."""
-        if self.max_step != FIRST:
-            return None if self.max_step is None else float(self.max_step)
-        return self._first_step if self._first_index is not None and index > self._first_index else None
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""

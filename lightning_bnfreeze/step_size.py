@@ -25,8 +25,9 @@ SGD they grow, and it does. What it won and lost on the real-weights benchmark i
 and the README's "Choosing BN mode and learning rates"."""
 
 SMALLEST_REFERENCE = AUTO_STEP / 10
-"""With ``max_step="first"``, a first step below this (0.02%) sets no cap: it measured weight decay rather than the
-gradient (a head still at zero, say), and the first release that moves further sets the cap instead."""
+"""A first release whose first step moved its weights by less than this (0.02%) measured weight decay rather than
+the gradient (a head still at zero, say): it neither decides ``bn="auto"``'s mode nor sets ``max_step="first"``'s cap;
+the first release that moves further does."""
 
 
 def check_max_step(value: object) -> None:

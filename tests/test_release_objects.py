@@ -218,13 +218,59 @@ def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
     move(u, "backbone.3", relative)
     notes = u.after_step(5)
     assert u.history[0].train_norms == (trains,)
-    assert bool(notes) == trains
-    assert all(note.text.startswith("backbone.3: its first step moved") and not note.warning for note in notes)
+    [note] = notes
+    assert note.text.startswith("backbone.3: its first step moved") and not note.warning
+    assert ("train in every released block" if trains else "keep frozen statistics") in note.text
     layer.train()
     u.before_step(5)
     assert layer.training == trains  # a frozen layer is put back in inference mode
     move(u, "backbone.3", 10 * AUTO_STEP)  # later steps decide nothing
     assert u.after_step(6) == [] and u.history[0].train_norms == (trains,)
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "trains"), [(2 * AUTO_STEP, AUTO_STEP / 2, True), (AUTO_STEP / 2, 0.1, False)]
+)
+def test_bn_auto_gives_every_release_the_mode_the_first_releases_first_step_decided(
+    first: float, later: float, trains: bool
+) -> None:
+    """One mode for the whole backbone: a later release's own first step does not change it (mixed modes collapsed
+    on the real-weights benchmark), a release before any step moved takes it too, and it survives a resume."""
+    u = unfreezer(bn="auto")
+    u.start_norms(BackboneNorms(u.root, "backbone"))
+    u.advance(u.moment(1, 4), "epoch")
+    u.before_step(4)
+    move(u, "backbone.3", SMALLEST_REFERENCE / 10)  # moved nothing to speak of (a head at zero): decides nothing
+    assert u.after_step(5) == [] and u.first_steps.norms_train is None
+    [second] = u.advance(u.moment(2, 8), "epoch")
+    assert second.train_norms == (False,)
+    u.before_step(8)
+    move(u, "backbone.1", first)
+    [note] = u.after_step(9)
+    assert note.text.startswith("backbone.1: its first step moved")
+    assert [r.train_norms for r in u.history] == [(trains,), (trains,)]
+    resumed = unfreezer(bn="auto")
+    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
+    resumed.freeze()
+    resumed.restore()
+    resumed.start_norms(BackboneNorms(resumed.root, "backbone"))
+    for each in (u, resumed):
+        [third] = each.advance(each.moment(3, 12), "epoch")
+        assert third.train_norms == (trains,)  # from its release on, not after its first step
+        assert each.describe(third).endswith(f"norm layers {'train' if trains else 'frozen'}).")
+        each.before_step(12)
+        move(each, "backbone.0", later)
+        notes = each.after_step(13)
+        if trains:
+            assert notes == []
+        else:  # frozen statistics at a step the benchmark saw them collapse: one warning naming the fix
+            [warning] = notes
+            assert warning.warning and "faster than the first release" in warning.text
+            assert "`max_step='first'`" in warning.text
+        assert [r.train_norms for r in each.history] == [(trains,)] * 3
+        each.root.train()
+        each.before_step(13)
+        assert [each.root.backbone[i][1].training for i in (0, 1, 3)] == [trains] * 3
 
 
 @pytest.mark.parametrize(("relative", "trains"), [(AUTO_STEP / 5, True), (AUTO_STEP / 20, False)])

@@ -1,0 +1,111 @@
+"""The first optimizer step of each released part: how far it moved the part's weights, the cap on it
+(``max_step``), and the norm mode ``bn="auto"`` decides from the first release's (plain PyTorch).
+
+:class:`~lightning_bnfreeze.release.Unfreezer` tells :class:`FirstSteps` which parts a release frees and
+when a step is taken; it applies the scales and the decision to its releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+from torch import nn
+
+from lightning_bnfreeze.record import FirstStepNote
+from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, SMALLEST_REFERENCE, FirstStep
+
+__all__ = ["FirstSteps", "Part"]
+
+Part = tuple[int, int]
+"""A released part: the index of its release and its position in that release."""
+
+
+class FirstSteps:
+    """The parts whose first step is still to come, and what the first steps taken so far decided.
+
+    Args:
+        bn: the released norm layers' mode; with ``"auto"``, the first release whose first step moved its
+            weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE` decides every
+            release's: training if its largest part moved by more than :data:`AUTO_STEP`, else frozen.
+        max_step: ``None``, ``"first"`` (the largest first step of that same release caps every later
+            release's) or a number (the cap on every release's first step).
+        agree: turns a local decision into the decision of every rank (``any``; default: as it is).
+    """
+
+    def __init__(
+        self, bn: str, max_step: float | Literal["first"] | None = None, agree: Callable[[bool], bool] = bool
+    ) -> None:
+        self.bn = bn
+        self.max_step = max_step
+        self._agree = agree
+        self.pending: list[Part] = []
+        self._before: dict[Part, FirstStep] = {}
+        self._first_index: int | None = None  # the first release whose weights moved,
+        self._first_step = 0.0  # and the largest first step of its parts
+        self._deciding = (0.0, "")  # bn="auto": that largest step, and what it did, until the mode is decided
+        self.norms_train: bool | None = None  # bn="auto": the mode decided for every release's norm layers
+
+    def expect(self, index: int, parts: int) -> None:
+        """Release ``index`` freed ``parts`` parts: their first steps are to come."""
+        self.pending += [(index, position) for position in range(parts)]
+
+    def snapshot(self, params_of: Callable[[Part], Iterable[nn.Parameter]]) -> None:
+        """Before a step: keep the weights of the pending parts not kept yet (an accumulated batch keeps them)."""
+        for part in self.pending:
+            if part not in self._before:
+                self._before[part] = FirstStep(params_of(part))
+
+    def taken(self, released_at: Callable[[int], int], step: int) -> list[Part]:
+        """The pending parts whose first step is done once ``step`` optimizer steps are (``released_at``: the
+        step of a release)."""
+        return [part for part in self.pending if part in self._before and released_at(part[0]) < step]
+
+    def judge(self, part: Part, name: str, momentum: float, ramp: float) -> tuple[float, FirstStepNote | None]:
+        """Measure part ``part``'s (named ``name``) first step, taken at ``ramp`` of its rate (a warm-up) with
+        ``momentum``: the factor its rate is to be scaled by (the cap), and what to say of it.
+
+        A collective under FSDP2 (sharded weights): call it on every rank alike.
+        """
+        self.pending.remove(part)
+        change = self._before.pop(part).change(momentum) / ramp  # as at the full rate
+        moved = f"{name}: its first step {'at the full rate ' if ramp < 1 else ''}moved its weights by {change:.2%}"
+        cap = self._cap(part[0])
+        scale = 1.0 if cap is None or change <= cap else cap / change
+        if scale < 1:
+            change *= scale
+            moved += f", above the cap: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
+        if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
+            self._first_index, self._first_step = part[0], max(self._first_step, change)
+            self._deciding = max(self._deciding, (change, moved))
+        large = self._agree(change > AUTO_STEP)
+        return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
+
+    def decide(self) -> FirstStepNote | None:
+        """With ``bn="auto"``, once the first release that moved is measured: decide :attr:`norms_train`, and say so."""
+        if self.bn != "auto" or self.norms_train is not None or not self._deciding[1]:
+            return None
+        self.norms_train = self._agree(self._first_step > AUTO_STEP)
+        return FirstStepNote.decide(self._deciding[1], self.norms_train)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "undecided": [list(part) for part in self.pending],
+            "first_step": [self._first_index, self._first_step],
+            "norms_train": self.norms_train,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pending = [(int(index), int(position)) for index, position in state.get("undecided", ())]
+        self._before = {}
+        first_index, self._first_step = state.get("first_step", (None, 0.0))
+        self._first_index = None if first_index is None else int(first_index)
+        decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.x
+        self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
+        self._deciding = (0.0, "")
+
+    def _cap(self, index: int) -> float | None:
+        """The cap on the first step of release ``index``'s parts (``None``: none; the first release measures)."""
+        if self.max_step != FIRST:
+            return None if self.max_step is None else float(self.max_step)
+        return self._first_step if self._first_index is not None and index > self._first_index else None
