@@ -31,7 +31,7 @@ class ReleaseSettings:
     lr_scale: float = 1.0
     bn: str = "auto"
     warmup_steps: int = 0
-    max_step: float | Literal["first"] | None = None
+    max_step: float | Literal["released"] | None = None
 
     def __post_init__(self) -> None:
         check_positive("lr_scale", self.lr_scale)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_bnfreeze.record import FirstStepNote
-from lightning_bnfreeze.step_size import AUTO_STEP, FIRST, SMALLEST_REFERENCE, FirstStep
+from lightning_bnfreeze.step_size import AUTO_STEP, RELEASED, SMALLEST_REFERENCE, FirstStep
 
 __all__ = ["FirstSteps", "Part"]
 
@@ -25,25 +25,27 @@ class FirstSteps:
     """The parts whose first step is still to come, and what the first steps taken so far decided.
 
     Args:
-        bn: the released norm layers' mode; with ``"auto"``, the first release whose first step moved its
-            weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE` decides every
-            release's: training if its largest part moved by more than :data:`AUTO_STEP`, else frozen.
-        max_step: ``None``, ``"first"`` (the largest first step of that same release caps every later
-            release's) or a number (the cap on every release's first step).
+        bn: the released norm layers' mode: ``"train"`` (batch statistics), ``"frozen"`` (inference mode, frozen
+            statistics, affine parameters training), or ``"auto"``: one mode for every part, which the first release
+            whose first step moved its weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`
+            decides: training if its largest part moved by more than :data:`AUTO_STEP` (relative; times
+            ``1 / (1 - momentum)`` for momentum SGD), else frozen; frozen until then.
+        max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
+            it would move now: :meth:`judge`'s ``faster``) or a number (the cap on every release's first step).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
     """
 
     def __init__(
-        self, bn: str, max_step: float | Literal["first"] | None = None, agree: Callable[[bool], bool] = bool
+        self, bn: str, max_step: float | Literal["released"] | None = None, agree: Callable[[bool], bool] = bool
     ) -> None:
         self.bn = bn
         self.max_step = max_step
         self._agree = agree
         self.pending: list[Part] = []
         self._before: dict[Part, FirstStep] = {}
-        self._first_index: int | None = None  # the first release whose weights moved,
-        self._first_step = 0.0  # and the largest first step of its parts
-        self._deciding = (0.0, "")  # bn="auto": that largest step, and what it did, until the mode is decided
+        self._first_index: int | None = None  # bn="auto": the first release whose weights moved,
+        self._first_step = 0.0  # the largest first step of its parts,
+        self._deciding = (0.0, "")  # and what that step did, until the mode is decided
         self.norms_train: bool | None = None  # bn="auto": the mode decided for every release's norm layers
 
     def expect(self, index: int, parts: int) -> None:
@@ -61,20 +63,29 @@ class FirstSteps:
         step of a release)."""
         return [part for part in self.pending if part in self._before and released_at(part[0]) < step]
 
-    def judge(self, part: Part, name: str, momentum: float, ramp: float) -> tuple[float, FirstStepNote | None]:
+    def judge(
+        self, part: Part, name: str, momentum: float, ramp: float, faster: float | None = None
+    ) -> tuple[float, FirstStepNote | None]:
         """Measure part ``part``'s (named ``name``) first step, taken at ``ramp`` of its rate (a warm-up) with
-        ``momentum``: the factor its rate is to be scaled by (the cap), and what to say of it.
+        ``momentum``: the factor its rate is to be scaled by (the cap), and what to say of it. ``faster``: with
+        ``max_step="released"``, how many times as far as the parts released before it that step would move them
+        (:func:`~lightning_bnfreeze.step_size.step_now`; ``None``: nothing to compare with).
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
         self.pending.remove(part)
         change = self._before.pop(part).change(momentum) / ramp  # as at the full rate
         moved = f"{name}: its first step {'at the full rate ' if ramp < 1 else ''}moved its weights by {change:.2%}"
-        cap = self._cap(part[0])
-        scale = 1.0 if cap is None or change <= cap else cap / change
+        if self.max_step == RELEASED:
+            scale = 1.0 if faster is None or faster <= 1 else 1 / faster
+            beyond = f"{faster or 0:.1f} times as far as the blocks released before it would move now"
+        else:
+            cap = None if self.max_step is None else float(self.max_step)
+            scale = 1.0 if cap is None or change <= cap else cap / change
+            beyond = f"above the cap of {cap or 0:.2%}"
         if scale < 1:
             change *= scale
-            moved += f", above the cap: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
+            moved += f", {beyond}: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
             self._deciding = max(self._deciding, (change, moved))
@@ -100,12 +111,6 @@ class FirstSteps:
         self._before = {}
         first_index, self._first_step = state.get("first_step", (None, 0.0))
         self._first_index = None if first_index is None else int(first_index)
-        decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.x
+        decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
         self._deciding = (0.0, "")
-
-    def _cap(self, index: int) -> float | None:
-        """The cap on the first step of release ``index``'s parts (``None``: none; the first release measures)."""
-        if self.max_step != FIRST:
-            return None if self.max_step is None else float(self.max_step)
-        return self._first_step if self._first_index is not None and index > self._first_index else None

@@ -69,7 +69,7 @@ class FirstStepNote(NamedTuple):
         (``trains``: the mode ``bn="auto"`` decided, if it has): a mode the real-weights benchmark saw fail there,
         a capped rate."""
         if bn == "auto" and trains is False and large:
-            advice = _failed("frozen statistics collapsed to chance", "`max_step='first'` or `bn='train'`")
+            advice = _failed("frozen statistics collapsed to chance", "`max_step='released'` or `bn='train'`")
             return cls(f"{moved} (> {AUTO_STEP:.1%}), faster than the first release, whose step kept frozen statistics"
                        f" (`bn='auto'`): {advice}", True)  # fmt: skip
         if bn == "frozen" and large:

@@ -26,7 +26,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import momentum_of
+from lightning_bnfreeze.step_size import RELEASED, momentum_of, step_now
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -44,18 +44,11 @@ class Unfreezer:
         groups: the optimizer's released groups (it holds the head's group, the schedulers, the warm-up).
         gradients: averages released gradients that a DDP reducer leaves out (``None``: no DDP).
         lr_scale: the learning rate of a released part relative to the head's, times the part's factor.
-        bn: what a released part's norm layers do: ``"train"`` (batch statistics, as without freezing),
-            ``"frozen"`` (inference mode, frozen statistics, affine parameters training), or ``"auto"``:
-            one mode for every part, decided by the first release whose first optimizer step moved its weights
-            (by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`): training if that step moved
-            them by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum SGD), else
-            frozen; frozen until then.
+        bn: what a released part's norm layers do: ``"train"``, ``"frozen"`` or ``"auto"``
+            (:class:`~lightning_bnfreeze.first_steps.FirstSteps`, which measures each part's first step).
         trainable: parameters inside the backbone that train from the first step (never frozen).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
-        max_step: a cap on a released part's first step (relative, momentum included), kept by scaling its rate:
-            ``None`` (default): no cap; ``"first"``: the largest first step of the parts of the first release that
-            moved by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`, for every later release; a
-            number: that cap for every release.
+        max_step: the cap on a released part's first step, kept by scaling its rate (``FirstSteps``).
 
     The norm layers are left alone until :meth:`start_norms` (Lightning: at ``on_train_start``).
     """
@@ -71,7 +64,7 @@ class Unfreezer:
         bn: str = "auto",
         trainable: Iterable[nn.Parameter] = (),
         agree: Callable[[bool], bool] = bool,
-        max_step: float | Literal["first"] | None = None,
+        max_step: float | Literal["released"] | None = None,
     ) -> None:
         check_choice("bn", bn, NORM_MODES)
         self.root = root
@@ -194,17 +187,20 @@ class Unfreezer:
 
     def after_step(self, step: int) -> list[FirstStepNote]:
         """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last, cap
-        it (``max_step``), and with ``bn="auto"`` decide every release's norm mode (:class:`~lightning_bnfreeze.first_steps.FirstSteps`).
+        it (``max_step``), and with ``bn="auto"`` decide every release's norm mode
+        (:class:`~lightning_bnfreeze.first_steps.FirstSteps`).
 
         Returns a note for each part whose rate the cap scaled, one for the norm mode decided, and a warning for each
         part whose norm mode is one the real-weights benchmark saw fail at such a step size.
         """
         done = self.first_steps.taken(lambda index: self._history[index].step, step)
+        reference = self._released_step(done) if self.first_steps.max_step == RELEASED else None
         notes = []
         for index, position in done:
             name = self.plan.releases[index][position].name
+            faster = step_now(self._rates(index, position)) / reference if reference else None
             scale, note = self.first_steps.judge(
-                (index, position), name, momentum_of(self.groups.head), self.groups.warmup(0)
+                (index, position), name, momentum_of(self.groups.head), self.groups.warmup(0), faster
             )
             if scale < 1:
                 self._scale_part(index, position, scale)
@@ -273,6 +269,18 @@ class Unfreezer:
             added += self._groups_of[index, position]
             self.gradients.track(group)
         return added
+
+    def _rates(self, index: int, position: int) -> list[tuple[dict[str, Any], float]]:
+        """A released part's param groups, each with its full rate (no warm-up)."""
+        head_lr = float(self.groups.head["lr"])
+        return [(group.group, head_lr * group.lr_factor) for group in self._groups_of.get((index, position), [])]
+
+    def _released_step(self, done: Sequence[tuple[int, int]]) -> float | None:
+        """The largest first step the parts released before ``done``'s would take now (``None``: no such part)."""
+        if not done:
+            return None
+        first = min(index for index, _ in done)
+        return max((step_now(self._rates(*key)) for key in self._groups_of if key[0] < first), default=None)
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""

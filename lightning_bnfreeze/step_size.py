@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+import torch
 from torch import nn
 
 from lightning_bnfreeze.fsdp import squared_norm
 
-__all__ = ["AUTO_STEP", "FIRST", "SMALLEST_REFERENCE", "FirstStep", "check_max_step", "momentum_of"]
+__all__ = ["AUTO_STEP", "RELEASED", "SMALLEST_REFERENCE", "FirstStep", "check_max_step", "momentum_of", "step_now"]
 
 AUTO_STEP = 0.002
 """The relative step size (momentum included) above which frozen statistics stop holding: on the real-weights
@@ -18,25 +19,26 @@ benchmark (``benchmarks/transfer_real.md``) fine-tuning with frozen statistics c
 whose first step moved the backbone's weights by more than this, and batch statistics lost to frozen ones below it."""
 
 
-FIRST: Final = "first"
-"""``max_step="first"``: no release's first step goes further (relative to the weights) than the first release's did.
-Under AdamW the first steps shrink from the output side to the input side and the cap rarely binds; under momentum
-SGD they grow, and it does. What it won and lost on the real-weights benchmark is in ``benchmarks/transfer_real.md``
+RELEASED: Final = "released"
+"""``max_step="released"``: no released part's first step goes further (relative to its weights) than the parts
+released before it would move in a first step taken at the same moment, from the same batch (:func:`step_now`).
+Under AdamW the steps shrink from the output side to the input side and the cap rarely binds; under momentum SGD
+they grow, and it does. What it won and lost on the real-weights benchmark is in ``benchmarks/transfer_real.md``
 and the README's "Choosing BN mode and learning rates"."""
 
 SMALLEST_REFERENCE = AUTO_STEP / 10
 """A first release whose first step moved its weights by less than this (0.02%) measured weight decay rather than
-the gradient (a head still at zero, say): it neither decides ``bn="auto"``'s mode nor sets ``max_step="first"``'s cap;
-the first release that moves further does."""
+the gradient (a head still at zero, say): it does not decide ``bn="auto"``'s mode: the first release
+that moves further does."""
 
 
 def check_max_step(value: object) -> None:
-    """Raise unless ``value`` is ``None``, ``"first"`` or a number > 0."""
-    if value is None or value == FIRST:
+    """Raise unless ``value`` is ``None``, ``"released"`` or a number > 0."""
+    if value is None or value == RELEASED:
         return
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return
-    raise ValueError(f"`max_step` must be 'first', a relative step size > 0 or None, got {value!r}.")
+    raise ValueError(f"`max_step` must be 'released', a relative step size > 0 or None, got {value!r}.")
 
 
 def momentum_of(group: Mapping[str, Any]) -> float:
@@ -70,3 +72,27 @@ class FirstStep:
         moved = squared_norm([w - before for w, before in self._before]) ** 0.5
         size = squared_norm([before for _, before in self._before]) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
+
+
+def step_now(groups: Iterable[tuple[Mapping[str, Any], float]]) -> float:
+    """How far a first optimizer step taken now, from the gradients in ``.grad``, would move the weights
+    (``ndim >= 2``) of ``(param_group, lr)`` pairs, relative to their size, momentum left out: ``lr * (g + wd * w)``
+    for SGD-type groups, ``lr * g / (|g| + eps)`` for Adam-type ones (with ``betas``); 0 without gradients.
+
+    A collective under FSDP2 (sharded weights): call it on every rank alike.
+    """
+    moves: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
+    for group, lr in groups:
+        for param in group["params"]:
+            if param.ndim < 2 or param.grad is None:
+                continue
+            grad = param.grad.detach()
+            if "betas" in group:
+                direction = grad / (grad.abs() + float(group.get("eps", 1e-8)))
+            else:
+                direction = grad + float(group.get("weight_decay", 0.0) or 0.0) * param.detach()
+            moves.append(lr * direction)
+            weights.append(param.detach())
+    size = squared_norm(weights) ** 0.5
+    return squared_norm(moves) ** 0.5 / size if size > 0 else 0.0

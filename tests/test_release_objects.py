@@ -266,7 +266,7 @@ def test_bn_auto_gives_every_release_the_mode_the_first_releases_first_step_deci
         else:  # frozen statistics at a step the benchmark saw them collapse: one warning naming the fix
             [warning] = notes
             assert warning.warning and "faster than the first release" in warning.text
-            assert "`max_step='first'`" in warning.text
+            assert "`max_step='released'`" in warning.text
         assert [r.train_norms for r in each.history] == [(trains,)] * 3
         each.root.train()
         each.before_step(13)
@@ -588,51 +588,71 @@ def test_max_step_scales_a_released_parts_rate_by_how_far_its_first_step_went_pa
     assert again["lr"] == pytest.approx(0.05 * scale)  # the scaled rate survives a resume
 
 
-def first_release_measured(max_step: str | None = "first", first: float = 0.01) -> Unfreezer:
-    """Release 0 (``backbone.3``) done and its first step, of ``first``, measured."""
-    u = unfreezer(bn="auto", lr_scale=0.5, max_step=max_step)
+def gradients(u: Unfreezer, part: str, relative: float) -> None:
+    """Gradients on the part's weights (ndim >= 2) that a plain SGD step at rate 1 would move by ``relative``."""
+    for param in u.root.get_submodule(part).parameters():
+        param.grad = relative * param.detach().clone() if param.ndim >= 2 else torch.zeros_like(param)
+
+
+@pytest.mark.parametrize(("later", "scale"), [(0.06, 1 / 3), (0.01, 1.0)])
+def test_max_step_released_caps_a_release_at_the_step_the_earlier_parts_would_take_now(
+    later: float, scale: float
+) -> None:
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step="released")
     u.advance(u.moment(1, 4), "epoch")
     u.before_step(4)
-    move(u, "backbone.3", first)
+    gradients(u, "backbone.3", 0.5)  # no part before it: the first release is never capped
     u.after_step(5)
-    return u
-
-
-def second_release(u: Unfreezer, relative: float, said: list[str] | None = None) -> ReleaseRecord:
-    """Release 1 (``backbone.1``) and a first step of ``relative``: its record after the step (notes to ``said``)."""
+    assert u.history[0].lr_factors == pytest.approx((0.5,))
     u.advance(u.moment(2, 8), "epoch")
     u.before_step(8)
-    move(u, "backbone.1", relative)
+    gradients(u, "backbone.3", 0.02)  # what the earlier part would move now, not at its own first step
+    gradients(u, "backbone.1", later)
     notes = u.after_step(9)
-    (said if said is not None else []).extend(note.text for note in notes)
-    return u.history[1]
-
-
-@pytest.mark.parametrize(("second", "scale"), [(0.03, 1 / 3), (0.005, 1.0)])
-def test_max_step_first_caps_later_releases_at_the_first_releases_step(second: float, scale: float) -> None:
-    u, said = first_release_measured(), []
-    assert u.history[0].lr_factors == pytest.approx((0.5,))  # the first release sets the cap, uncapped itself
-    assert second_release(u, second, said).lr_factors == pytest.approx((0.5 * scale,))
-    assert any("above the cap: its rate is scaled by 0.33, to steps of 1.00%" in text for text in said) == (scale < 1)
-    uncapped = first_release_measured(max_step=None)
-    assert second_release(uncapped, second).lr_factors == pytest.approx((0.5,))
-
-
-def test_max_step_first_survives_a_resume_between_the_releases() -> None:
-    state = json.loads(json.dumps(first_release_measured().state_dict()))
-    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="first")
-    resumed.load_state_dict(state)
+    assert u.history[1].lr_factors == pytest.approx((0.5 * scale,))
+    said = " ".join(note.text for note in notes)
+    expected = "3.0 times as far as the blocks released before it would move now: its rate is scaled by 0.33"
+    assert (expected in said) == (scale < 1), said
+    u.before_step(9)
+    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
+    assert group["lr"] == pytest.approx(0.1 * 0.5 * scale)
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="released")
+    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
     resumed.freeze()
     resumed.restore()
-    assert second_release(resumed, 0.03).lr_factors == pytest.approx((0.5 / 3,))
+    resumed.before_step(10)
+    [again] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
+    assert again["lr"] == pytest.approx(0.1 * 0.5 * scale)  # the cap survives a resume: the record holds it
+    uncapped = unfreezer(bn="auto", lr_scale=0.5)
+    uncapped.advance(uncapped.moment(1, 4), "epoch")
+    uncapped.advance(uncapped.moment(2, 8), "epoch")
+    uncapped.before_step(8)
+    gradients(uncapped, "backbone.3", 0.02)
+    gradients(uncapped, "backbone.1", later)
+    uncapped.after_step(9)
+    assert uncapped.history[1].lr_factors == pytest.approx((0.5,))  # the control: no cap by default
 
 
-def test_max_step_first_takes_its_cap_from_the_first_release_that_moved() -> None:
-    """A first release whose step measured weight decay rather than a gradient (a head at zero) sets no cap."""
-    u = first_release_measured(first=SMALLEST_REFERENCE / 10)
-    assert second_release(u, 0.01).lr_factors == pytest.approx((0.5,))  # no cap yet: it sets the cap
-    u.advance(u.moment(3, 12), "epoch")
-    u.before_step(12)
-    move(u, "backbone.0", 0.03)
-    u.after_step(13)
-    assert u.history[2].lr_factors == pytest.approx((0.5 / 3,))
+def test_max_step_released_leaves_a_release_alone_when_the_earlier_parts_have_no_gradient() -> None:
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step="released")
+    u.advance(u.moment(1, 4), "epoch")
+    u.before_step(4)
+    u.after_step(5)
+    u.advance(u.moment(2, 8), "epoch")
+    u.before_step(8)
+    gradients(u, "backbone.1", 0.5)  # backbone.3 has none (a head still at zero): nothing to compare with
+    u.after_step(9)
+    assert u.history[1].lr_factors == pytest.approx((0.5,))
+
+
+@pytest.mark.parametrize(("first", "trains"), [(2 * AUTO_STEP, True), (AUTO_STEP / 2, False), (None, None)])
+def test_bn_auto_takes_its_decision_from_a_checkpoint_that_predates_it(
+    first: float | None, trains: bool | None
+) -> None:
+    """A 0.3 checkpoint has the first release's first step but no decision: the step decides as it would have."""
+    u = unfreezer(bn="auto")
+    state = u.state_dict()
+    del state["norms_train"]
+    state["first_step"] = [None, 0.0] if first is None else [0, first]
+    u.load_state_dict(state)
+    assert u.first_steps.norms_train is trains

@@ -87,13 +87,12 @@ class GradualUnfreeze(NormFreezingCallback):
             step (:class:`~lightning_bnfreeze.AdaBN`); ``None`` (default): off.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
-        max_step: a cap on a released block's first optimizer step (relative to its weights, momentum included, as
-            for ``bn="auto"``); a block whose first step went past it trains from then on at its rate scaled down by
-            the ratio, as a trust ratio would. ``None`` (default): no cap, every rate as ``lr_scale`` and ``what``
-            set it. ``"first"``: the largest first step of the first release that moved its blocks by more than
-            0.02% caps every later release, so that no block moves further than the blocks nearest the head did
-            (under momentum SGD the input-side blocks' steps grow; under AdamW they shrink and the cap rarely
-            binds). A number: that cap for every release. See the README's "Choosing BN mode and learning rates".
+        max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
+            rate from then on, as a trust ratio would. ``None`` (default): no cap, every rate as ``lr_scale`` and
+            ``what`` set it. ``"released"``: no block's first step goes further than the blocks released before it
+            would move in a first step taken at the same moment (under momentum SGD the input-side blocks move
+            faster, and it binds; under AdamW they move slower, and it rarely does). A number: that cap (momentum
+            included, as for ``bn="auto"``) for every release. See the README's "Choosing BN mode and learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
             release unit becomes a region of its own after ``configure_model`` (``dynamic=False``; blocks of one
             class share their compiled code), so that no release recompiles the whole model and the fit never
@@ -132,7 +131,7 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable: list[str] | None = None,
         adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
-        max_step: float | Literal["first"] | None = None,
+        max_step: float | Literal["released"] | None = None,
         compile: bool | dict[str, Any] = False,
     ) -> None:
         resolved, own_when = what_and_when(what, when)
