@@ -26,10 +26,12 @@ class FirstSteps:
 
     Args:
         bn: the released norm layers' mode: ``"train"`` (batch statistics), ``"frozen"`` (inference mode, frozen
-            statistics, affine parameters training), or ``"auto"``: one mode for every part, which the first release
-            whose first step moved its weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE`
-            decides: training if its largest part moved by more than :data:`AUTO_STEP` (relative; times
-            ``1 / (1 - momentum)`` for momentum SGD), else frozen; frozen until then.
+            statistics, affine parameters training), or ``"auto"``: the first release whose first step moved its
+            weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE` decides: training if its
+            largest part moved by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum
+            SGD), else frozen for every release; after training, the first later release whose largest first step
+            is below the line stops it, for itself and every release after it (never a block with frozen statistics
+            on the output side of one whose statistics train); frozen until the first decision.
         max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
             it would move now: :meth:`judge`'s ``faster``) or a number (the cap on every release's first step).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
@@ -46,7 +48,8 @@ class FirstSteps:
         self._first_index: int | None = None  # bn="auto": the first release whose weights moved,
         self._first_step = 0.0  # the largest first step of its parts,
         self._deciding = (0.0, "")  # and what that step did, until the mode is decided
-        self.norms_train: bool | None = None  # bn="auto": the mode decided for every release's norm layers
+        self._measured: dict[int, tuple[float, str]] = {}  # the largest first step of each release measured last
+        self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
 
     def expect(self, index: int, parts: int) -> None:
         """Release ``index`` freed ``parts`` parts: their first steps are to come."""
@@ -89,15 +92,26 @@ class FirstSteps:
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
             self._deciding = max(self._deciding, (change, moved))
+        elif self._first_index is not None and part[0] > self._first_index:
+            self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "")), (change, moved))
         large = self._agree(change > AUTO_STEP)
         return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
 
-    def decide(self) -> FirstStepNote | None:
-        """With ``bn="auto"``, once the first release that moved is measured: decide :attr:`norms_train`, and say so."""
-        if self.bn != "auto" or self.norms_train is not None or not self._deciding[1]:
-            return None
-        self.norms_train = self._agree(self._first_step > AUTO_STEP)
-        return FirstStepNote.decide(self._deciding[1], self.norms_train)
+    def decide(self) -> list[tuple[int, bool, FirstStepNote]]:
+        """With ``bn="auto"``, after first steps were judged: each change of :attr:`norms_train` (the first decision,
+        training stopped by a slow release), as the release it applies from, the mode, and what to say of it."""
+        measured, self._measured = self._measured, {}
+        if self.bn != "auto":
+            return []
+        changes = []
+        if self.norms_train is None and self._deciding[1]:
+            self.norms_train = self._agree(self._first_step > AUTO_STEP)
+            changes.append((0, self.norms_train, FirstStepNote.decide(self._deciding[1], self.norms_train)))
+        for index, (change, moved) in sorted(measured.items()):
+            if self.norms_train and not self._agree(change > AUTO_STEP):
+                self.norms_train = False
+                changes.append((index, False, FirstStepNote.stop(moved)))
+        return changes
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from lightning_bnfreeze.triggers import Trigger
 __all__ = ["format_plan"]
 
 _NORMS = {
-    "auto": "frozen; train if the first release moves fast",
+    "auto": "frozen; train while the releases move fast",
     "train": "train",
     "frozen": "frozen (affine trains)",
 }

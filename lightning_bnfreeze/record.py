@@ -84,8 +84,18 @@ class FirstStepNote(NamedTuple):
     def decide(cls, moved: str, trains: bool) -> FirstStepNote:
         """What ``bn="auto"`` decided from the first release's first step (``moved``: its largest part's)."""
         if trains:
-            return cls(f"{moved} (> {AUTO_STEP:.1%}): norm layers train in every released block from now on", False)
+            text = (
+                "norm layers train in every released block from now on, and in each later release until one moves less"
+            )
+            return cls(f"{moved} (> {AUTO_STEP:.1%}): {text}", False)
         return cls(f"{moved} (< {AUTO_STEP:.1%}): norm layers keep frozen statistics in every released block", False)
+
+    @classmethod
+    def stop(cls, moved: str) -> FirstStepNote:
+        """What ``bn="auto"`` says when a slow release stops batch statistics (``moved``: its largest part's step)."""
+        return cls(
+            f"{moved} (< {AUTO_STEP:.1%}): its norm layers and every later release's keep frozen statistics", False
+        )
 
 
 def _failed(what: str, fix: str) -> str:

@@ -205,11 +205,11 @@ class Unfreezer:
             if scale < 1:
                 self._scale_part(index, position, scale)
             notes += [note] if note is not None else []
-        decided = self.first_steps.decide()
-        if decided is not None:
-            notes.append(decided)
-            if self.first_steps.norms_train:
-                self._history = [replace(r, train_norms=(True,) * len(r.train_norms)) for r in self._history]
+        for since, train, note in self.first_steps.decide():  # bn="auto": the mode from release `since` on
+            notes.append(note)
+            self._history[since:] = [
+                replace(r, train_norms=(train,) * len(r.train_norms)) for r in self._history[since:]
+            ]
         if done:
             self.update_norms()
         return notes

@@ -229,13 +229,20 @@ def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
 
 
 @pytest.mark.parametrize(
-    ("first", "later", "trains"), [(2 * AUTO_STEP, AUTO_STEP / 2, True), (AUTO_STEP / 2, 0.1, False)]
+    ("first", "later", "modes"),
+    [
+        (2 * AUTO_STEP, 4 * AUTO_STEP, [True, True, True]),
+        (2 * AUTO_STEP, AUTO_STEP / 2, [True, True, False]),  # a slow release stops batch statistics from there in
+        (AUTO_STEP / 2, 0.1, [False, False, False]),  # frozen: a fast release later does not restart them
+    ],
 )
-def test_bn_auto_gives_every_release_the_mode_the_first_releases_first_step_decided(
-    first: float, later: float, trains: bool
+def test_bn_auto_trains_statistics_from_the_output_side_until_a_slow_release(
+    first: float, later: float, modes: list[bool]
 ) -> None:
-    """One mode for the whole backbone: a later release's own first step does not change it (mixed modes collapsed
-    on the real-weights benchmark), a release before any step moved takes it too, and it survives a resume."""
+    """The first release that moves decides; after training, a slow release stops it for itself and every later
+    one, and nothing restarts it: never frozen statistics on the output side of statistics that train (mixed that
+    way, runs collapsed on the real-weights benchmark). A release before any step moved takes the first decision,
+    and the modes survive a resume."""
     u = unfreezer(bn="auto")
     u.start_norms(BackboneNorms(u.root, "backbone"))
     u.advance(u.moment(1, 4), "epoch")
@@ -248,7 +255,7 @@ def test_bn_auto_gives_every_release_the_mode_the_first_releases_first_step_deci
     move(u, "backbone.1", first)
     [note] = u.after_step(9)
     assert note.text.startswith("backbone.1: its first step moved")
-    assert [r.train_norms for r in u.history] == [(trains,), (trains,)]
+    assert [r.train_norms for r in u.history] == [(modes[0],), (modes[1],)]
     resumed = unfreezer(bn="auto")
     resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
     resumed.freeze()
@@ -256,21 +263,24 @@ def test_bn_auto_gives_every_release_the_mode_the_first_releases_first_step_deci
     resumed.start_norms(BackboneNorms(resumed.root, "backbone"))
     for each in (u, resumed):
         [third] = each.advance(each.moment(3, 12), "epoch")
-        assert third.train_norms == (trains,)  # from its release on, not after its first step
-        assert each.describe(third).endswith(f"norm layers {'train' if trains else 'frozen'}).")
+        assert third.train_norms == (modes[1],)  # at its release, the mode so far
+        assert each.describe(third).endswith(f"norm layers {'train' if modes[1] else 'frozen'}).")
         each.before_step(12)
         move(each, "backbone.0", later)
         notes = each.after_step(13)
-        if trains:
+        assert [r.train_norms for r in each.history] == [(mode,) for mode in modes]
+        if modes == [True, True, True]:
             assert notes == []
+        elif modes[0]:
+            [stop] = notes
+            assert not stop.warning and "its norm layers and every later release's keep frozen statistics" in stop.text
         else:  # frozen statistics at a step the benchmark saw them collapse: one warning naming the fix
             [warning] = notes
             assert warning.warning and "faster than the first release" in warning.text
             assert "`max_step='released'`" in warning.text
-        assert [r.train_norms for r in each.history] == [(trains,)] * 3
         each.root.train()
         each.before_step(13)
-        assert [each.root.backbone[i][1].training for i in (0, 1, 3)] == [trains] * 3
+        assert [each.root.backbone[i][1].training for i in (3, 1, 0)] == modes
 
 
 @pytest.mark.parametrize(("relative", "trains"), [(AUTO_STEP / 5, True), (AUTO_STEP / 20, False)])
