@@ -47,8 +47,8 @@ class FirstSteps:
         self._before: dict[Part, FirstStep] = {}
         self._first_index: int | None = None  # bn="auto": the first release whose weights moved,
         self._first_step = 0.0  # the largest first step of its parts,
-        self._deciding = (0.0, "")  # and what that step did, until the mode is decided
-        self._measured: dict[int, tuple[float, str]] = {}  # the largest first step of each release measured last
+        self._deciding = (0.0, "", False)  # and what that step did, and whether it was large, until the mode is decided
+        self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
 
     def expect(self, index: int, parts: int) -> None:
@@ -89,12 +89,12 @@ class FirstSteps:
         if scale < 1:
             change *= scale
             moved += f", {beyond}: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
+        large = self._agree(change > AUTO_STEP)
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
-            self._deciding = max(self._deciding, (change, moved))
+            self._deciding = max(self._deciding, (change, moved, large))
         elif self._first_index is not None and part[0] > self._first_index:
-            self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "")), (change, moved))
-        large = self._agree(change > AUTO_STEP)
+            self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, large))
         return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
 
     def decide(self) -> list[tuple[int, bool, FirstStepNote]]:
@@ -105,10 +105,10 @@ class FirstSteps:
             return []
         changes = []
         if self.norms_train is None and self._deciding[1]:
-            self.norms_train = self._agree(self._first_step > AUTO_STEP)
+            self.norms_train = self._deciding[2]
             changes.append((0, self.norms_train, FirstStepNote.decide(self._deciding[1], self.norms_train)))
-        for index, (change, moved) in sorted(measured.items()):
-            if self.norms_train and not self._agree(change > AUTO_STEP):
+        for index, (_, moved, large) in sorted(measured.items()):
+            if self.norms_train and not large:
                 self.norms_train = False
                 changes.append((index, False, FirstStepNote.stop(moved)))
         return changes
@@ -127,4 +127,4 @@ class FirstSteps:
         self._first_index = None if first_index is None else int(first_index)
         decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
-        self._deciding = (0.0, "")
+        self._deciding = (0.0, "", False)
