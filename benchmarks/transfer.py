@@ -57,6 +57,7 @@ def fingerprint(recipe: str) -> str:
     if recipe.partition(":")[0] != "ours":
         return ""
     from benchmarks.recipes import gradual_unfreeze
+    from lightning_bnfreeze.domain_shift import NEAR_SOURCE
     from lightning_bnfreeze.step_size import AUTO_STEP
 
     callback = gradual_unfreeze(recipe)
@@ -70,6 +71,7 @@ def fingerprint(recipe: str) -> str:
             AUTO_STEP,
             callback.max_step,
         )
+        + ((NEAR_SOURCE,) if callback.max_step == "auto" else ())  # rows of the other values stay valid
     )
 
 
@@ -103,11 +105,13 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         )
         trainer.fit(model, datamodule=data)
         history = [record.to_dict() for cb in callbacks for record in getattr(cb, "history", ())]
+        shifts = [cb.source_shift for cb in callbacks if getattr(cb, "source_shift", None) is not None]
         (result,) = trainer.test(model, datamodule=data, verbose=False)
     return {
         **setting,
         "test_acc": float(result["test_acc"]),
         "history": history,
+        **({"source_shift": shifts[0]} if shifts else {}),
         "seconds": time.perf_counter() - start,
     }
 
@@ -216,7 +220,8 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         ])  # fmt: skip
     header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "seeds"]
     header.append("holds")
-    lines += [markdown_table(header, table), "", *overview(summaries), *variants(summaries), "## Every recipe", ""]
+    lines += [markdown_table(header, table), "", *shifts(rows), *overview(summaries), *variants(summaries)]
+    lines += ["## Every recipe", ""]
     for summary in summaries:
         s = summary["setting"]
         lines.append(f"**{s['task']}, {s['optimizer']}, head lr {s['lr']:g}, K={s['k']}, {s['epochs']} epochs**")
@@ -228,6 +233,30 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
     lines += [f"{len(rows)} runs, {sum(seconds) / 3600:.1f} CPU-process hours.", ""]
     lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()), ""]
     return "\n".join(lines)
+
+
+def shifts(rows: list[dict[str, Any]]) -> list[str]:
+    """What ``max_step="auto"`` measured and chose per task (the runs of ``ours`` that recorded a shift)."""
+    from benchmarks.common import markdown_table
+    from lightning_bnfreeze.domain_shift import NEAR_SOURCE
+
+    measured: dict[str, list[float]] = {}
+    for row in rows:
+        if row["recipe"] == "ours" and "source_shift" in row:
+            measured.setdefault(row["task"], []).append(row["source_shift"])
+    if not measured:
+        return []
+    table = [
+        [task, f"{min(values):.2f} to {max(values):.2f}", str(len(values)),
+         "'released'" if max(values) < NEAR_SOURCE else "None" if min(values) >= NEAR_SOURCE else "both"]
+        for task, values in sorted(measured.items())
+    ]  # fmt: skip
+    return [
+        f"## The target's shift: what `max_step=\"auto\"` chose (`'released'` below {NEAR_SOURCE}, else `None`)",
+        "",
+        markdown_table(["task", "shift", "runs", "max_step"], table),
+        "",
+    ]
 
 
 def overview(summaries: list[dict[str, Any]]) -> list[str]:

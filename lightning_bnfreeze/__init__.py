@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.blocks import Block, find_blocks
+from lightning_bnfreeze.domain_shift import norm_statistics_shift
 from lightning_bnfreeze.freezer import NormFreezer, governing_parameters, norm_layer_names
 from lightning_bnfreeze.norm import freeze_norm, is_norm_frozen, is_norm_layer, named_norm_layers, unfreeze_norm
 from lightning_bnfreeze.plan import Blocks, LayerDecay, Schedule
@@ -22,7 +23,7 @@ from lightning_bnfreeze.triggers import At, Every, Moment, Plateau, Trigger
 if TYPE_CHECKING:
     from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze, ReleasingEarlyStopping
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "AdaBN",
@@ -47,6 +48,7 @@ __all__ = [
     "is_norm_layer",
     "named_norm_layers",
     "norm_layer_names",
+    "norm_statistics_shift",
     "unfreeze_norm",
 ]
 

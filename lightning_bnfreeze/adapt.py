@@ -24,8 +24,9 @@ batches of any size work, even 1. Nothing else changes: no gradients, no other l
 same modes and grad mode afterwards; if the pass fails, the statistics are left as they were. The pass
 runs eagerly also where the model is compiled: it compiles no graph.
 
-The sums live on the inputs' device, in float64, except on MPS, which has no float64: there they are
-float32, so a channel whose mean is large against its spread gets a less accurate variance.
+The sums (:class:`~lightning_bnfreeze.norm_moments.NormMoments`) live on the inputs' device, in float64, except on
+MPS, which has no float64: there they are float32, so a channel whose mean is large against its spread gets a less
+accurate variance.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_bnfreeze.internals import InstanceNormBase, NormBase
+from lightning_bnfreeze.internals import NormBase
+from lightning_bnfreeze.norm_moments import NormMoments, all_reduce, observe
 
 __all__ = ["DEFAULT_PRIOR", "AdaBN", "adapt_norm_statistics", "check_prior"]
 
@@ -91,81 +93,6 @@ class AdaBN:
         return f"AdaBN(batches={self.batches}, prior={self.prior:g}, on_release={self.on_release})"
 
 
-def _accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64, except on MPS, which has none."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _running_statistics(layer: NormBase) -> tuple[Tensor, Tensor]:
-    running_mean, running_var = layer.running_mean, layer.running_var
-    assert isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)
-    return running_mean, running_var
-
-
-class _Moments:
-    """What one norm layer saw, ``sums = [first (C), second (C), count, samples]``, and its statistics before.
-
-    BatchNorm: per-channel sums of values and of squares over samples and positions, ``count``
-    positions. InstanceNorm: sums of per-instance means and unbiased variances, ``count`` instances.
-    ``samples`` counts the inputs' first dimension: the ``n`` the prior is weighed against.
-    """
-
-    def __init__(self, layer: NormBase, prior: float) -> None:
-        self.layer = layer
-        self.prior = prior
-        self.per_instance = isinstance(layer, InstanceNormBase)
-        self.sums: Tensor | None = None  # made at the first input: a Lazy layer has no size before
-        self.source: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
-
-    def start(self, device: torch.device) -> Tensor:
-        """The sums, made (zero) on ``device`` the first time, when the source statistics are saved."""
-        if self.sums is None:
-            self.sums = torch.zeros(2 * self.layer.num_features + 2, dtype=_accumulation_dtype(device), device=device)
-            running_mean, running_var = _running_statistics(self.layer)
-            self.source = (running_mean.clone(), running_var.clone())
-        return self.sums
-
-    def add(self, x: Tensor) -> None:
-        sums = self.start(x.device)
-        flat = x.detach().to(sums.dtype).movedim(1, 0).flatten(2 if self.per_instance else 1)
-        if self.per_instance:
-            first, second = flat.mean(-1).sum(1), flat.var(-1, correction=1).sum(1)
-        else:
-            first, second = flat.sum(1), flat.square().sum(1)
-        sums += torch.cat([first, second, first.new_tensor([flat.shape[1], x.shape[0]])])
-
-    def statistics(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, unbiased variance, biased variance) of what was added, blended with the source's by the prior."""
-        assert self.sums is not None
-        (first, second), (count, samples) = self.sums[:-2].chunk(2), self.sums[-2:]
-        mean = first / count
-        if self.per_instance:
-            unbiased = biased = second / count
-        else:
-            biased = (second / count - mean.square()).clamp_min(0)
-            unbiased = biased * count / (count - 1).clamp_min(1)
-        if not self.prior:
-            return mean, unbiased, biased
-        weight = self.prior / (self.prior + samples)  # the source's
-        source_mean, source_var = (stat.to(mean) for stat in self.source)
-        return (
-            torch.lerp(mean, source_mean, weight),
-            torch.lerp(unbiased, source_var, weight),
-            torch.lerp(biased, source_var, weight),
-        )
-
-    def write(self, mean: Tensor, var: Tensor) -> None:
-        running_mean, running_var = _running_statistics(self.layer)
-        running_mean.copy_(mean)
-        running_var.copy_(var)
-
-    def normalise_with_statistics_so_far(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook: add the input; the layer (in inference mode) normalises it with the statistics so far."""
-        self.add(args[0])
-        mean, _, biased = self.statistics()
-        self.write(mean, biased)
-
-
 def adapt_norm_statistics(
     model: nn.Module,
     layers: Sequence[NormBase],
@@ -192,42 +119,19 @@ def adapt_norm_statistics(
         The number of batches used on this rank.
     """
     check_prior(prior)
-    run = forward if forward is not None else model
-    moments = [_Moments(layer, prior) for layer in dict.fromkeys(layers) if layer.running_mean is not None]
-    modes = {module: module.training for module in model.modules()}
-    hooks = [m.layer.register_forward_pre_hook(m.normalise_with_statistics_so_far) for m in moments]
-    used = 0
+    moments = [NormMoments(layer, prior) for layer in dict.fromkeys(layers) if layer.running_mean is not None]
     try:
-        model.eval()
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # the hooks accumulate in Python
-            for batch in batches:
-                run(batch)
-                used += 1
-        _all_reduce(moments, process_group)
+        hooks = [(m.layer, m.normalise_with_statistics_so_far) for m in moments]
+        used = observe(model, hooks, batches, forward if forward is not None else model)
+        all_reduce(moments, process_group)
     except BaseException:
         for m in moments:
             if m.sums is not None:
                 m.write(*m.source)
         raise
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training
     for m in moments:
         if m.sums is not None:
             mean, unbiased, _ = m.statistics()
             seen = m.sums[-1] > 0  # on no rank otherwise: keep the statistics (no host sync on this device)
             m.write(torch.where(seen, mean, m.source[0]), torch.where(seen, unbiased, m.source[1]))
     return used
-
-
-def _all_reduce(moments: Sequence[_Moments], process_group: dist.ProcessGroup | None) -> None:
-    """Sum each layer's sums over the ranks (one collective), when ``torch.distributed`` is initialised."""
-    if not (dist.is_available() and dist.is_initialized()) or not moments:
-        return
-    sums = [m.start(_running_statistics(m.layer)[0].device) for m in moments]  # zeros where no batch reached it
-    flat = torch.cat(sums)
-    dist.all_reduce(flat, group=process_group)
-    for m, reduced in zip(moments, torch.split(flat, [s.numel() for s in sums]), strict=True):
-        m.sums = reduced

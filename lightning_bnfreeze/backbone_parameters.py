@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -18,7 +18,7 @@ from lightning_bnfreeze.names import get_module
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.release import NORM_MODES, Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule, pick_optimizer
-from lightning_bnfreeze.step_size import check_max_step
+from lightning_bnfreeze.step_size import MaxStep, check_max_step
 from lightning_bnfreeze.triggers import Trigger
 
 __all__ = ["BackboneParameters", "ReleaseSettings"]
@@ -31,7 +31,7 @@ class ReleaseSettings:
     lr_scale: float = 1.0
     bn: str = "auto"
     warmup_steps: int = 0
-    max_step: float | Literal["released"] | None = None
+    max_step: MaxStep = "auto"
 
     def __post_init__(self) -> None:
         check_positive("lr_scale", self.lr_scale)

@@ -8,12 +8,13 @@ when a step is taken; it applies the scales and the decision to its releases.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.record import FirstStepNote
-from lightning_bnfreeze.step_size import AUTO_STEP, RELEASED, SMALLEST_REFERENCE, FirstStep
+from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, RELEASED, SMALLEST_REFERENCE, FirstStep, MaxStep
 
 __all__ = ["FirstSteps", "Part"]
 
@@ -33,15 +34,15 @@ class FirstSteps:
             is below the line stops it, for itself and every release after it (never a block with frozen statistics
             on the output side of one whose statistics train); frozen until the first decision.
         max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
-            it would move now: :meth:`judge`'s ``faster``) or a number (the cap on every release's first step).
+            it would move now: :meth:`judge`'s ``faster``), a number (the cap on every release's first step), or
+            ``"auto"``: one of the first two, as :meth:`resolve` decides from the target's shift before the fit.
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
     """
 
-    def __init__(
-        self, bn: str, max_step: float | Literal["released"] | None = None, agree: Callable[[bool], bool] = bool
-    ) -> None:
+    def __init__(self, bn: str, max_step: MaxStep = None, agree: Callable[[bool], bool] = bool) -> None:
         self.bn = bn
         self.max_step = max_step
+        self.source_shift: float | None = None  # max_step="auto": the shift it was resolved from
         self._agree = agree
         self.pending: list[Part] = []
         self._before: dict[Part, FirstStep] = {}
@@ -50,6 +51,33 @@ class FirstSteps:
         self._deciding = (0.0, "", False)  # and what that step did, and whether it was large, until the mode is decided
         self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
+
+    @property
+    def unresolved(self) -> bool:
+        """Whether ``max_step="auto"`` still waits for :meth:`resolve`."""
+        return self.max_step == AUTO
+
+    def resolve(self, shift: float | None) -> str:
+        """``max_step="auto"``: ``"released"`` when the target's norm statistics are less than
+        :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE` from the backbone's (``shift``), else ``None`` (also
+        for ``shift=None``: nothing measured); what to say of it."""
+        near = shift is not None and shift < NEAR_SOURCE
+        self.max_step, self.source_shift = (RELEASED if near else None), shift
+        if shift is None:
+            return (
+                "no norm layer with running statistics saw a training batch, so how far the target is from the"
+                " backbone's source is unknown: released blocks train at their full rates (max_step=None)"
+            )
+        if near:
+            return (
+                f"the target's norm statistics are {shift:.2f} from the backbone's (< {NEAR_SOURCE}: near its source):"
+                " no released block's first step goes further than the blocks released before it would move"
+                " (max_step='released')"
+            )
+        return (
+            f"the target's norm statistics are {shift:.2f} from the backbone's (>= {NEAR_SOURCE}: far from its"
+            " source): released blocks train at their full rates (max_step=None)"
+        )
 
     def expect(self, index: int, parts: int) -> None:
         """Release ``index`` freed ``parts`` parts: their first steps are to come."""
@@ -118,6 +146,8 @@ class FirstSteps:
             "undecided": [list(part) for part in self.pending],
             "first_step": [self._first_index, self._first_step],
             "norms_train": self.norms_train,
+            "max_step": self.max_step,
+            "source_shift": self.source_shift,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -128,3 +158,5 @@ class FirstSteps:
         decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
         self._deciding = (0.0, "", False)
+        if self.unresolved and "history" in state:  # a saved fit (from 0.4: no "max_step", which was None then)
+            self.max_step, self.source_shift = state.get("max_step"), state.get("source_shift")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
@@ -26,7 +26,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import RELEASED, momentum_of, step_now
+from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of, step_now
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -64,7 +64,7 @@ class Unfreezer:
         bn: str = "auto",
         trainable: Iterable[nn.Parameter] = (),
         agree: Callable[[bool], bool] = bool,
-        max_step: float | Literal["released"] | None = None,
+        max_step: MaxStep = None,
     ) -> None:
         check_choice("bn", bn, NORM_MODES)
         self.root = root

@@ -4,14 +4,24 @@ and the warnings about frozen statistics at large rates (plain PyTorch)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import torch
 from torch import nn
 
 from lightning_bnfreeze.fsdp import squared_norm
 
-__all__ = ["AUTO_STEP", "RELEASED", "SMALLEST_REFERENCE", "FirstStep", "check_max_step", "momentum_of", "step_now"]
+__all__ = [
+    "AUTO",
+    "AUTO_STEP",
+    "RELEASED",
+    "SMALLEST_REFERENCE",
+    "FirstStep",
+    "MaxStep",
+    "check_max_step",
+    "momentum_of",
+    "step_now",
+]
 
 AUTO_STEP = 0.002
 """The relative step size (momentum included) above which frozen statistics stop holding: on the real-weights
@@ -26,6 +36,13 @@ Under AdamW the steps shrink from the output side to the input side and the cap 
 they grow, and it does. What it won and lost on the real-weights benchmark is in ``benchmarks/transfer_real.md``
 and the README's "Choosing BN mode and learning rates"."""
 
+AUTO: Final = "auto"
+"""``max_step="auto"`` (the default): ``"released"`` when the target is near the backbone's source (its frozen norm
+statistics shifted by less than :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE`), else no cap."""
+
+MaxStep = float | Literal["auto", "released"] | None
+"""What ``max_step`` takes."""
+
 SMALLEST_REFERENCE = AUTO_STEP / 10
 """A first release whose first step moved its weights by less than this (0.02%) measured weight decay rather than
 the gradient (a head still at zero, say): it does not decide ``bn="auto"``'s mode: the first release
@@ -33,12 +50,12 @@ that moves further does."""
 
 
 def check_max_step(value: object) -> None:
-    """Raise unless ``value`` is ``None``, ``"released"`` or a number > 0."""
-    if value is None or value == RELEASED:
+    """Raise unless ``value`` is ``None``, ``"auto"``, ``"released"`` or a number > 0."""
+    if value is None or value in (AUTO, RELEASED):
         return
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return
-    raise ValueError(f"`max_step` must be 'released', a relative step size > 0 or None, got {value!r}.")
+    raise ValueError(f"`max_step` must be 'auto', 'released', a relative step size > 0 or None, got {value!r}.")
 
 
 def momentum_of(group: Mapping[str, Any]) -> float:

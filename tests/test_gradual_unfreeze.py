@@ -228,10 +228,11 @@ def test_one_info_line_per_release(caplog: pytest.LogCaptureFixture, monkeypatch
     with caplog.at_level(logging.INFO):
         fit(build_model(), [unfreeze()])
     lines = [r.getMessage() for r in caplog.records if "GradualUnfreeze" in r.getMessage()]
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     assert all(r.levelno == logging.INFO for r in caplog.records if "GradualUnfreeze" in r.getMessage())
-    assert "epoch 1" in lines[0] and "backbone.3" in lines[0] and "600" in lines[0]
-    assert "epoch 2" in lines[1] and "backbone.1" in lines[1] and "backbone.0" in lines[1]
+    assert "norm statistics are" in lines[0] and "max_step=" in lines[0]  # max_step="auto", at fit start
+    assert "epoch 1" in lines[1] and "backbone.3" in lines[1] and "600" in lines[1]
+    assert "epoch 2" in lines[2] and "backbone.1" in lines[2] and "backbone.0" in lines[2]
 
 
 def test_trainable_parameter_count_is_logged_each_epoch_and_groups_show_in_lr_monitor(tmp_path: Any) -> None:

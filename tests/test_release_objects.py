@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_bnfreeze import At, Blocks, Every, LayerDecay, Moment, Plateau, Schedule, Trigger
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.lr_preview import Budget, SchedulerStep, simulate
 from lightning_bnfreeze.plan import What
@@ -666,3 +667,32 @@ def test_bn_auto_takes_its_decision_from_a_checkpoint_that_predates_it(
     state["first_step"] = [None, 0.0] if first is None else [0, first]
     u.load_state_dict(state)
     assert u.first_steps.norms_train is trains
+
+
+@pytest.mark.parametrize(
+    ("shift", "resolved", "said"),
+    [(0.1, "released", "near its source"), (NEAR_SOURCE, None, "far from its"), (None, None, "unknown")],
+)
+def test_max_step_auto_resolves_from_the_targets_shift_and_keeps_it_through_a_checkpoint(
+    shift: float | None, resolved: str | None, said: str
+) -> None:
+    u = unfreezer(max_step="auto")
+    assert u.first_steps.unresolved
+    assert said in u.first_steps.resolve(shift)
+    assert u.first_steps.max_step == resolved and not u.first_steps.unresolved
+    state = json.loads(json.dumps(u.state_dict()))
+    resumed = unfreezer(max_step="auto")
+    resumed.load_state_dict(state)
+    assert (resumed.first_steps.max_step, resumed.first_steps.source_shift) == (resolved, shift)
+
+
+def test_max_step_auto_resumes_a_checkpoint_from_0_4_without_a_cap_and_leaves_a_set_value_alone() -> None:
+    """0.4 had no ``"auto"``: its default, ``None``, is what its checkpoints ran with."""
+    state = unfreezer(max_step="auto").state_dict()
+    del state["max_step"], state["source_shift"]
+    resumed = unfreezer(max_step="auto")
+    resumed.load_state_dict(state)
+    assert resumed.first_steps.max_step is None
+    explicit = unfreezer(max_step="released")
+    explicit.load_state_dict({**state, "max_step": None})
+    assert explicit.first_steps.max_step == "released"

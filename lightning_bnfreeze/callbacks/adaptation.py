@@ -1,4 +1,5 @@
-"""AdaBN for the callbacks: re-estimate frozen norm statistics on the training batches, as ``training_step`` gets them.
+"""AdaBN for the callbacks: re-estimate frozen norm statistics on the training batches, as ``training_step`` gets them;
+and the target's shift from those statistics (``GradualUnfreeze(max_step="auto")``).
 
 The pure-PyTorch estimate is :func:`~lightning_bnfreeze.adapt.adapt_norm_statistics`, configured by
 :class:`~lightning_bnfreeze.adapt.AdaBN`; this module feeds it the trainer's training data and keeps
@@ -8,19 +9,32 @@ the callbacks' "done once per fit" state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_bnfreeze.adapt import AdaBN, adapt_norm_statistics
 from lightning_bnfreeze.callbacks.strategies import data_parallel_group
+from lightning_bnfreeze.domain_shift import norm_statistics_shift
 from lightning_bnfreeze.internals import NormBase, training_batches
 
-__all__ = ["ADAPT_HOOK", "TrainDataAdaptation", "adapt_on_train_data"]
+__all__ = [
+    "ADAPT_HOOK",
+    "SHIFT_BATCHES",
+    "TrainDataAdaptation",
+    "adapt_on_train_data",
+    "on_training_batches",
+    "shift_on_train_data",
+]
+
+T = TypeVar("T")
+
+SHIFT_BATCHES = 4
+"""Training batches ``GradualUnfreeze(max_step="auto")`` measures the target's shift on (at fit start)."""
 
 ADAPT_HOOK = "adapt_norm_step"
 """A LightningModule method ``adapt_norm_step(batch)``, if defined, runs the model on one batch."""
@@ -81,33 +95,76 @@ def adapt_on_train_data(
         TypeError: several training dataloaders and no ``adapt_norm_step``; or a fraction of an
             epoch whose length is unknown.
     """
+    count = _batch_count(trainer, config.batches, owner)
+
+    def adapt(batches: Iterable[Any], forward: Callable[[Any], Any], group: Any) -> int:
+        return adapt_norm_statistics(pl_module, layers, batches, forward, prior=config.prior, process_group=group)
+
+    used = on_training_batches(trainer, pl_module, count, owner, "AdaBN", adapt)
+    rank_zero_info(
+        f"{owner}: statistics of {len(layers)} frozen norm layer(s) re-estimated on {used} batch(es)"
+        f" (prior: {config.prior:g} source samples)."
+    )
+    return used
+
+
+def shift_on_train_data(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[NormBase], owner: str
+) -> float | None:
+    """How far the first :data:`SHIFT_BATCHES` training batches are from ``layers``' running statistics
+    (:func:`~lightning_bnfreeze.domain_shift.norm_statistics_shift`, over all ranks), read as
+    :func:`adapt_on_train_data` reads them; ``None``, with a warning, where they cannot be read or run."""
+    if not any(layer.running_mean is not None for layer in layers):
+        return None
+
+    def measure(batches: Iterable[Any], forward: Callable[[Any], Any], group: Any) -> float | None:
+        return norm_statistics_shift(pl_module, layers, batches, forward, process_group=group)
+
+    try:
+        return on_training_batches(trainer, pl_module, SHIFT_BATCHES, owner, "max_step='auto'", measure)
+    except (RuntimeError, TypeError) as error:
+        rank_zero_warn(
+            f"{owner}: max_step='auto' could not measure the target's shift ({error}): no cap (max_step=None);"
+            " set `max_step` to silence this."
+        )
+        return None
+
+
+def on_training_batches(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    count: int,
+    owner: str,
+    purpose: str,
+    run: Callable[[Iterable[Any], Callable[[Any], Any], Any], T],
+) -> T:
+    """``run(batches, forward, process_group)`` over the first ``count`` training batches, each as ``training_step``
+    would get it, leaving the data order as it was (see :func:`adapt_on_train_data`); ``purpose`` names the caller's
+    feature in errors.
+
+    Raises:
+        RuntimeError: no training dataloader to read.
+        TypeError: several training dataloaders and no ``adapt_norm_step``.
+    """
     try:
         batches, several = training_batches(trainer, pl_module)
     except RuntimeError as error:
-        raise RuntimeError(f"{owner}: AdaBN needs the training dataloader: {error}") from None
+        raise RuntimeError(f"{owner}: {purpose} needs the training dataloader: {error}") from None
     forward = getattr(pl_module, ADAPT_HOOK, None)
     if forward is None:
         if several is not None:
             raise TypeError(
-                f"{owner}: AdaBN with several training dataloaders (a {several}): define `{ADAPT_HOOK}(batch)` on"
+                f"{owner}: {purpose} with several training dataloaders (a {several}): define `{ADAPT_HOOK}(batch)` on"
                 " the LightningModule to run the model on a batch as `training_step` gets it."
             )
         forward = _default_forward(pl_module)
-    count = _batch_count(trainer, config.batches, owner)
     root = trainer.strategy.root_device
     with (
         torch.random.fork_rng(devices=[root] if root.type == "cuda" else []),  # the training data order stays
         trainer.precision_plugin.train_step_context(),
     ):
         group = data_parallel_group(trainer.strategy)  # the replicas' batches, not a tensor-parallel rank's twice
-        used = adapt_norm_statistics(
-            pl_module, layers, islice(batches, count), forward, prior=config.prior, process_group=group
-        )
-    rank_zero_info(
-        f"{owner}: statistics of {len(layers)} frozen norm layer(s) re-estimated on {used} batch(es)"
-        f" (prior: {config.prior:g} source samples)."
-    )
-    return used
+        return run(islice(batches, count), forward, group)
 
 
 def _default_forward(pl_module: pl.LightningModule) -> Callable[[Any], Any]:

@@ -18,8 +18,8 @@ from typing_extensions import override
 from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
-from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
-from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation, shift_on_train_data
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
 from lightning_bnfreeze.callbacks.fit_checks import (
     checks_on_train_epoch_end,
@@ -89,11 +89,15 @@ class GradualUnfreeze(NormFreezingCallback):
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
-            rate from then on, as a trust ratio would. ``None`` (default): no cap, every rate as ``lr_scale`` and
-            ``what`` set it. ``"released"``: no block's first step goes further than the blocks released before it
-            would move in a first step taken at the same moment (under momentum SGD the input-side blocks move
-            faster, and it binds; under AdamW they move slower, and it rarely does). A number: that cap (momentum
-            included, as for ``bn="auto"``) for every release. See the README's "Choosing BN mode and learning rates".
+            rate from then on, as a trust ratio would. ``"released"``: no block's first step goes further than the
+            blocks released before it would move in a first step taken at the same moment (under momentum SGD the
+            input-side blocks move faster, and it binds; under AdamW they move slower, and it rarely does).
+            ``None``: no cap, every rate as ``lr_scale`` and ``what`` set it. ``"auto"`` (default): at fit start,
+            the backbone's frozen norm layers compare the first training batches with their running statistics
+            (:mod:`~lightning_bnfreeze.domain_shift`): ``"released"`` for a target near the backbone's source
+            (shift below 0.7), ``None`` for one far from it or without such layers; one line says which. A
+            number: that cap (momentum included, as for ``bn="auto"``) for every release. See the README's
+            "Choosing BN mode and learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
             release unit becomes a region of its own after ``configure_model`` (``dynamic=False``; blocks of one
             class share their compiled code), so that no release recompiles the whole model and the fit never
@@ -132,7 +136,7 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable: list[str] | None = None,
         adapt: AdaBN | None = None,
         optimizer_index: int | None = None,
-        max_step: float | Literal["released"] | None = None,
+        max_step: float | Literal["auto", "released"] | None = "auto",
         compile: bool | dict[str, Any] = False,
     ) -> None:
         resolved, own_when = what_and_when(what, when)
@@ -166,6 +170,13 @@ class GradualUnfreeze(NormFreezingCallback):
     def history(self) -> tuple[ReleaseRecord, ...]:
         """The releases done in the current (or last) fit, in order."""
         return self._fit.unfreezer.history if self._fit is not None else ()
+
+    @property
+    def source_shift(self) -> float | None:
+        """With ``max_step="auto"``: how far the target's norm statistics were from the backbone's at fit start
+        (:mod:`~lightning_bnfreeze.domain_shift`); ``None`` before, without such layers, or with another
+        ``max_step``."""
+        return self._fit.unfreezer.first_steps.source_shift if self._fit is not None else None
 
     def plan(self, pl_module: nn.Module) -> ReleasePlan:
         """The resolved release plan for ``pl_module``, without training (checked against the model).
@@ -274,7 +285,11 @@ class GradualUnfreeze(NormFreezingCallback):
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
         fit.unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
         self._freezer = fit.unfreezer.norms.freezer if fit.unfreezer.norms is not None else None
-        self._adaptation.run_once(trainer, pl_module, self._freezer.layers if self._freezer else ())
+        layers = self._freezer.layers if self._freezer else ()
+        if fit.unfreezer.first_steps.unresolved:  # max_step="auto": from the source statistics, before any AdaBN
+            shift = shift_on_train_data(trainer, pl_module, layers, "GradualUnfreeze")
+            announce(trainer, f"GradualUnfreeze: {fit.unfreezer.first_steps.resolve(shift)}.")
+        self._adaptation.run_once(trainer, pl_module, layers)
         self.remember_statistics()
         fit.advance(trainer, "epoch")
 
