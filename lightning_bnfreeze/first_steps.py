@@ -65,8 +65,8 @@ class FirstSteps:
         self.max_step, self.source_shift = (RELEASED if near else None), shift
         if shift is None:
             return (
-                "no norm layer with running statistics saw a training batch, so how far the target is from the"
-                " backbone's source is unknown: released blocks train at their full rates (max_step=None)"
+                "how far the target is from the backbone's source is unknown (no norm layer with running statistics"
+                " measured it): released blocks train at their full rates (max_step=None)"
             )
         if near:
             return (

@@ -38,10 +38,13 @@ class Model(pl.LightningModule):
         self.head = nn.Linear(8, 4)
         self.data_sum = 0.0  # of this rank's samples: tells the ranks' data apart
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         self.data_sum += x.sum().item()
-        return F.cross_entropy(self.head(self.backbone(x)), y)
+        return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -59,7 +62,7 @@ class Lines(logging.Handler):
 
 def main(out_dir: Path) -> None:
     import lightning_bnfreeze.distributed as distributed_module
-    from lightning_bnfreeze import GradualUnfreeze, Schedule
+    from lightning_bnfreeze import GradualUnfreeze, Schedule, norm_statistics_shift
 
     if os.environ.get("GU_TEST_NO_AVERAGE") == "1":
         distributed_module.GradientSync.track = lambda self, params: None  # type: ignore[method-assign]
@@ -72,12 +75,14 @@ def main(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = Model()
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    shift_of_all_data = norm_statistics_shift(model, [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)], [x])
+    callback = GradualUnfreeze(what=Schedule(SCHEDULE), lr_scale=0.5, bn="train")
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator=os.environ.get("GU_TEST_ACCELERATOR", "cpu"),  # "cuda": over NCCL (tests/test_cuda.py)
         devices=2,
         max_epochs=3,
-        callbacks=[GradualUnfreeze(what=Schedule(SCHEDULE), lr_scale=0.5, bn="train")],
+        callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -91,6 +96,7 @@ def main(out_dir: Path) -> None:
             "groups": [group.get("name") for group in trainer.optimizers[0].param_groups],
             "data_sum": model.data_sum,
             "lines": lines.lines,
+            "source_shift": (callback.source_shift, shift_of_all_data),
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )

@@ -7,13 +7,14 @@ import logging
 import math
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor, nn
 
 from lightning_bnfreeze import AdaBN, GradualUnfreeze
 from lightning_bnfreeze.adapt import adapt_norm_statistics
-from lightning_bnfreeze.callbacks import gradual_unfreeze as gradual_unfreeze_module
+from lightning_bnfreeze.callbacks import fit_releases as fit_releases_module
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE, norm_statistics_shift
 from tests.unfreeze_helpers import build_model, dataset, make_trainer
 
@@ -114,7 +115,7 @@ def test_the_shift_is_measured_on_the_source_statistics_before_adabn_replaces_th
 
 def test_a_set_max_step_measures_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
-    monkeypatch.setattr(gradual_unfreeze_module, "shift_on_train_data", lambda *args: calls.append(args))
+    monkeypatch.setattr(fit_releases_module, "shift_on_train_data", lambda *args: calls.append(args))
     for max_step in (None, "released", 0.01):
         callback = GradualUnfreeze(max_step=max_step)
         fit(build_model(), callback)
@@ -133,4 +134,17 @@ def test_a_forward_that_cannot_take_the_batch_warns_and_runs_without_a_cap() -> 
     callback = GradualUnfreeze()
     with pytest.warns(UserWarning, match="max_step='auto' could not measure the target's shift"):
         fit(model, callback)
+    assert callback._running().unfreezer.first_steps.max_step is None
+
+
+def test_a_lightning_module_without_forward_warns_naming_the_fix_and_runs_without_a_cap() -> None:
+    class WithoutForward(type(build_model())):  # type: ignore[misc]
+        forward = pl.LightningModule.forward
+
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self.head(self.backbone(batch[0])), batch[1])
+
+    callback = GradualUnfreeze()
+    with pytest.warns(UserWarning, match="defines neither `forward` nor `adapt_norm_step"):
+        fit(WithoutForward(), callback)
     assert callback._running().unfreezer.first_steps.max_step is None

@@ -70,6 +70,23 @@ def test_lightning_cli_yaml_configures_the_schedule_and_trains(tmp_path: Path, m
     assert not any(p.requires_grad for p in cli.model.backbone[1].parameters())
 
 
+@pytest.mark.parametrize(
+    ("value", "parsed"), [("auto", "auto"), ("released", "released"), ("0.01", 0.01), ("null", None)]
+)
+def test_max_step_takes_each_of_its_kinds_from_yaml(
+    value: str, parsed: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_bnfreeze.GradualUnfreeze\n"
+        f"      init_args:\n        max_step: {value}\n"
+    )
+    cli = LightningCLI(CLIModel, args=["--config", str(config), *QUIET], run=False, save_config_callback=None)
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradualUnfreeze)]
+    assert callback.max_step == parsed
+
+
 def test_dry_run_command_line_prints_the_plan(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
@@ -65,7 +66,11 @@ def test_ddp_ranks_keep_identical_parameters_only_with_gradient_averaging(tmp_pa
             trained = name.startswith(("head.", "backbone.3.", "backbone.0."))
             if name.endswith("weight"):  # (a conv's bias before a training BatchNorm gets next to no gradient)
                 assert torch.equal(value, rank["initial"][name]) != trained, name
-    assert len(rank0["lines"]) == 2 and rank1["lines"] == []  # one INFO line per release, on rank zero only
+    # one INFO line for max_step="auto" and one per release, on rank zero only
+    assert len(rank0["lines"]) == 3 and rank1["lines"] == []
+    # the shift of every rank's batches, the same on both: here all the data, two batches per rank
+    (shift0, reference), (shift1, _) = rank0["source_shift"], rank1["source_shift"]
+    assert shift0 == shift1 and shift0 == pytest.approx(reference, rel=1e-9)
     assert max_difference(rank0["final"], rank1["final"]) < 1e-7
 
     # contrast: the same run without the averaging of released parameters' gradients

@@ -158,8 +158,8 @@ def test_a_plateau_releases_the_next_block_at_the_epoch_end_and_records_why(
     assert [(int(r["step"]), float(r["gradual_unfreeze/release"])) for r in rows] == [(16, 0.0), (28, 1.0)]
     assert [float(r["gradual_unfreeze/release_value"]) for r in rows] == pytest.approx([0.96, 0.86])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradualUnfreeze")]
-    assert len(lines) == 2
-    assert "epoch 3, score stopped improving at 0.96: released backbone.3" in lines[0]
+    assert len(lines) == 3 and "max_step=" in lines[0]  # max_step="auto" at fit start, then the releases
+    assert "epoch 3, score stopped improving at 0.96: released backbone.3" in lines[1]
 
 
 @pytest.mark.parametrize(("min_phase", "release_steps"), [(0, [4, 6, 8]), (1, [4, 8, 12])])

@@ -116,6 +116,13 @@ def shift_on_train_data(
     :func:`adapt_on_train_data` reads them; ``None``, with a warning, where they cannot be read or run."""
     if not any(layer.running_mean is not None for layer in layers):
         return None
+    if not hasattr(pl_module, ADAPT_HOOK) and type(pl_module).forward is pl.LightningModule.forward:
+        rank_zero_warn(
+            f"{owner}: max_step='auto' runs the model on the first training batches, but {type(pl_module).__name__}"
+            f" defines neither `forward` nor `{ADAPT_HOOK}(batch)`: no cap (max_step=None). Define one of them,"
+            " or set `max_step`."
+        )
+        return None
 
     def measure(batches: Iterable[Any], forward: Callable[[Any], Any], group: Any) -> float | None:
         return norm_statistics_shift(pl_module, layers, batches, forward, process_group=group)

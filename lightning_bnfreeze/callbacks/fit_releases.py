@@ -4,16 +4,17 @@ only call this."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation, shift_on_train_data
 from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
 from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 
@@ -30,6 +31,14 @@ class FitReleases:
         self._adaptation = adaptation
         self._statistics_changed = statistics_changed
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
+
+    def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
+        """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
+        and say what it chose."""
+        first_steps = self.unfreezer.first_steps
+        if first_steps.unresolved:
+            shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
+            announce(trainer, f"GradualUnfreeze: {first_steps.resolve(shift)}.")
 
     def advance(self, trainer: pl.Trainer, checked_at: str) -> None:
         """Release what the trigger says is due at this moment (``"epoch"`` or ``"step"`` checks)."""

@@ -18,8 +18,8 @@ from typing_extensions import override
 from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
-from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation, shift_on_train_data
-from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, announce
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
 from lightning_bnfreeze.callbacks.fit_checks import (
     checks_on_train_epoch_end,
@@ -286,9 +286,7 @@ class GradualUnfreeze(NormFreezingCallback):
         fit.unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
         self._freezer = fit.unfreezer.norms.freezer if fit.unfreezer.norms is not None else None
         layers = self._freezer.layers if self._freezer else ()
-        if fit.unfreezer.first_steps.unresolved:  # max_step="auto": from the source statistics, before any AdaBN
-            shift = shift_on_train_data(trainer, pl_module, layers, "GradualUnfreeze")
-            announce(trainer, f"GradualUnfreeze: {fit.unfreezer.first_steps.resolve(shift)}.")
+        fit.resolve_max_step(trainer, layers)  # from the source statistics, before any AdaBN replaces them
         self._adaptation.run_once(trainer, pl_module, layers)
         self.remember_statistics()
         fit.advance(trainer, "epoch")
