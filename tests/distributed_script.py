@@ -220,11 +220,8 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
     probe = GroupsAtFitStart()
-    callbacks = [
-        GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2)),
-        BNFreezeCallback(),
-        probe,
-    ]
+    unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2))
+    callbacks = [unfreeze, BNFreezeCallback(), probe]
     fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
     checkpoint = out_dir / "fsdp_checkpoint"
     fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
@@ -236,6 +233,7 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
         "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
         "groups_at_fit_start": probe.names,
+        "source_shift": unfreeze.source_shift,  # max_step="auto"'s, measured at fit start or kept in the checkpoint
     }
 
 

@@ -85,6 +85,9 @@ def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[
         assert torch.equal(value, fsdp["initial"][name]) != released, name  # released ones trained, the others not
     assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
     assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
+    # max_step="auto": the shift of both ranks' batches, the same on every rank as under DDP
+    assert fsdp["source_shift"] is not None
+    assert fsdp["source_shift"] == fsdp_rank1["source_shift"] == pytest.approx(ddp["source_shift"], rel=1e-9)
     # AdaBN over the data-parallel group: the frozen statistics are those of both ranks' batches, as under DDP
     frozen_statistics = {name: b for name, b in fsdp["buffers"].items() if name.startswith(NEVER_RELEASED)}
     assert max_difference(frozen_statistics, {name: ddp["buffers"][name] for name in frozen_statistics}) < 1e-5
@@ -99,6 +102,8 @@ def test_fsdp2_resumes_exactly_from_a_distributed_checkpoint(runs: dict[str, lis
     assert resumed["groups_at_fit_start"] == resumed_rank1["groups_at_fit_start"] == ["head"]
     assert uninterrupted["groups_at_fit_start"] == ["head"]
     assert resumed["groups"] == uninterrupted["groups"]
+    # max_step="auto" kept the checkpoint's shift (measured again, it would see AdaBN's and the trained statistics)
+    assert resumed["source_shift"] == resumed_rank1["source_shift"] == uninterrupted["source_shift"]
     assert max_difference(resumed["final"], uninterrupted["final"]) == 0.0
     assert max_difference(resumed["final"], resumed_rank1["final"]) == 0.0
     # the never-released block's norm statistics stay bitwise those of the checkpoint through the resumed epoch
