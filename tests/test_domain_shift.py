@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import AdaBN, GradualUnfreeze
 from lightning_bnfreeze.adapt import adapt_norm_statistics
@@ -80,8 +81,8 @@ def test_measuring_changes_no_statistics_modes_nor_hooks_and_without_running_sta
     assert norm_statistics_shift(model, [model[1]], []) is None  # no batch: nothing seen
 
 
-def fit(model: nn.Module, callback: GradualUnfreeze) -> None:
-    make_trainer([callback], max_epochs=1).fit(model)
+def fit(model: nn.Module, callback: GradualUnfreeze, max_epochs: int = 1) -> None:
+    make_trainer([callback], max_epochs=max_epochs).fit(model)
 
 
 def near_model() -> Any:
@@ -148,3 +149,22 @@ def test_a_lightning_module_without_forward_warns_naming_the_fix_and_runs_withou
     with pytest.warns(UserWarning, match="defines neither `forward` nor `adapt_norm_step"):
         fit(WithoutForward(), callback)
     assert callback._running().unfreezer.first_steps.max_step is None
+
+
+@pytest.mark.parametrize(("make", "chosen"), [(near_model, "released"), (build_model, None)], ids=["near", "far"])
+def test_a_fit_with_max_step_auto_ends_bitwise_where_one_with_its_choice_set_by_hand_ends(
+    make: Any, chosen: str | None
+) -> None:
+    """Measuring leaves the data order and the random state alone: only the choice differs from a set value. The
+    batches are shuffled and every block is released, so a draw taken or a cap missed would show."""
+
+    def fitted(max_step: Any) -> dict[str, Tensor]:
+        model = make()
+        model.train_dataloader = lambda: DataLoader(TensorDataset(model.x, model.y), batch_size=8, shuffle=True)
+        torch.manual_seed(1)
+        fit(model, GradualUnfreeze(max_step=max_step), max_epochs=3)
+        return {name: value.clone() for name, value in model.state_dict().items()}
+
+    auto, by_hand, other = fitted("auto"), fitted(chosen), fitted("released" if chosen is None else None)
+    assert all(torch.equal(auto[name], by_hand[name]) for name in auto)
+    assert not all(torch.equal(auto[name], other[name]) for name in auto)  # the choice matters in this fit
