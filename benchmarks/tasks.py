@@ -169,13 +169,19 @@ def pretrained_vit() -> nn.Module:
 
 
 def make_model(
-    bench: str, optimizer: str, lr: float, freeze: bool = False, layer_decay: float | None = None
+    bench: str,
+    optimizer: str,
+    lr: float,
+    freeze: bool = False,
+    layer_decay: float | None = None,
+    variant: int = 0,
 ) -> TransferModel:
-    """The model of one run: the bench's pretrained backbone and a new linear head."""
+    """The model of one run: the bench's pretrained backbone and a new linear head (``real``: EfficientNet-Lite
+    ``variant``)."""
     if bench == "real":
         from examples.digits.imagenet import efficientnet_lite
 
-        backbone = efficientnet_lite(0)
+        backbone = efficientnet_lite(variant)
         return TransferModel(backbone, backbone.num_features, 10, optimizer, lr, freeze, layer_decay, imagenet=True)
     if bench == "cnn":
         from examples.digits import pretrained_backbone

@@ -366,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(text.split("## Every recipe")[0])
                 # the verdict, the shifts max_step="auto" measured (norm layers with statistics), the overview, the
                 # setting's recipes
-                shifts = any("source_shift" in row for row in rows)
-                check_tables(text, 3 + shifts, f"transfer --bench {bench}")
+                measured = any("source_shift" in row for row in rows)
+                check_tables(text, 3 + measured, f"transfer --bench {bench}")
         return
     raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
     if args.report:

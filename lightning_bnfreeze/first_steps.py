@@ -158,5 +158,5 @@ class FirstSteps:
         decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
         self._deciding = (0.0, "", False)
-        if self.unresolved and "history" in state:  # a saved fit (from 0.4: no "max_step", which was None then)
+        if self.unresolved and "first_step" in state:  # a saved fit (from 0.4: no "max_step", which was None then)
             self.max_step, self.source_shift = state.get("max_step"), state.get("source_shift")
