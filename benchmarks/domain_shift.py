@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from benchmarks import common
 from benchmarks.common import markdown_table
@@ -39,19 +38,11 @@ BACKBONES: dict[str, tuple[str, int | None]] = {
 }
 
 
-def model_of(bench: str, variant: int | None) -> TransferModel:
-    """The bench's model; for ``real``, around EfficientNet-Lite ``variant``."""
-    if bench != "real" or variant == 0:
-        return make_model(bench, "adamw", 1e-3)
-    from examples.digits.imagenet import efficientnet_lite
-
-    backbone = efficientnet_lite(variant)  # type: ignore[arg-type]
-    return TransferModel(backbone, backbone.num_features, 10, imagenet=True)
-
-
 def shift(model: TransferModel, bench: str, task: str, seed: int) -> float:
+    """The shift of the first training batches of split ``seed``, shuffled as seeded by ``seed``."""
     data = make_data(bench, task, 10, seed)
     data.setup("fit")
+    torch.manual_seed(seed)  # the loader's shuffle: the same batches at every run of the benchmark
     batches = [batch for _, batch in zip(range(SHIFT_BATCHES), data.train_dataloader(), strict=False)]
     layers = [layer for _, layer in named_norm_layers(model.backbone)]
     value = norm_statistics_shift(model, layers, batches, lambda batch: model(batch[0]))
@@ -62,9 +53,9 @@ def shift(model: TransferModel, bench: str, task: str, seed: int) -> float:
 def measure(backbones: dict[str, tuple[str, int | None]], seeds: Sequence[int], tasks: int) -> list[dict[str, Any]]:
     rows = []
     for name, (bench, variant) in backbones.items():
-        model: nn.Module = model_of(bench, variant)
+        model = make_model(bench, "adamw", 1e-3, variant=variant or 0)
         for task in BENCHES[bench][:tasks]:
-            values = [shift(model, bench, task, seed) for seed in seeds]  # type: ignore[arg-type]  # (a TransferModel)
+            values = [shift(model, bench, task, seed) for seed in seeds]
             rows.append({"backbone": name, "task": task, "shifts": values})
             print(f"{name} {task}: {values}", flush=True)
     return rows
