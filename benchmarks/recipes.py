@@ -12,7 +12,8 @@ A recipe is a name, optionally with ``key=value`` options (``ours:lr_scale=0.5,b
   the blocks left at the last epoch (more blocks than epochs - 1) are released together then.
 - ``llrd``: timm-style layer-wise learning-rate decay 0.75 from the first step (``decay=...``).
 - ``ours``: ``GradualUnfreeze()`` with the library's defaults; options are its arguments, with
-  ``per_release``, ``granularity``, ``decay`` given to ``Blocks`` and ``every``, ``first`` to ``Every``.
+  ``per_release``, ``granularity``, ``decay`` given to ``Blocks`` (``layer_decay=0.75``: ``LayerDecay(0.75)``
+  instead, with ``granularity``) and ``every``, ``first`` to ``Every``.
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def model_options(recipe: str) -> dict[str, Any]:
 
 def gradual_unfreeze(recipe: str) -> Any:
     """``GradualUnfreeze`` with the recipe's options (``per_release``, ``granularity``, ``decay`` to ``Blocks``,
-    ``every``, ``first`` to ``Every``)."""
-    from lightning_bnfreeze import Blocks, Every, GradualUnfreeze
+    ``layer_decay`` and ``granularity`` to ``LayerDecay``, ``every``, ``first`` to ``Every``)."""
+    from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, LayerDecay
 
     kwargs = options(recipe)
     blocks = {key: kwargs.pop(key) for key in ("per_release", "granularity", "decay") if key in kwargs}
     cadence = {key: kwargs.pop(key) for key in ("every", "first") if key in kwargs}
-    if blocks:
+    if "layer_decay" in kwargs:
+        kwargs["what"] = LayerDecay(kwargs.pop("layer_decay"), **blocks)
+    elif blocks:
         kwargs["what"] = Blocks(**blocks)
     if cadence:
         kwargs["when"] = Every(epochs=cadence.get("every", 1), first=cadence.get("first"))

@@ -58,7 +58,7 @@ def fingerprint(recipe: str) -> str:
         return ""
     from benchmarks.recipes import gradual_unfreeze
     from lightning_bnfreeze.domain_shift import NEAR_SOURCE
-    from lightning_bnfreeze.step_size import AUTO_STEP
+    from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY
 
     callback = gradual_unfreeze(recipe)
     return repr(
@@ -71,7 +71,7 @@ def fingerprint(recipe: str) -> str:
             AUTO_STEP,
             callback.max_step,
         )
-        + ((NEAR_SOURCE,) if callback.max_step == "auto" else ())  # rows of the other values stay valid
+        + ((NEAR_SOURCE, NEAR_DECAY) if callback.max_step == "auto" else ())  # rows of the other values stay valid
     )
 
 
@@ -239,6 +239,7 @@ def shifts(rows: list[dict[str, Any]]) -> list[str]:
     """What ``max_step="auto"`` measured and chose per task (the runs of ``ours`` that recorded a shift)."""
     from benchmarks.common import markdown_table
     from lightning_bnfreeze.domain_shift import NEAR_SOURCE
+    from lightning_bnfreeze.step_size import NEAR_DECAY
 
     measured: dict[str, list[float]] = {}
     for row in rows:
@@ -252,7 +253,8 @@ def shifts(rows: list[dict[str, Any]]) -> list[str]:
         for task, values in sorted(measured.items())
     ]  # fmt: skip
     return [
-        f"## The target's shift: what `max_step=\"auto\"` chose (`'released'` below {NEAR_SOURCE}, else `None`)",
+        f"## The target's shift: what `max_step=\"auto\"` chose (`'released'` below {NEAR_SOURCE}, with each later"
+        f" release at {NEAR_DECAY:g}**k once the first moves fast; else `None`)",
         "",
         markdown_table(["task", "shift", "runs", "max_step"], table),
         "",

@@ -14,7 +14,15 @@ from torch import nn
 
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.record import FirstStepNote
-from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, RELEASED, SMALLEST_REFERENCE, FirstStep, MaxStep
+from lightning_bnfreeze.step_size import (
+    AUTO,
+    AUTO_STEP,
+    NEAR_DECAY,
+    RELEASED,
+    SMALLEST_REFERENCE,
+    FirstStep,
+    MaxStep,
+)
 
 __all__ = ["FirstSteps", "Part"]
 
@@ -35,7 +43,8 @@ class FirstSteps:
             on the output side of one whose statistics train); frozen until the first decision.
         max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
             it would move now: :meth:`judge`'s ``faster``), a number (the cap on every release's first step), or
-            ``"auto"``: one of the first two, as :meth:`resolve` decides from the target's shift before the fit.
+            ``"auto"``: one of the first two, as :meth:`resolve` decides from the target's shift before the fit,
+            near the source with later releases decayed once the first release moved fast (:meth:`rate_factor`).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
     """
 
@@ -43,11 +52,13 @@ class FirstSteps:
         self.bn = bn
         self.max_step = max_step
         self.source_shift: float | None = None  # max_step="auto": the shift it was resolved from
+        self.near_decay = 1.0  # max_step="auto" near the source: NEAR_DECAY
         self._agree = agree
         self.pending: list[Part] = []
         self._before: dict[Part, FirstStep] = {}
         self._first_index: int | None = None  # bn="auto": the first release whose weights moved,
         self._first_step = 0.0  # the largest first step of its parts,
+        self._first_fast = False  # whether that step was above AUTO_STEP (on any rank),
         self._deciding = (0.0, "", False)  # and what that step did, and whether it was large, until the mode is decided
         self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
@@ -63,6 +74,7 @@ class FirstSteps:
         for ``shift=None``: nothing measured); what to say of it."""
         near = shift is not None and shift < NEAR_SOURCE
         self.max_step, self.source_shift = (RELEASED if near else None), shift
+        self.near_decay = NEAR_DECAY if near else 1.0
         if shift is None:
             return (
                 "how far the target is from the backbone's source is unknown (no norm layer with running statistics"
@@ -72,7 +84,8 @@ class FirstSteps:
             return (
                 f"the target's norm statistics are {shift:.2f} from the backbone's (< {NEAR_SOURCE}: near its source):"
                 " no released block's first step goes further than the blocks released before it would move"
-                " (max_step='released')"
+                f" (max_step='released'); once the first release's first step moves more than {AUTO_STEP:.1%}, each"
+                f" later release trains at {NEAR_DECAY:g} x the rate of the one before"
             )
         return (
             f"the target's norm statistics are {shift:.2f} from the backbone's (>= {NEAR_SOURCE}: far from its"
@@ -120,10 +133,19 @@ class FirstSteps:
         large = self._agree(change > AUTO_STEP)
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
+            self._first_fast = self._first_fast or large
             self._deciding = max(self._deciding, (change, moved, large))
         elif self._first_index is not None and part[0] > self._first_index:
             self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, large))
         return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
+
+    def rate_factor(self, index: int) -> float:
+        """The factor of release ``index``'s rates: ``near_decay ** k`` for the ``k``-th release after the first one
+        whose weights moved, once that one's first step was above :data:`AUTO_STEP`; else (and before it is
+        measured) 1."""
+        if self._first_index is None or not self._first_fast or index <= self._first_index:
+            return 1.0
+        return self.near_decay ** (index - self._first_index)
 
     def decide(self) -> list[tuple[int, bool, FirstStepNote]]:
         """With ``bn="auto"``, after first steps were judged: each change of :attr:`norms_train` (the first decision,
@@ -145,9 +167,11 @@ class FirstSteps:
         return {
             "undecided": [list(part) for part in self.pending],
             "first_step": [self._first_index, self._first_step],
+            "first_fast": self._first_fast,
             "norms_train": self.norms_train,
             "max_step": self.max_step,
             "source_shift": self.source_shift,
+            "near_decay": self.near_decay,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -156,6 +180,8 @@ class FirstSteps:
         first_index, self._first_step = state.get("first_step", (None, 0.0))
         self._first_index = None if first_index is None else int(first_index)
         decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
+        self._first_fast = bool(state.get("first_fast", decided))
+        self.near_decay = float(state.get("near_decay", 1.0))  # before 0.6: no decay
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
         self._deciding = (0.0, "", False)
         if self.unresolved and "first_step" in state:  # a saved fit (from 0.4: no "max_step", which was None then)

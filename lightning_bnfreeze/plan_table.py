@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.step_size import AUTO, NEAR_DECAY, MaxStep
 from lightning_bnfreeze.tables import format_table
 from lightning_bnfreeze.triggers import Trigger
 
@@ -24,9 +25,11 @@ def format_plan(
     bn: str,
     last: int = -1,
     groups: Mapping[str, Sequence[str]] | None = None,
+    max_step: MaxStep = None,
 ) -> str:
     """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
-    and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups.
+    and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups;
+    a line on what ``max_step`` may change in the planned rates.
 
     With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
     """
@@ -48,6 +51,13 @@ def format_plan(
     table = format_table(rows)
     if times is None:
         table += f"\nReleases in this order, each when {trigger!r} says."
+    if max_step == AUTO and len(plan.releases) > 1:
+        table += (
+            f"\nmax_step='auto': near the source, once the first release moves fast, release k (from 0) trains at"
+            f" {NEAR_DECAY:g}**k x the lr above."
+        )
+    elif max_step is not None and max_step != AUTO:
+        table += f"\nmax_step={max_step!r}: a release's rate may be scaled down after its first step."
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."
     return table

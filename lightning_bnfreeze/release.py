@@ -48,7 +48,8 @@ class Unfreezer:
             (:class:`~lightning_bnfreeze.first_steps.FirstSteps`, which measures each part's first step).
         trainable: parameters inside the backbone that train from the first step (never frozen).
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
-        max_step: the cap on a released part's first step, kept by scaling its rate (``FirstSteps``).
+        max_step: the cap on a released part's first step, kept by scaling its rate, and with ``"auto"`` near the
+            source the decay of later releases (``FirstSteps.rate_factor``).
 
     The norm layers are left alone until :meth:`start_norms` (Lightning: at ``on_train_start``).
     """
@@ -162,7 +163,8 @@ class Unfreezer:
         register_sharded_parameters(self.root)  # FSDP2: release the parameters it trains, not unsharded copies
         index = len(self._history)
         parts = self.plan.releases[index]
-        factors = tuple(self.lr_scale * part.lr_factor for part in parts)
+        decay = self.first_steps.rate_factor(index)
+        factors = tuple(self.lr_scale * part.lr_factor * decay for part in parts)
         added = self._add(index, moment.step, factors)
         trains = (self.bn == "train" or (self.bn == "auto" and self.first_steps.norms_train is True),) * len(parts)
         self.first_steps.expect(index, len(parts))

@@ -14,6 +14,7 @@ from lightning_bnfreeze.fsdp import squared_norm
 __all__ = [
     "AUTO",
     "AUTO_STEP",
+    "NEAR_DECAY",
     "RELEASED",
     "SMALLEST_REFERENCE",
     "FirstStep",
@@ -39,6 +40,13 @@ and the README's "Choosing BN mode and learning rates"."""
 AUTO: Final = "auto"
 """``max_step="auto"`` (the default): ``"released"`` when the target is near the backbone's source (its frozen norm
 statistics shifted by less than :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE`), else no cap."""
+
+NEAR_DECAY = 0.3
+"""``max_step="auto"`` on a target near the source, once the first release's first step moved more than
+:data:`AUTO_STEP`: each later release trains at this factor of the one before (``NEAR_DECAY ** k``). On the
+real-weights benchmark's near task (``textures``) the input-side blocks had to move far less than the output side's
+at large rates, as layer-wise decay makes them (``benchmarks/transfer_real.md``); below the line (small rates,
+frozen statistics) the decay lost, and it does not apply."""
 
 MaxStep = float | Literal["auto", "released"] | None
 """What ``max_step`` takes."""

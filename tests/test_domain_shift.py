@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import AdaBN, GradualUnfreeze
+from lightning_bnfreeze import AdaBN, Blocks, GradualUnfreeze
 from lightning_bnfreeze.adapt import adapt_norm_statistics
 from lightning_bnfreeze.callbacks import fit_releases as fit_releases_module
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE, norm_statistics_shift
+from lightning_bnfreeze.step_size import NEAR_DECAY
 from tests.unfreeze_helpers import build_model, dataset, make_trainer
 
 
@@ -151,20 +152,27 @@ def test_a_lightning_module_without_forward_warns_naming_the_fix_and_runs_withou
     assert callback._running().unfreezer.first_steps.max_step is None
 
 
-@pytest.mark.parametrize(("make", "chosen"), [(near_model, "released"), (build_model, None)], ids=["near", "far"])
+@pytest.mark.parametrize(
+    ("make", "chosen", "decay"), [(near_model, "released", NEAR_DECAY), (build_model, None, 1.0)], ids=["near", "far"]
+)
 def test_a_fit_with_max_step_auto_ends_bitwise_where_one_with_its_choice_set_by_hand_ends(
-    make: Any, chosen: str | None
+    make: Any, chosen: str | None, decay: float
 ) -> None:
-    """Measuring leaves the data order and the random state alone: only the choice differs from a set value. The
-    batches are shuffled and every block is released, so a draw taken or a cap missed would show."""
+    """Measuring leaves the data order and the random state alone: only the choice differs from a set value (near
+    the source: the cap, and each later release decayed, here as ``Blocks(decay=...)`` sets it). The batches are
+    shuffled and every block is released, so a draw taken, a cap missed or a decay missed would show."""
 
-    def fitted(max_step: Any) -> dict[str, Tensor]:
+    def fitted(max_step: Any, decay: float = 1.0) -> tuple[dict[str, Tensor], GradualUnfreeze]:
         model = make()
         model.train_dataloader = lambda: DataLoader(TensorDataset(model.x, model.y), batch_size=8, shuffle=True)
         torch.manual_seed(1)
-        fit(model, GradualUnfreeze(max_step=max_step), max_epochs=3)
-        return {name: value.clone() for name, value in model.state_dict().items()}
+        callback = GradualUnfreeze(max_step=max_step, what=Blocks(per_release=1, decay=decay))
+        fit(model, callback, max_epochs=4)
+        return {name: value.clone() for name, value in model.state_dict().items()}, callback
 
-    auto, by_hand, other = fitted("auto"), fitted(chosen), fitted("released" if chosen is None else None)
+    (auto, callback), (by_hand, _) = fitted("auto"), fitted(chosen, decay)
+    other, _ = fitted("released" if chosen is None else None)
     assert all(torch.equal(auto[name], by_hand[name]) for name in auto)
     assert not all(torch.equal(auto[name], other[name]) for name in auto)  # the choice matters in this fit
+    factors = [record.lr_factors[0] for record in callback._running().unfreezer.history]
+    assert len(factors) == 3 and factors == pytest.approx([decay**k for k in range(3)])

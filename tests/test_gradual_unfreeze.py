@@ -20,6 +20,7 @@ from torch import nn
 
 import lightning_bnfreeze.released_groups as released_groups_module
 from lightning_bnfreeze import Blocks, BNFreezeCallback, Every, GradualUnfreeze, LayerDecay, Schedule
+from lightning_bnfreeze.step_size import NEAR_DECAY
 from tests.unfreeze_helpers import (
     HEAD_NORM,
     STEPS_PER_EPOCH,
@@ -540,7 +541,9 @@ def test_tensor_parallelism_is_refused() -> None:
 
 
 def table_rows(table: str) -> list[list[str]]:
-    return [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:]]
+    """The rows of a plan table, without the notes under it."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:]]
+    return [row for row in rows if len(row) >= 3]
 
 
 def test_dry_run_shows_the_plan_without_training() -> None:
@@ -561,6 +564,22 @@ def test_dry_run_shows_the_plan_without_training() -> None:
     assert all(p.requires_grad for p in model.parameters())
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert model.steps_run == 0
+
+
+@pytest.mark.parametrize(
+    ("max_step", "note"),
+    [
+        ("auto", f"release k (from 0) trains at {NEAR_DECAY:g}**k x the lr above"),
+        ("released", "max_step='released': a release's rate may be scaled down after its first step"),
+        (None, None),
+    ],
+)
+def test_dry_run_says_what_max_step_may_change_in_the_planned_rates(max_step: str | None, note: str | None) -> None:
+    table = GradualUnfreeze(what=Blocks(per_release=1), max_step=max_step).dry_run(build_model(), max_epochs=5)
+    if note is None:
+        assert "max_step" not in table
+    else:
+        assert note in table.splitlines()[-1]
 
 
 def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_statistics() -> None:

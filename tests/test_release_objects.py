@@ -21,7 +21,7 @@ from lightning_bnfreeze.plan import What
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
-from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
+from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
 from tests.unfreeze_helpers import tiny_backbone
 
 BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
@@ -684,6 +684,64 @@ def test_max_step_auto_resolves_from_the_targets_shift_and_keeps_it_through_a_ch
     resumed = unfreezer(max_step="auto")
     resumed.load_state_dict(state)
     assert (resumed.first_steps.max_step, resumed.first_steps.source_shift) == (resolved, shift)
+
+
+def near_unfreezer(shift: float, first: float) -> Unfreezer:
+    """``max_step="auto"`` resolved from ``shift``, one block per release; the first release's first step moved
+    its weights by ``first``, and the second release is done."""
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    u.first_steps.resolve(shift)
+    u.advance(u.moment(1, 4), "epoch")
+    u.before_step(4)
+    move(u, "backbone.3", first)
+    u.after_step(5)
+    u.advance(u.moment(2, 8), "epoch")
+    return u
+
+
+@pytest.mark.parametrize(
+    ("shift", "first", "decay"),
+    [(0.1, 2 * AUTO_STEP, NEAR_DECAY), (0.1, AUTO_STEP / 2, 1.0), (NEAR_SOURCE, 2 * AUTO_STEP, 1.0)],
+    ids=["near-fast", "near-slow", "far-fast"],
+)
+def test_max_step_auto_near_the_source_decays_each_later_release_once_the_first_moved_fast(
+    shift: float, first: float, decay: float
+) -> None:
+    u = near_unfreezer(shift, first)
+    assert u.history[0].lr_factors == pytest.approx((0.5,))
+    assert u.history[1].lr_factors == pytest.approx((0.5 * decay,))
+    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
+    assert group["lr"] == pytest.approx(0.1 * 0.5 * decay)
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
+    resumed.freeze()
+    resumed.restore()
+    resumed.advance(resumed.moment(3, 12), "epoch")  # a release after the resume decays as the fit would have
+    assert resumed.history[2].lr_factors == pytest.approx((0.5 * decay**2,))
+
+
+def test_max_step_auto_decays_nothing_released_before_the_first_release_has_moved() -> None:
+    u = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    u.first_steps.resolve(0.1)
+    u.advance(u.moment(1, 4), "epoch")
+    u.advance(u.moment(2, 4), "epoch")  # a second release before the first one's first step: nothing known yet
+    u.before_step(4)
+    move(u, "backbone.3", 2 * AUTO_STEP)
+    u.after_step(5)
+    u.advance(u.moment(3, 8), "epoch")
+    assert [r.lr_factors for r in u.history] == [(0.5,), (0.5,), pytest.approx((0.5 * NEAR_DECAY**2,))]
+
+
+def test_max_step_auto_resumes_a_checkpoint_from_0_5_without_the_decay() -> None:
+    """0.5 resolved ``"auto"`` without decaying later releases: its checkpoints go on so."""
+    state = json.loads(json.dumps(near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()))
+    del state["near_decay"], state["first_fast"]
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    resumed.load_state_dict(state)
+    resumed.freeze()
+    resumed.restore()
+    resumed.advance(resumed.moment(3, 12), "epoch")
+    assert resumed.history[2].lr_factors == pytest.approx((0.5,))
 
 
 def test_max_step_auto_resumes_a_checkpoint_from_0_4_without_a_cap_and_leaves_a_set_value_alone() -> None:

@@ -94,8 +94,10 @@ class GradualUnfreeze(NormFreezingCallback):
             input-side blocks move faster, and it binds; under AdamW they move slower, and it rarely does).
             ``None``: no cap, every rate as ``lr_scale`` and ``what`` set it. ``"auto"`` (default): at fit start,
             the backbone's frozen norm layers compare the first training batches with their running statistics
-            (:mod:`~lightning_bnfreeze.domain_shift`): ``"released"`` for a target near the backbone's source
-            (shift below 0.7), ``None`` for one far from it or without such layers; one line says which. A
+            (:mod:`~lightning_bnfreeze.domain_shift`): for a target near the backbone's source (shift below 0.7),
+            ``"released"``, and once the first release's first step moves fast (as for ``bn="auto"``) each later
+            release ``k`` at ``0.3**k`` of its rate (:data:`~lightning_bnfreeze.step_size.NEAR_DECAY`); ``None``
+            for one far from it or without such layers; one line says which. A
             number: that cap (momentum included, as for ``bn="auto"``) for every release. See the README's
             "Choosing BN mode and learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
@@ -194,7 +196,7 @@ class GradualUnfreeze(NormFreezingCallback):
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
                 groups = groups_preview(self._on_copy(pl_module, Budget(1, 1))[0])
-        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, groups)
+        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step)
         if not plan.blocks:
             return table
         return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(plan.blocks)}\n\nReleases:\n{table}"
