@@ -212,7 +212,7 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         best = statistics.fmean(summary["accuracy"][summary["best_peer"]][seed] for seed in paired)
         ours = statistics.fmean(summary["accuracy"]["ours"][seed] for seed in paired)
         probe = f"{min(summary['vs_probe']):+.1f}" if summary.get("vs_probe") else "-"
-        verdict = "yes" if statistics.fmean(diffs) >= -1.0 and (probe == "-" or min(summary["vs_probe"]) > 0) else "NO"
+        verdict = "yes" if _holds(summary) else "NO"
         wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
         table.append([
             s["task"], s["optimizer"], f"{s['lr']:g}", str(s["k"]), f"`{summary['best_peer']}` {best:.1f}",
@@ -221,6 +221,7 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
     header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "seeds"]
     header.append("holds")
     lines += [markdown_table(header, table), "", *shifts(rows), *overview(summaries), *variants(summaries)]
+    lines += verdicts(rows)
     lines += ["## Every recipe", ""]
     for summary in summaries:
         s = summary["setting"]
@@ -284,6 +285,28 @@ def overview(summaries: list[dict[str, Any]]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _holds(summary: dict[str, Any]) -> bool:
+    """The line a setting's recipe must meet: within 1 point of the best peer on average, above the probe on every
+    seed."""
+    probe = summary.get("vs_probe")
+    return statistics.fmean(summary["vs_best"]) >= -1.0 and (not probe or min(probe) > 0)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """In how many settings the default and each variant of ours hold (on the seeds each ran with every peer)."""
+    from benchmarks.common import markdown_table
+
+    table = []
+    for name in sorted({row["recipe"] for row in rows if row["recipe"].partition(":")[0] == "ours"}):
+        judged = [summary for summary in summarise(rows, ours=name) if "vs_best" in summary]
+        if judged:
+            table.append([f"`{name}`", str(sum(map(_holds, judged))), str(len(judged))])
+    if len(table) < 2:
+        return []
+    title = "## Settings where the default and each variant hold (the first table's line, on the seeds each ran)"
+    return [title, "", markdown_table(["recipe", "holds", "settings"], table), ""]
 
 
 def variants(summaries: list[dict[str, Any]]) -> list[str]:

@@ -69,9 +69,10 @@ class FirstSteps:
         return self.max_step == AUTO
 
     def resolve(self, shift: float | None) -> str:
-        """``max_step="auto"``: ``"released"`` when the target's norm statistics are less than
-        :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE` from the backbone's (``shift``), else ``None`` (also
-        for ``shift=None``: nothing measured); what to say of it."""
+        """``max_step="auto"``: ``"released"`` and :data:`~lightning_bnfreeze.step_size.NEAR_DECAY` for later
+        releases (:meth:`rate_factor`) when the target's norm statistics are less than
+        :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE` from the backbone's (``shift``), else ``None`` and no
+        decay (also for ``shift=None``: nothing measured); what to say of it."""
         near = shift is not None and shift < NEAR_SOURCE
         self.max_step, self.source_shift = (RELEASED if near else None), shift
         self.near_decay = NEAR_DECAY if near else 1.0
