@@ -39,7 +39,8 @@ and the README's "Choosing BN mode and learning rates"."""
 
 AUTO: Final = "auto"
 """``max_step="auto"`` (the default): ``"released"`` when the target is near the backbone's source (its frozen norm
-statistics shifted by less than :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE`), else no cap."""
+statistics shifted by less than :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE`), with later releases decayed
+by :data:`NEAR_DECAY` once the first one moves fast; else no cap."""
 
 NEAR_DECAY = 0.3
 """``max_step="auto"`` on a target near the source, once the first release's first step moved more than

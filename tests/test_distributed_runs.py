@@ -17,6 +17,9 @@ import pytest
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
+from lightning_bnfreeze.step_size import NEAR_DECAY
+
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
@@ -88,6 +91,11 @@ def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[
     # max_step="auto": the shift of both ranks' batches, the same on every rank as under DDP
     assert fsdp["source_shift"] is not None
     assert fsdp["source_shift"] == fsdp_rank1["source_shift"] == pytest.approx(ddp["source_shift"], rel=1e-9)
+    # near the source, the release after a fast first one decays (under both strategies alike: the groups above)
+    lrs = dict(fsdp["groups"])
+    assert fsdp["source_shift"] < NEAR_SOURCE
+    assert lrs["backbone.3"] / lrs["head"] == pytest.approx(0.5)
+    assert lrs["backbone.0"] / lrs["head"] == pytest.approx(0.5 * NEAR_DECAY)
     # AdaBN over the data-parallel group: the frozen statistics are those of both ranks' batches, as under DDP
     frozen_statistics = {name: b for name, b in fsdp["buffers"].items() if name.startswith(NEVER_RELEASED)}
     assert max_difference(frozen_statistics, {name: ddp["buffers"][name] for name in frozen_statistics}) < 1e-5
