@@ -57,6 +57,7 @@ def fingerprint(recipe: str) -> str:
     if recipe.partition(":")[0] != "ours":
         return ""
     from benchmarks.recipes import gradual_unfreeze
+    from lightning_bnfreeze import __version__
     from lightning_bnfreeze.domain_shift import NEAR_SOURCE
     from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY
 
@@ -71,7 +72,8 @@ def fingerprint(recipe: str) -> str:
             AUTO_STEP,
             callback.max_step,
         )
-        + ((NEAR_SOURCE, NEAR_DECAY) if callback.max_step == "auto" else ())  # rows of the other values stay valid
+        # the near-source rule changes with releases (0.7: the decay also caps first steps); other values' rows stay
+        + ((NEAR_SOURCE, NEAR_DECAY, __version__) if callback.max_step == "auto" else ())
     )
 
 

@@ -44,7 +44,8 @@ class FirstSteps:
         max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
             it would move now: :meth:`judge`'s ``faster``), a number (the cap on every release's first step), or
             ``"auto"``: one of the first two, as :meth:`resolve` decides from the target's shift before the fit,
-            near the source with later releases decayed once the first release moved fast (:meth:`rate_factor`).
+            near the source with later releases decayed once the first release moved fast (:meth:`rate_factor`),
+            in rate and in the size of their first step.
         agree: turns a local decision into the decision of every rank (``any``; default: as it is).
     """
 
@@ -52,7 +53,8 @@ class FirstSteps:
         self.bn = bn
         self.max_step = max_step
         self.source_shift: float | None = None  # max_step="auto": the shift it was resolved from
-        self.near_decay = 1.0  # max_step="auto" near the source: NEAR_DECAY
+        self.near_decay = 1.0  # max_step="auto" near the source: NEAR_DECAY,
+        self.near_step_cap = False  # which also caps first steps (from 0.7)
         self._agree = agree
         self.pending: list[Part] = []
         self._before: dict[Part, FirstStep] = {}
@@ -76,6 +78,7 @@ class FirstSteps:
         near = shift is not None and shift < NEAR_SOURCE
         self.max_step, self.source_shift = (RELEASED if near else None), shift
         self.near_decay = NEAR_DECAY if near else 1.0
+        self.near_step_cap = near
         if shift is None:
             return (
                 "how far the target is from the backbone's source is unknown (no norm layer with running statistics"
@@ -85,8 +88,9 @@ class FirstSteps:
             return (
                 f"the target's norm statistics are {shift:.2f} from the backbone's (< {NEAR_SOURCE}: near its source):"
                 " no released block's first step goes further than the blocks released before it would move"
-                f" (max_step='released'); once the first release's first step moves more than {AUTO_STEP:.1%}, each"
-                f" later release trains at {NEAR_DECAY:g} x the rate of the one before"
+                f" (max_step='released'); once the first release's first step moves more than {AUTO_STEP:.1%},"
+                f" release k trains at {NEAR_DECAY:g}**k of its rate and its first step moves at most"
+                f" {NEAR_DECAY:g}**k as far as the first release's"
             )
         return (
             f"the target's norm statistics are {shift:.2f} from the backbone's (>= {NEAR_SOURCE}: far from its"
@@ -124,6 +128,11 @@ class FirstSteps:
         if self.max_step == RELEASED:
             scale = 1.0 if faster is None or faster <= 1 else 1 / faster
             beyond = f"{faster or 0:.1f} times as far as the blocks released before it would move now"
+            factor = self.rate_factor(part[0]) if self.near_step_cap else 1.0
+            if factor < 1 and change * scale > self._first_step * factor:  # near the source: decayed first steps
+                target = self._first_step * factor
+                scale = target / change
+                beyond = f"more than {factor:.3g} x as far as the first release's first step ({target:.2%})"
         else:
             cap = None if self.max_step is None else float(self.max_step)
             scale = 1.0 if cap is None or change <= cap else cap / change
@@ -143,7 +152,7 @@ class FirstSteps:
     def rate_factor(self, index: int) -> float:
         """The factor of release ``index``'s rates: ``near_decay ** k`` for the ``k``-th release after the first one
         whose weights moved, once that one's first step was above :data:`AUTO_STEP`; else (and before it is
-        measured) 1."""
+        measured) 1. :meth:`judge` also caps that release's first step at this factor of the first one's."""
         if self._first_index is None or not self._first_fast or index <= self._first_index:
             return 1.0
         return self.near_decay ** (index - self._first_index)
@@ -173,6 +182,7 @@ class FirstSteps:
             "max_step": self.max_step,
             "source_shift": self.source_shift,
             "near_decay": self.near_decay,
+            "near_step_cap": self.near_step_cap,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -183,6 +193,7 @@ class FirstSteps:
         decided = None if self._first_index is None else self._first_step > AUTO_STEP  # a checkpoint from 0.3
         self._first_fast = bool(state.get("first_fast", decided))
         self.near_decay = float(state.get("near_decay", 1.0))  # before 0.6: no decay
+        self.near_step_cap = bool(state.get("near_step_cap", False))  # before 0.7: the decayed rate alone
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
         self._deciding = (0.0, "", False)
         if self.unresolved and "first_step" in state:  # a saved fit (from 0.4: no "max_step", which was None then)

@@ -54,7 +54,8 @@ def format_plan(
     if max_step == AUTO and len(plan.releases) > 1:
         table += (
             f"\nmax_step='auto': near the source, once the first release moves fast, release k (from 0) trains at"
-            f" {NEAR_DECAY:g}**k x the lr above."
+            f" {NEAR_DECAY:g}**k x the lr above, less if its first step moves more than {NEAR_DECAY:g}**k x the"
+            " first's."
         )
     elif max_step is not None and max_step != AUTO:
         table += f"\nmax_step={max_step!r}: a release's rate may be scaled down after its first step."

@@ -40,11 +40,13 @@ and the README's "Choosing BN mode and learning rates"."""
 AUTO: Final = "auto"
 """``max_step="auto"`` (the default): ``"released"`` when the target is near the backbone's source (its frozen norm
 statistics shifted by less than :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE`), with later releases decayed
-by :data:`NEAR_DECAY` once the first one moves fast; else no cap."""
+by :data:`NEAR_DECAY` (in rate and in first step) once the first one moves fast; else no cap."""
 
 NEAR_DECAY = 0.3
 """``max_step="auto"`` on a target near the source, once the first release's first step moved more than
-:data:`AUTO_STEP`: each later release trains at this factor of the one before (``NEAR_DECAY ** k``). On the
+:data:`AUTO_STEP`: release ``k`` after it trains at ``NEAR_DECAY ** k`` of its rate, and its first step moves at
+most ``NEAR_DECAY ** k`` as far as the first release's (a faster one is scaled down to that, as ``max_step`` caps:
+under momentum SGD the input side's steps grow, so the decayed rate alone does not keep them small). On the
 real-weights benchmark's near task (``textures``) the input-side blocks had to move far less than the output side's
 at large rates, as layer-wise decay makes them (``benchmarks/transfer_real.md``); below the line (small rates,
 frozen statistics) the decay lost, and it does not apply."""

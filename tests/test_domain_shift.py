@@ -159,8 +159,9 @@ def test_a_fit_with_max_step_auto_ends_bitwise_where_one_with_its_choice_set_by_
     make: Any, chosen: str | None, decay: float
 ) -> None:
     """Measuring leaves the data order and the random state alone: only the choice differs from a set value (near
-    the source: the cap, and each later release decayed, here as ``Blocks(decay=...)`` sets it). The batches are
-    shuffled and every block is released, so a draw taken, a cap missed or a decay missed would show."""
+    the source: the cap, and each later release decayed, here as ``Blocks(decay=...)`` sets it; their first steps
+    stay within the decayed step cap here, which ``test_release_objects`` tests). The batches are shuffled and every
+    block is released, so a draw taken, a cap missed or a decay missed would show."""
 
     def fitted(max_step: Any, decay: float = 1.0) -> tuple[dict[str, Tensor], GradualUnfreeze]:
         model = make()

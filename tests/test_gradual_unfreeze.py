@@ -569,7 +569,7 @@ def test_dry_run_shows_the_plan_without_training() -> None:
 @pytest.mark.parametrize(
     ("max_step", "note"),
     [
-        ("auto", f"release k (from 0) trains at {NEAR_DECAY:g}**k x the lr above"),
+        ("auto", f"release k (from 0) trains at {NEAR_DECAY:g}**k x the lr above, less if its first step moves more"),
         ("released", "max_step='released': a release's rate may be scaled down after its first step"),
         (None, None),
     ],

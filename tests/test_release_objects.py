@@ -720,6 +720,35 @@ def test_max_step_auto_near_the_source_decays_each_later_release_once_the_first_
     assert resumed.history[2].lr_factors == pytest.approx((0.5 * decay**2,))
 
 
+@pytest.mark.parametrize(
+    ("shift", "later", "scale"),
+    [(0.1, 4 * NEAR_DECAY * AUTO_STEP, 0.5), (0.1, NEAR_DECAY * AUTO_STEP, 1.0), (NEAR_SOURCE, 0.1, 1.0)],
+    ids=["near-beyond", "near-within", "far"],
+)
+def test_max_step_auto_near_the_source_caps_a_later_first_step_at_the_decayed_first_one(
+    shift: float, later: float, scale: float
+) -> None:
+    """Near the source, release k's first step moves at most ``NEAR_DECAY ** k`` as far as the first release's did
+    (under momentum SGD the input side's steps grow, and the decayed rate alone does not keep them so): a faster
+    one has its rate scaled down to that, through a resume; far from the source nothing caps it."""
+    u = near_unfreezer(shift, 2 * AUTO_STEP)
+    u.before_step(8)
+    move(u, "backbone.1", later)
+    notes = u.after_step(9)
+    decay = NEAR_DECAY if shift < NEAR_SOURCE else 1.0
+    assert u.history[1].lr_factors == pytest.approx((0.5 * decay * scale,), rel=1e-4)  # float32 weights
+    said = " ".join(note.text for note in notes)
+    expected = f"more than {NEAR_DECAY:g} x as far as the first release's first step (0.12%): its rate is scaled by 0.5"
+    assert (expected in said) == (scale < 1), said
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
+    resumed.freeze()
+    resumed.restore()
+    resumed.before_step(10)
+    [group] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
+    assert group["lr"] == pytest.approx(0.1 * 0.5 * decay * scale, rel=1e-4)
+
+
 def test_max_step_auto_decays_nothing_released_before_the_first_release_has_moved() -> None:
     u = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
     u.first_steps.resolve(0.1)
@@ -742,6 +771,20 @@ def test_max_step_auto_resumes_a_checkpoint_from_0_5_without_the_decay() -> None
     resumed.restore()
     resumed.advance(resumed.moment(3, 12), "epoch")
     assert resumed.history[2].lr_factors == pytest.approx((0.5,))
+
+
+def test_max_step_auto_resumes_a_checkpoint_from_0_6_with_the_decayed_rate_alone() -> None:
+    """0.6 decayed later releases' rates without capping their first steps: its checkpoints go on so."""
+    state = json.loads(json.dumps(near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()))
+    del state["near_step_cap"]
+    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    resumed.load_state_dict(state)
+    resumed.freeze()
+    resumed.restore()
+    resumed.before_step(8)
+    move(resumed, "backbone.1", 4 * NEAR_DECAY * AUTO_STEP)  # capped to half by 0.7 (the test above)
+    resumed.after_step(9)
+    assert resumed.history[1].lr_factors == pytest.approx((0.5 * NEAR_DECAY,))
 
 
 def test_max_step_auto_resumes_a_checkpoint_from_0_4_without_a_cap_and_leaves_a_set_value_alone() -> None:

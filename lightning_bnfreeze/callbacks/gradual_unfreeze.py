@@ -96,7 +96,8 @@ class GradualUnfreeze(NormFreezingCallback):
             the backbone's frozen norm layers compare the first training batches with their running statistics
             (:mod:`~lightning_bnfreeze.domain_shift`): for a target near the backbone's source (shift below 0.7),
             ``"released"``, and once the first release's first step moves fast (as for ``bn="auto"``) each later
-            release ``k`` at ``0.3**k`` of its rate (:data:`~lightning_bnfreeze.step_size.NEAR_DECAY`); ``None``
+            release ``k`` at ``0.3**k`` of its rate, its first step at most ``0.3**k`` as far as the first
+            release's (:data:`~lightning_bnfreeze.step_size.NEAR_DECAY`); ``None``
             for one far from it or without such layers; one line says which. A
             number: that cap (momentum included, as for ``bn="auto"``) for every release. See the README's
             "Choosing BN mode and learning rates".
