@@ -129,8 +129,8 @@ class FirstSteps:
             scale = 1.0 if faster is None or faster <= 1 else 1 / faster
             beyond = f"{faster or 0:.1f} times as far as the blocks released before it would move now"
             factor = self.rate_factor(part[0]) if self.near_step_cap else 1.0
-            if factor < 1 and change * scale > self._first_step * factor:  # near the source: decayed first steps
-                target = self._first_step * factor
+            target = self._first_step * factor  # near the source: the decayed first step
+            if factor < 1 and change * scale > target:
                 scale = target / change
                 beyond = f"more than {factor:.3g} x as far as the first release's first step ({target:.2%})"
         else:

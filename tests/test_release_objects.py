@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -581,28 +582,32 @@ def test_max_step_scales_a_released_parts_rate_by_how_far_its_first_step_went_pa
 ) -> None:
     u = unfreezer(bn="auto", lr_scale=0.5, max_step=0.01)
     [record] = u.advance(u.moment(1, 4), "epoch")
-    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.3"]
-    assert record.lr_factors == (0.5,) and group["lr"] == pytest.approx(0.05)
+    assert record.lr_factors == (0.5,) and group_lr(u, "backbone.3") == pytest.approx(0.05)
     u.before_step(4)
     move(u, "backbone.3", relative)
     u.after_step(5)
     assert u.history[0].lr_factors == pytest.approx((0.5 * scale,))
     u.before_step(5)  # the group follows its factor at the next step
-    assert group["lr"] == pytest.approx(0.05 * scale)
+    assert group_lr(u, "backbone.3") == pytest.approx(0.05 * scale)
     state = json.loads(json.dumps(u.state_dict()))
     resumed = unfreezer(bn="auto", lr_scale=0.5, max_step=0.01)
     resumed.load_state_dict(state)
     resumed.freeze()
     resumed.restore()
     resumed.before_step(6)
-    [again] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.3"]
-    assert again["lr"] == pytest.approx(0.05 * scale)  # the scaled rate survives a resume
+    assert group_lr(resumed, "backbone.3") == pytest.approx(0.05 * scale)  # the scaled rate survives a resume
 
 
 def gradients(u: Unfreezer, part: str, relative: float) -> None:
     """Gradients on the part's weights (ndim >= 2) that a plain SGD step at rate 1 would move by ``relative``."""
     for param in u.root.get_submodule(part).parameters():
         param.grad = relative * param.detach().clone() if param.ndim >= 2 else torch.zeros_like(param)
+
+
+def group_lr(u: Unfreezer, name: str) -> float:
+    """The learning rate of the optimizer's param group named ``name``."""
+    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == name]
+    return float(group["lr"])
 
 
 @pytest.mark.parametrize(("later", "scale"), [(0.06, 1 / 3), (0.01, 1.0)])
@@ -625,15 +630,13 @@ def test_max_step_released_caps_a_release_at_the_step_the_earlier_parts_would_ta
     expected = "3.0 times as far as the blocks released before it would move now: its rate is scaled by 0.33"
     assert (expected in said) == (scale < 1), said
     u.before_step(9)
-    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
-    assert group["lr"] == pytest.approx(0.1 * 0.5 * scale)
+    assert group_lr(u, "backbone.1") == pytest.approx(0.1 * 0.5 * scale)
     resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="released")
     resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
     resumed.freeze()
     resumed.restore()
     resumed.before_step(10)
-    [again] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
-    assert again["lr"] == pytest.approx(0.1 * 0.5 * scale)  # the cap survives a resume: the record holds it
+    assert group_lr(resumed, "backbone.1") == pytest.approx(0.1 * 0.5 * scale)  # the cap survives a resume
     uncapped = unfreezer(bn="auto", lr_scale=0.5)
     uncapped.advance(uncapped.moment(1, 4), "epoch")
     uncapped.advance(uncapped.moment(2, 8), "epoch")
@@ -686,10 +689,24 @@ def test_max_step_auto_resolves_from_the_targets_shift_and_keeps_it_through_a_ch
     assert (resumed.first_steps.max_step, resumed.first_steps.source_shift) == (resolved, shift)
 
 
+def auto_unfreezer() -> Unfreezer:
+    """``max_step="auto"`` and ``bn="auto"``, released blocks at 0.5 x the head's rate, one block per release."""
+    return unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+
+
+def auto_resumed(state: Mapping[str, Any]) -> Unfreezer:
+    """An :func:`auto_unfreezer` resumed from ``state``, saved through JSON as a checkpoint keeps it."""
+    resumed = auto_unfreezer()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    resumed.freeze()
+    resumed.restore()
+    return resumed
+
+
 def near_unfreezer(shift: float, first: float) -> Unfreezer:
-    """``max_step="auto"`` resolved from ``shift``, one block per release; the first release's first step moved
-    its weights by ``first``, and the second release is done."""
-    u = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    """An :func:`auto_unfreezer` resolved from ``shift``; the first release's first step moved its weights by
+    ``first``, and the second release is done."""
+    u = auto_unfreezer()
     u.first_steps.resolve(shift)
     u.advance(u.moment(1, 4), "epoch")
     u.before_step(4)
@@ -710,12 +727,8 @@ def test_max_step_auto_near_the_source_decays_each_later_release_once_the_first_
     u = near_unfreezer(shift, first)
     assert u.history[0].lr_factors == pytest.approx((0.5,))
     assert u.history[1].lr_factors == pytest.approx((0.5 * decay,))
-    [group] = [g for g in u.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
-    assert group["lr"] == pytest.approx(0.1 * 0.5 * decay)
-    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
-    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
-    resumed.freeze()
-    resumed.restore()
+    assert group_lr(u, "backbone.1") == pytest.approx(0.1 * 0.5 * decay)
+    resumed = auto_resumed(u.state_dict())
     resumed.advance(resumed.moment(3, 12), "epoch")  # a release after the resume decays as the fit would have
     assert resumed.history[2].lr_factors == pytest.approx((0.5 * decay**2,))
 
@@ -740,17 +753,13 @@ def test_max_step_auto_near_the_source_caps_a_later_first_step_at_the_decayed_fi
     said = " ".join(note.text for note in notes)
     expected = f"more than {NEAR_DECAY:g} x as far as the first release's first step (0.12%): its rate is scaled by 0.5"
     assert (expected in said) == (scale < 1), said
-    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
-    resumed.load_state_dict(json.loads(json.dumps(u.state_dict())))
-    resumed.freeze()
-    resumed.restore()
+    resumed = auto_resumed(u.state_dict())
     resumed.before_step(10)
-    [group] = [g for g in resumed.groups.optimizer.param_groups if g.get("name") == "backbone.1"]
-    assert group["lr"] == pytest.approx(0.1 * 0.5 * decay * scale, rel=1e-4)
+    assert group_lr(resumed, "backbone.1") == pytest.approx(0.1 * 0.5 * decay * scale, rel=1e-4)
 
 
 def test_max_step_auto_decays_nothing_released_before_the_first_release_has_moved() -> None:
-    u = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
+    u = auto_unfreezer()
     u.first_steps.resolve(0.1)
     u.advance(u.moment(1, 4), "epoch")
     u.advance(u.moment(2, 4), "epoch")  # a second release before the first one's first step: nothing known yet
@@ -763,24 +772,18 @@ def test_max_step_auto_decays_nothing_released_before_the_first_release_has_move
 
 def test_max_step_auto_resumes_a_checkpoint_from_0_5_without_the_decay() -> None:
     """0.5 resolved ``"auto"`` without decaying later releases: its checkpoints go on so."""
-    state = json.loads(json.dumps(near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()))
+    state = near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()
     del state["near_decay"], state["first_fast"]
-    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
-    resumed.load_state_dict(state)
-    resumed.freeze()
-    resumed.restore()
+    resumed = auto_resumed(state)
     resumed.advance(resumed.moment(3, 12), "epoch")
     assert resumed.history[2].lr_factors == pytest.approx((0.5,))
 
 
 def test_max_step_auto_resumes_a_checkpoint_from_0_6_with_the_decayed_rate_alone() -> None:
     """0.6 decayed later releases' rates without capping their first steps: its checkpoints go on so."""
-    state = json.loads(json.dumps(near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()))
+    state = near_unfreezer(0.1, 2 * AUTO_STEP).state_dict()
     del state["near_step_cap"]
-    resumed = unfreezer(bn="auto", lr_scale=0.5, max_step="auto", what=Blocks(per_release=1))
-    resumed.load_state_dict(state)
-    resumed.freeze()
-    resumed.restore()
+    resumed = auto_resumed(state)
     resumed.before_step(8)
     move(resumed, "backbone.1", 4 * NEAR_DECAY * AUTO_STEP)  # capped to half by 0.7 (the test above)
     resumed.after_step(9)
