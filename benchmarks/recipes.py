@@ -13,7 +13,8 @@ A recipe is a name, optionally with ``key=value`` options (``ours:lr_scale=0.5,b
 - ``llrd``: timm-style layer-wise learning-rate decay 0.75 from the first step (``decay=...``).
 - ``ours``: ``GradualUnfreeze()`` with the library's defaults; options are its arguments, with
   ``per_release``, ``granularity``, ``decay`` given to ``Blocks`` (``layer_decay=0.75``: ``LayerDecay(0.75)``
-  instead, with ``granularity``) and ``every``, ``first`` to ``Every``.
+  instead, with ``granularity``) and ``every``, ``first`` to ``Every``; ``adapt=32``: ``adapt=AdaBN(prior=32)``
+  (``adapt=None``: no adaptation).
 """
 
 from __future__ import annotations
@@ -69,10 +70,13 @@ def model_options(recipe: str) -> dict[str, Any]:
 
 def gradual_unfreeze(recipe: str) -> Any:
     """``GradualUnfreeze`` with the recipe's options (``per_release``, ``granularity``, ``decay`` to ``Blocks``,
-    ``layer_decay`` and ``granularity`` to ``LayerDecay``, ``every``, ``first`` to ``Every``)."""
-    from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, LayerDecay
+    ``layer_decay`` and ``granularity`` to ``LayerDecay``, ``every``, ``first`` to ``Every``, a prior or ``None``
+    to ``adapt``)."""
+    from lightning_bnfreeze import AdaBN, Blocks, Every, GradualUnfreeze, LayerDecay
 
     kwargs = options(recipe)
+    if "adapt" in kwargs:
+        kwargs["adapt"] = None if kwargs["adapt"] is None else AdaBN(prior=kwargs["adapt"])
     blocks = {key: kwargs.pop(key) for key in ("per_release", "granularity", "decay") if key in kwargs}
     cadence = {key: kwargs.pop(key) for key in ("every", "first") if key in kwargs}
     if "layer_decay" in kwargs:

@@ -74,6 +74,7 @@ def fingerprint(recipe: str) -> str:
         )
         # the near-source rule changes with releases (0.7: the decay also caps first steps); other values' rows stay
         + ((NEAR_SOURCE, NEAR_DECAY, __version__) if callback.max_step == "auto" else ())
+        + ((repr(callback.adapt),) if callback.adapt is not None else ())
     )
 
 

@@ -175,6 +175,11 @@ class GradualUnfreeze(NormFreezingCallback):
         return self._fit.unfreezer.history if self._fit is not None else ()
 
     @property
+    def adapt(self) -> AdaBN | None:
+        """How the frozen norm layers' statistics are re-estimated before the first step (``None``: they are not)."""
+        return self._adaptation.config
+
+    @property
     def source_shift(self) -> float | None:
         """With ``max_step="auto"``: how far the target's norm statistics were from the backbone's at fit start
         (:mod:`~lightning_bnfreeze.domain_shift`); ``None`` before, without such layers, or with another
