@@ -130,10 +130,18 @@ def _key(row: dict[str, Any]) -> Key:
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    """The raw rows, keeping for ``ours`` recipes only those that ran what they resolve to today."""
+    """The raw rows, keeping for ``ours`` recipes only those that ran what they resolve to today (none of a recipe
+    that no longer parses: an option of an older release)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    current = {recipe: fingerprint(recipe) for recipe in {row["recipe"] for row in rows}}
+    current = {recipe: _fingerprint_today(recipe) for recipe in {row["recipe"] for row in rows}}
     return [row for row in rows if row["fingerprint"] == current[row["recipe"]]]
+
+
+def _fingerprint_today(recipe: str) -> str | None:
+    try:
+        return fingerprint(recipe)
+    except (TypeError, ValueError):
+        return None
 
 
 def run(settings: list[dict[str, Any]], raw: Path, jobs: int) -> None:

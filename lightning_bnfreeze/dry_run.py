@@ -112,6 +112,8 @@ def release_object(argument: str, text: str) -> object:
         ValueError: not such a value, an unknown class, or an argument the class does not take.
     """
     value = yaml.safe_load(text)
+    if argument == "adapt" and value in ("auto", None):
+        return value
     if isinstance(value, str):
         value = {"class_path": value}
     base, known = OBJECTS[argument]

@@ -181,6 +181,8 @@ class BackboneNorms:
             if name == backbone or name.startswith(prefix)
         }
         self._governed = {id(param) for params in self._governing.values() for param in params}
+        self.layers = tuple(layer for name, layer in named_norm_layers(root) if name in self._governing)
+        """Every norm layer of the backbone, frozen or not."""
 
     def holds_norms(self, params: Iterable[nn.Parameter]) -> bool:
         """Whether releasing ``params`` releases some norm layer (they govern one)."""

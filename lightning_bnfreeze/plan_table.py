@@ -26,10 +26,11 @@ def format_plan(
     last: int = -1,
     groups: Mapping[str, Sequence[str]] | None = None,
     max_step: MaxStep = None,
+    adapt_auto: bool = False,
 ) -> str:
     """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
     and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups;
-    a line on what ``max_step`` may change in the planned rates.
+    a line on what ``max_step`` may change in the planned rates, and with ``bn="auto"`` one on ``adapt="auto"``.
 
     With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
     """
@@ -59,6 +60,8 @@ def format_plan(
         )
     elif max_step is not None and max_step != AUTO:
         table += f"\nmax_step={max_step!r}: a release's rate may be scaled down after its first step."
+    if bn == "auto" and adapt_auto:
+        table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics."
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."
     return table

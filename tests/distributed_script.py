@@ -13,6 +13,8 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
 - ``fsdp_stop``, ``fsdp_resume``: the ``fsdp`` run stopped after epoch 2 with a distributed checkpoint, then resumed
   (``ModelParallelStrategy`` restores the checkpoint after ``on_fit_start``: the callback reads its state from
   ``trainer.ckpt_path`` there, and the released groups exist when a probe behind it looks, at ``on_fit_start``).
+- ``ddp_auto``, ``fsdp_auto``: the ``ddp`` and ``fsdp`` runs with ``bn`` and ``adapt`` at their defaults: the first
+  release moves fast, so its norm layers train and every norm layer of the backbone is re-estimated then.
 - ``amp``: fp16 mixed precision with a gradient scaler (``MixedPrecision("16-mixed", "cpu")``): one batch of rank 1
   overflows in the gradient of a released layer only (not in the head's); every rank must skip that step.
 - ``ddp_unused``, ``fsdp_unused``: ``backbone.proj`` and ``backbone.extra`` are released at epoch 1; ``extra`` takes
@@ -215,12 +217,16 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     y = torch.randint(0, 4, (32,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     torch.manual_seed(0)
-    sharded = scenario != "ddp"
+    sharded = scenario not in ("ddp", "ddp_auto")
     model = ConvModel(sharded)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    initial_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
     probe = GroupsAtFitStart()
-    unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2))
+    if scenario.endswith("_auto"):  # the defaults: bn="auto" decides, adapt="auto" re-estimates as norm layers train
+        unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5)
+    else:
+        unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2))
     callbacks = [unfreeze, BNFreezeCallback(), probe]
     fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
     checkpoint = out_dir / "fsdp_checkpoint"
@@ -231,6 +237,8 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "initial": initial,
         "final": {name: full(p) for name, p in model.named_parameters()},
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
+        "initial_buffers": initial_buffers,
+        "train_norms": [list(record.train_norms) for record in unfreeze.history],
         "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
         "groups_at_fit_start": probe.names,
         "source_shift": unfreeze.source_shift,  # max_step="auto"'s, measured at fit start or kept in the checkpoint

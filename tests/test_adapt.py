@@ -452,7 +452,7 @@ def test_bad_adapt_arguments_raise_at_construction(bad: object) -> None:
     with pytest.raises(ValueError, match=f"`batches` .* got {bad!r}"):
         AdaBN(bad)  # type: ignore[arg-type]
     for make in (lambda: BNFreezeCallback("backbone", adapt=bad), lambda: GradualUnfreeze(adapt=bad)):
-        with pytest.raises(ValueError, match=f"`adapt` must be an AdaBN.* got {bad!r}"):
+        with pytest.raises(ValueError, match=f"`adapt` must be .*AdaBN.* got {bad!r}"):
             make()  # type: ignore[arg-type]
 
 

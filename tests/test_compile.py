@@ -135,8 +135,9 @@ def quiet_trainer(max_epochs: int, callbacks: list[Callback], **kwargs: Any) -> 
 
 
 class Probe(Callback):
-    """Per training epoch, the graphs compiled; at every epoch end, whether the norm layers frozen then (their
-    parameters do not require grad) still hold the statistics they had when training started, bitwise."""
+    """Per training epoch, the graphs compiled and the norm layers frozen at its end (their parameters do not require
+    grad); whether any layer frozen during a training step changed its statistics in that step's forward and
+    backward (``adapt="auto"`` re-estimates them once, after a step)."""
 
     def __init__(self) -> None:
         self.graphs: list[int] = []
@@ -144,21 +145,30 @@ class Probe(Callback):
         self.changed: list[str] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = {name: b.clone() for name, b in pl_module.named_buffers()}
         self.counts = compile_counts()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.before = {name: b.clone() for name, b in pl_module.named_buffers()}
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for buffer in self.frozen_buffers(pl_module):
+            if not torch.equal(pl_module.get_buffer(buffer), self.before[buffer]):
+                self.changed.append(f"step {trainer.global_step}: {buffer}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = compile_counts()
         self.graphs.append((counts - self.counts).graphs)
         self.counts = counts
-        checked = set()
-        for name, layer in pl_module.named_modules():
-            if isinstance(layer, nn.BatchNorm2d) and not layer.weight.requires_grad:
-                checked.add(name)
-                for buffer, value in layer.named_buffers(prefix=name):
-                    if not torch.equal(value, self.start[buffer]):
-                        self.changed.append(f"epoch {trainer.current_epoch}: {buffer}")
-        self.frozen_checked.append(checked)
+        self.frozen_checked.append({buffer.rpartition(".")[0] for buffer in self.frozen_buffers(pl_module)})
+
+    @staticmethod
+    def frozen_buffers(pl_module: pl.LightningModule) -> list[str]:
+        return [
+            buffer
+            for name, layer in pl_module.named_modules()
+            if isinstance(layer, nn.BatchNorm2d) and not layer.weight.requires_grad
+            for buffer, _ in layer.named_buffers(prefix=name)
+        ]
 
 
 def fit(

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
-FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume") if FSDP2_ON_CPU else ()
-SCENARIOS = ("ddp", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()))
+FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto") if FSDP2_ON_CPU else ()
+SCENARIOS = ("ddp", "ddp_auto", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()))
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
@@ -99,6 +99,26 @@ def test_fsdp2_run_ends_with_the_parameters_of_the_ddp_run(runs: dict[str, list[
     # AdaBN over the data-parallel group: the frozen statistics are those of both ranks' batches, as under DDP
     frozen_statistics = {name: b for name, b in fsdp["buffers"].items() if name.startswith(NEVER_RELEASED)}
     assert max_difference(frozen_statistics, {name: ddp["buffers"][name] for name in frozen_statistics}) < 1e-5
+
+
+def test_adapt_auto_re_estimates_the_statistics_of_every_rank_s_batches_as_norm_layers_start_training(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    (ddp, ddp_rank1), *sharded = runs["ddp_auto"], *([runs["fsdp_auto"]] if FSDP2_ON_CPU else [])
+    assert ddp["train_norms"] == [[True], [True]]  # bn="auto": the first release moved fast
+    never_released = {
+        name: b for name, b in ddp["buffers"].items() if name.startswith(NEVER_RELEASED) and ".running_" in name
+    }
+    assert never_released and all(
+        not torch.equal(b, ddp["initial_buffers"][name]) for name, b in never_released.items()
+    )
+    assert max_difference(ddp["final"], ddp_rank1["final"]) == 0.0
+    assert max_difference(never_released, {name: ddp_rank1["buffers"][name] for name in never_released}) == 0.0
+    for fsdp, fsdp_rank1 in sharded:  # under FSDP2 as under DDP
+        assert fsdp["train_norms"] == ddp["train_norms"]
+        assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
+        assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
+        assert max_difference({name: fsdp["buffers"][name] for name in never_released}, never_released) < 1e-5
 
 
 @needs_fsdp2_on_cpu

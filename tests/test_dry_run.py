@@ -87,6 +87,7 @@ def test_callback_arguments_from_the_command_line() -> None:
         ("--when", "{class_path: Every, init_args: {steps: 50, first: 10}}", "Every(steps=50, first=10)"),
         ("--when", "{class_path: Plateau, init_args: {monitor: val_loss}}", "Plateau('val_loss', mode='min'"),
         ("--adapt", "{class_path: AdaBN, init_args: {batches: 4}}", "AdaBN(batches=4, prior=32"),
+        ("--adapt", "null", "GradualUnfreeze(adapt=None)"),
         ("--trainable", "['*.bn1.*']", "trainable=['*.bn1.*']"),
     ],
 )

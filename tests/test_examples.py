@@ -96,17 +96,23 @@ def test_config_fits_tests_and_plots(name: str, tmp_path: Path, cache_dir: Path)
 
 def test_what_each_config_trains(tmp_path: Path, cache_dir: Path) -> None:
     """Linear probe: the backbone (BatchNorm statistics included) is bitwise the pretrained one. Gradual
-    unfreezing, 2 epochs: stage3 and stage2 (released at epoch 1) trained, stage1 and the stem not. Full
+    unfreezing, 2 epochs: stage3 and stage2 (released at epoch 1) trained, stage1 and the stem not (their
+    statistics moved to the target's as the released norm layers started training: ``adapt="auto"``). Full
     fine-tuning: everything."""
     pretrained = pretrained_backbone(cache_dir, epochs=PRETRAIN_EPOCHS).state_dict()
 
-    def changed(cli: DigitsCLI) -> set[str]:
-        state = cli.model.backbone.state_dict()
-        return {key.split(".")[0] for key, value in state.items() if not torch.equal(value, pretrained[key])}
+    def changed(cli: DigitsCLI, statistics: bool = True) -> set[str]:
+        state = cli.model.backbone.state_dict(keep_vars=True)
+        return {
+            key.split(".")[0]
+            for key, value in state.items()
+            if (statistics or isinstance(value, torch.nn.Parameter)) and not torch.equal(value, pretrained[key])
+        }
 
     assert changed(run_config("linear_probe", tmp_path, cache_dir)) == set()
     gradual = run_config("gradual_unfreeze", tmp_path, cache_dir, "--trainer.max_epochs=2")
-    assert changed(gradual) == {"stage3", "stage2"}  # released at epoch 1; stage1 and the stem at 2, never reached
+    assert changed(gradual, statistics=False) == {"stage3", "stage2"}  # released at epoch 1; the others at 2, never
+    assert changed(gradual) == {"stem", "stage1", "stage2", "stage3"}
     plotter = next(cb for cb in gradual.trainer.callbacks if isinstance(cb, SchedulePlot))  # type: ignore[attr-defined]
     assert set(plotter.lrs) == {"head", "backbone.stage3", "backbone.stage2"}
     assert sorted(plotter.lrs["backbone.stage3"]) == [1] and sorted(plotter.lrs["backbone.stage2"]) == [1]
@@ -146,9 +152,10 @@ def test_dry_run_command_prints_the_plan(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     block = plans.check(REPO / config)[0].splitlines()[1:-1]
     assert [line.removeprefix("#   ").removeprefix("#") for line in block] == result.stdout.strip().splitlines()
-    table, _, note = result.stdout.partition("Releases:")[2].strip().rpartition("\n")
-    assert note.startswith("max_step='auto'")  # what the default may change in the planned rates
-    rows = table.splitlines()[2:]
+    *table, max_step, adapt = result.stdout.partition("Releases:")[2].strip().splitlines()
+    assert max_step.startswith("max_step='auto'")  # what the default may change in the planned rates
+    assert adapt.startswith("adapt='auto'")  # and in the norm statistics
+    rows = table[2:]
     releases = [line.split()[:2] for line in rows]
     # the defaults: two blocks per epoch from epoch 1, at the head's learning rate
     assert releases == [

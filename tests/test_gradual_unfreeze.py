@@ -579,7 +579,16 @@ def test_dry_run_says_what_max_step_may_change_in_the_planned_rates(max_step: st
     if note is None:
         assert "max_step" not in table
     else:
-        assert note in table.splitlines()[-1]
+        assert any(line.startswith("max_step=") and note in line for line in table.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("adapt", "bn", "said"), [("auto", "auto", True), (None, "auto", False), ("auto", "train", False)]
+)
+def test_dry_run_says_when_adapt_auto_re_estimates_the_statistics(adapt: str | None, bn: str, said: bool) -> None:
+    table = GradualUnfreeze(adapt=adapt, bn=bn).dry_run(build_model(), max_epochs=5)
+    note = "adapt='auto': as norm layers start training, the backbone's take the training data's statistics."
+    assert (note in table.splitlines()) == said
 
 
 def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_statistics() -> None:

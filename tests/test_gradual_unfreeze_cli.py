@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_bnfreeze import Blocks, GradualUnfreeze, Schedule
+from lightning_bnfreeze import AdaBN, Blocks, GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import STEPS_PER_EPOCH, BelowLoss, CLIModel, ScriptedScore, module_numel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,21 +70,40 @@ def test_lightning_cli_yaml_configures_the_schedule_and_trains(tmp_path: Path, m
     assert not any(p.requires_grad for p in cli.model.backbone[1].parameters())
 
 
+def callback_from_yaml(init_arg: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GradualUnfreeze:
+    """The GradualUnfreeze a LightningCLI config builds with the one ``init_args`` line ``init_arg``."""
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_bnfreeze.GradualUnfreeze\n"
+        f"      init_args:\n        {init_arg}\n"
+    )
+    cli = LightningCLI(CLIModel, args=["--config", str(config), *QUIET], run=False, save_config_callback=None)
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradualUnfreeze)]
+    return callback
+
+
 @pytest.mark.parametrize(
     ("value", "parsed"), [("auto", "auto"), ("released", "released"), ("0.01", 0.01), ("null", None)]
 )
 def test_max_step_takes_each_of_its_kinds_from_yaml(
     value: str, parsed: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["cli"])
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_bnfreeze.GradualUnfreeze\n"
-        f"      init_args:\n        max_step: {value}\n"
-    )
-    cli = LightningCLI(CLIModel, args=["--config", str(config), *QUIET], run=False, save_config_callback=None)
-    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, GradualUnfreeze)]
-    assert callback.max_step == parsed
+    assert callback_from_yaml(f"max_step: {value}", tmp_path, monkeypatch).max_step == parsed
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("auto", "auto"), ("null", None), ("{class_path: lightning_bnfreeze.AdaBN, init_args: {prior: 8}}", "AdaBN")],
+)
+def test_adapt_takes_each_of_its_kinds_from_yaml(
+    value: str, parsed: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    callback = callback_from_yaml(f"adapt: {value}", tmp_path, monkeypatch)
+    if parsed == "AdaBN":
+        assert isinstance(callback.adapt, AdaBN) and callback.adapt.prior == 8
+    else:
+        assert callback.adapt == parsed
 
 
 def test_dry_run_command_line_prints_the_plan(tmp_path: Path) -> None:

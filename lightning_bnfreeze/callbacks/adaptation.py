@@ -28,6 +28,7 @@ __all__ = [
     "TrainDataAdaptation",
     "adapt_on_train_data",
     "on_training_batches",
+    "runs_on_batches",
     "shift_on_train_data",
 ]
 
@@ -77,9 +78,15 @@ class TrainDataAdaptation:
 
 
 def adapt_on_train_data(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[NormBase], config: AdaBN, owner: str
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    layers: Sequence[NormBase],
+    config: AdaBN,
+    owner: str,
+    why: str = "",
 ) -> int:
-    """Re-estimate ``layers``' statistics on the first training batches, leaving the data order as it was.
+    """Re-estimate ``layers``' statistics on the first training batches, leaving the data order as it was;
+    ``why`` (if any) ends the line that says so.
 
     Each batch is what ``training_step`` would get (for several training dataloaders, a list or dict
     of their batches), through the precision plugin, the batch-transfer hooks and the strategy's
@@ -102,10 +109,16 @@ def adapt_on_train_data(
 
     used = on_training_batches(trainer, pl_module, count, owner, "AdaBN", adapt)
     rank_zero_info(
-        f"{owner}: statistics of {len(layers)} frozen norm layer(s) re-estimated on {used} batch(es)"
-        f" (prior: {config.prior:g} source samples)."
+        f"{owner}: statistics of {len(layers)} norm layer(s) re-estimated on {used} batch(es)"
+        f" (prior: {config.prior:g} source samples){why}."
     )
     return used
+
+
+def runs_on_batches(pl_module: pl.LightningModule) -> bool:
+    """Whether ``pl_module`` can run on a training batch: it defines ``adapt_norm_step(batch)`` or its own
+    ``forward`` (not the one of ``LightningModule``, of either package, which raises)."""
+    return hasattr(pl_module, ADAPT_HOOK) or type(pl_module).forward.__qualname__ != "LightningModule.forward"
 
 
 def shift_on_train_data(
@@ -116,7 +129,7 @@ def shift_on_train_data(
     :func:`adapt_on_train_data` reads them; ``None``, with a warning, where they cannot be read or run."""
     if not any(layer.running_mean is not None for layer in layers):
         return None
-    if not hasattr(pl_module, ADAPT_HOOK) and type(pl_module).forward is pl.LightningModule.forward:
+    if not runs_on_batches(pl_module):
         rank_zero_warn(
             f"{owner}: max_step='auto' runs the model on the first training batches, but {type(pl_module).__name__}"
             f" defines neither `forward` nor `{ADAPT_HOOK}(batch)`: no cap (max_step=None). Define one of them,"

@@ -9,7 +9,14 @@ from collections.abc import Callable, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation, shift_on_train_data
+from lightning_bnfreeze.adapt import AdaBN
+from lightning_bnfreeze.callbacks.adaptation import (
+    ADAPT_HOOK,
+    TrainDataAdaptation,
+    adapt_on_train_data,
+    runs_on_batches,
+    shift_on_train_data,
+)
 from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
@@ -22,14 +29,23 @@ __all__ = ["FitReleases"]
 
 
 class FitReleases:
-    """Drives ``unfreezer`` through one fit; ``statistics_changed`` runs whenever the frozen norm layers change."""
+    """Drives ``unfreezer`` through one fit; ``statistics_changed`` runs whenever the frozen norm layers change.
+
+    ``on_training_norms``: the AdaBN run over every norm layer of the backbone when ``bn="auto"`` decides that the
+    released ones train (``adapt="auto"``), or ``None``.
+    """
 
     def __init__(
-        self, unfreezer: Unfreezer, adaptation: TrainDataAdaptation, statistics_changed: Callable[[], None]
+        self,
+        unfreezer: Unfreezer,
+        adaptation: TrainDataAdaptation,
+        statistics_changed: Callable[[], None],
+        on_training_norms: AdaBN | None = None,
     ) -> None:
         self.unfreezer = unfreezer
         self._adaptation = adaptation
         self._statistics_changed = statistics_changed
+        self.on_training_norms = on_training_norms
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
@@ -58,16 +74,36 @@ class FitReleases:
 
     def after_step(self, trainer: pl.Trainer) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
+        undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
         for note in notes:
             if note.warning:
                 rank_zero_warn(f"GradualUnfreeze: {note.text}.")
             else:
                 announce(trainer, f"GradualUnfreeze: {note.text}.")
+        if undecided and self.unfreezer.first_steps.norms_train:
+            self._adapt_as_norms_start_training(trainer)
         if notes:
             self._statistics_changed()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
         self.unfreezer.groups.tie_to_head(trainer.global_step)
+
+    def _adapt_as_norms_start_training(self, trainer: pl.Trainer) -> None:
+        """``adapt="auto"``, as ``bn="auto"`` decides that released norm layers train: every norm layer of the
+        backbone takes the target's statistics (blended with the source's) at once, not over the coming batches."""
+        config, norms, pl_module = self.on_training_norms, self.unfreezer.norms, trainer.lightning_module
+        layers = [layer for layer in norms.layers if layer.running_mean is not None] if norms is not None else []
+        if config is None or not layers:
+            return
+        if not runs_on_batches(pl_module):
+            rank_zero_warn(
+                f"GradualUnfreeze: adapt='auto' runs the model on training batches as released norm layers start"
+                f" training, but {type(pl_module).__name__} defines neither `forward` nor `{ADAPT_HOOK}(batch)`: the"
+                " statistics stay the source's. Define one of them, or set `adapt=None`."
+            )
+            return
+        why = ": the backbone's, as its released norm layers start training (adapt='auto')"
+        adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
 
     def check_metrics(self, trainer: pl.Trainer) -> None:
         """A metric-driven trigger's check (``Plateau``), after validation or at the training epoch's end."""

@@ -84,8 +84,11 @@ class GradualUnfreeze(NormFreezingCallback):
         trainable: parameters inside the backbone that train from the first step and are never frozen
             (adapters such as LoRA): shell-style patterns over the full parameter names, ``*`` matching
             across dots (``["*lora_*"]``).
-        adapt: re-estimate the frozen norm layers' statistics on the training data before the first
-            step (:class:`~lightning_bnfreeze.AdaBN`); ``None`` (default): off.
+        adapt: re-estimate norm statistics on the training data (:class:`~lightning_bnfreeze.AdaBN`). ``"auto"``
+            (default): when ``bn="auto"`` decides that the released norm layers train, every norm layer of the
+            backbone first takes the target's statistics (``AdaBN()``, blended with the source's), at that step;
+            nothing while they stay frozen. ``AdaBN(...)``: the frozen norm layers', before the first step.
+            ``None``: never.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
@@ -137,7 +140,7 @@ class GradualUnfreeze(NormFreezingCallback):
         bn: str = "auto",
         warmup_steps: int = 0,
         trainable: list[str] | None = None,
-        adapt: AdaBN | None = None,
+        adapt: AdaBN | Literal["auto"] | None = "auto",
         optimizer_index: int | None = None,
         max_step: float | Literal["auto", "released"] | None = "auto",
         compile: bool | dict[str, Any] = False,
@@ -156,7 +159,10 @@ class GradualUnfreeze(NormFreezingCallback):
         self.trainable = list(self._params.trainable)
         self.optimizer_index = optimizer_index
         self.max_step = max_step
-        self._adaptation = TrainDataAdaptation(adapt, "GradualUnfreeze")
+        if not (adapt is None or adapt == "auto" or isinstance(adapt, AdaBN)):
+            raise ValueError(f"`adapt` must be 'auto', an AdaBN(...) or None, got {adapt!r}.")
+        self.adapt = adapt
+        self._adaptation = TrainDataAdaptation(None if adapt == "auto" else adapt, "GradualUnfreeze")
         self.compile = compile
         self._compilation = FitCompilation(check_compile_option(compile))
         self._plan: ReleasePlan | None = None
@@ -173,11 +179,6 @@ class GradualUnfreeze(NormFreezingCallback):
     def history(self) -> tuple[ReleaseRecord, ...]:
         """The releases done in the current (or last) fit, in order."""
         return self._fit.unfreezer.history if self._fit is not None else ()
-
-    @property
-    def adapt(self) -> AdaBN | None:
-        """How the frozen norm layers' statistics are re-estimated before the first step (``None``: they are not)."""
-        return self._adaptation.config
 
     @property
     def source_shift(self) -> float | None:
@@ -202,7 +203,9 @@ class GradualUnfreeze(NormFreezingCallback):
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
                 groups = groups_preview(self._on_copy(pl_module, Budget(1, 1))[0])
-        table = format_plan(plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step)
+        table = format_plan(
+            plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step, self.adapt == "auto"
+        )
         if not plan.blocks:
             return table
         return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(plan.blocks)}\n\nReleases:\n{table}"
@@ -274,7 +277,9 @@ class GradualUnfreeze(NormFreezingCallback):
             unfreezer.load_state_dict(self._saved["unfreezer"])
         unfreezer.freeze()
         unfreezer.restore()
-        self._fit = FitReleases(unfreezer, self._adaptation, self.remember_statistics)
+        self._fit = FitReleases(
+            unfreezer, self._adaptation, self.remember_statistics, self._on_training_norms(self._saved)
+        )
         if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy: it restores after this hook
             before_checkpoint_load(trainer.strategy, self._restore_late)
 
@@ -283,6 +288,11 @@ class GradualUnfreeze(NormFreezingCallback):
         if state is not None and self._fit is not None:
             self._fit.unfreezer.load_state_dict(state["unfreezer"])
             self._fit.unfreezer.restore()
+            self._fit.on_training_norms = self._on_training_norms(state)
+
+    def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
+        """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
+        return AdaBN() if self.adapt == "auto" and (saved is None or saved.get("adapt_auto", False)) else None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -337,7 +347,8 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         saved = self._fit.unfreezer.state_dict() if self._fit is not None else (self._saved or {}).get("unfreezer", {})
-        return {"unfreezer": saved, **self._adaptation.state_dict()}
+        adapt_auto = self._fit.on_training_norms is not None if self._fit is not None else self.adapt == "auto"
+        return {"unfreezer": saved, "adapt_auto": adapt_auto, **self._adaptation.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,0 +1,208 @@
+"""``GradualUnfreeze(adapt="auto")``: the backbone's norm statistics move to the target's when ``bn="auto"`` decides
+that released norm layers train, at that step and only then."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bnfreeze import AdaBN, GradualUnfreeze, Schedule
+from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
+
+RELEASE_EPOCH = 1
+BATCHES = 3  # per epoch
+DECISION_STEP = RELEASE_EPOCH * BATCHES + 1  # steps done once the release's first one is
+FAST, SLOW = 0.02, 1e-4  # Adam: the released conv's first step moves it by several % (> 0.2 %: train), 0.05 %
+
+
+class TwoNorms(pl.LightningModule):
+    """A frozen backbone: its first norm layer stays frozen, the conv and norm layer after it are released."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(
+            nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+        self.head = nn.Linear(4, 2)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x).flatten(1))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)  # a first step of ``lr`` per weight
+
+    def norms(self) -> list[nn.BatchNorm2d]:
+        return [self.backbone[0], self.backbone[2]]
+
+
+def data() -> DataLoader:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(4 * BATCHES, 3, 4, 4, generator=generator) * 2 + 3  # far from the source's (0, 1)
+    return DataLoader(TensorDataset(images, torch.arange(4 * BATCHES) % 2), batch_size=4)
+
+
+class Expected(pl.Callback):
+    """Before ``GradualUnfreeze`` in the callbacks: after the release's first step, what ``AdaBN()`` over the
+    training batches makes of the statistics and weights the model has then."""
+
+    def __init__(self) -> None:
+        self.statistics: list[tuple[Tensor, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == DECISION_STEP:
+            model = copy.deepcopy(pl_module)
+            batches = [images for images, _ in trainer.train_dataloader]
+            adapt_norm_statistics(model, model.norms(), batches, prior=DEFAULT_PRIOR)
+            self.statistics = statistics(model)
+
+
+class Found(pl.Callback):
+    """After ``GradualUnfreeze`` in the callbacks: the statistics at the end of the release's first step."""
+
+    def __init__(self) -> None:
+        self.statistics: list[tuple[Tensor, Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == DECISION_STEP:
+            self.statistics = statistics(pl_module)
+
+
+def unfreeze(adapt: Any = "auto", bn: str = "auto") -> GradualUnfreeze:
+    release = Schedule({RELEASE_EPOCH: ["backbone.1", "backbone.2"]})
+    return GradualUnfreeze(what=release, bn=bn, max_step=None, adapt=adapt)
+
+
+def fit(model: pl.LightningModule, callbacks: list[pl.Callback], epochs: int = 2, **kwargs: Any) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"enable_checkpointing": False, **kwargs},
+    )
+    trainer.fit(model, data())
+    return trainer
+
+
+def statistics(model: TwoNorms) -> list[tuple[Tensor, Tensor]]:
+    return [(n.running_mean.clone(), n.running_var.clone()) for n in model.norms()]
+
+
+def test_every_backbone_norm_layer_takes_the_target_statistics_when_released_ones_start_training() -> None:
+    model, expected, found = TwoNorms(lr=FAST), Expected(), Found()
+    callback = unfreeze()
+    source = statistics(model)
+
+    fit(model, [expected, callback, found])
+
+    assert callback.history[0].train_norms == (True, True)  # bn="auto" decided: the released layers train
+    assert len(found.statistics) == 2
+    for (mean, var), (expected_mean, expected_var), (source_mean, _) in zip(
+        found.statistics, expected.statistics, source, strict=True
+    ):
+        assert not torch.allclose(expected_mean, source_mean)  # the data is far from the source
+        torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lr", "adapt", "bn"),
+    [(SLOW, "auto", "auto"), (FAST, None, "auto"), (FAST, "auto", "train"), (FAST, "auto", "frozen")],
+    ids=["frozen-decided", "adapt-None", "bn-train", "bn-frozen"],
+)
+def test_statistics_stay_the_source_s_unless_bn_auto_decides_norm_layers_train(lr: float, adapt: Any, bn: str) -> None:
+    model, found, callback = TwoNorms(lr=lr), Found(), unfreeze(adapt, bn)
+    source = statistics(model)
+
+    fit(model, [callback, found])
+
+    assert callback.history[0].train_norms == ((lr == FAST and bn != "frozen"),) * 2
+
+    frozen_mean, frozen_var = found.statistics[0]  # the layer never released: frozen, so untouched unless adapted
+    assert torch.equal(frozen_mean, source[0][0]) and torch.equal(frozen_var, source[0][1])
+
+
+def test_a_fit_resumed_after_the_decision_does_not_adapt_again(tmp_path: Path) -> None:
+    uninterrupted = TwoNorms(lr=FAST)
+    fit(uninterrupted, [unfreeze()], epochs=3)
+
+    first = TwoNorms(lr=FAST)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(first, [unfreeze(), checkpoint], epochs=2, enable_checkpointing=True)
+    resumed = TwoNorms(lr=FAST)
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=[unfreeze()], logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    trainer.fit(resumed, data(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+    for name, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("bad", ["always", 1, True])
+def test_a_bad_adapt_value_raises_naming_it(bad: object) -> None:
+    with pytest.raises(ValueError, match=f"`adapt` must be 'auto', an AdaBN.* got {bad!r}"):
+        GradualUnfreeze(adapt=bad)  # type: ignore[arg-type]
+
+
+def test_adapt_auto_is_the_default_and_an_explicit_adabn_still_adapts_at_fit_start() -> None:
+    assert GradualUnfreeze().adapt == "auto"
+    model = TwoNorms(lr=SLOW)
+    source = statistics(model)
+    fit(model, [unfreeze(AdaBN(BATCHES))], epochs=1)
+    assert not torch.equal(model.norms()[0].running_mean, source[0][0])
+
+
+@pytest.mark.parametrize("saved_by", ["0.8", "0.7"])
+def test_a_checkpoint_of_0_7_resumes_without_adapting(tmp_path: Path, saved_by: str) -> None:
+    first = TwoNorms(lr=FAST)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(first, [unfreeze(), checkpoint], epochs=RELEASE_EPOCH, enable_checkpointing=True)  # before the release
+    path = tmp_path / "last.ckpt"
+    if saved_by == "0.7":  # whose state had no such key
+        saved = torch.load(path, weights_only=False)
+        (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
+        del state["adapt_auto"]
+        torch.save(saved, path)
+    resumed, found = TwoNorms(lr=FAST), Found()
+    source = statistics(resumed)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[unfreeze(), found], logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    trainer.fit(resumed, data(), ckpt_path=str(path))
+
+    untouched = torch.equal(found.statistics[0][0], source[0][0])
+    assert untouched == (saved_by == "0.7")
+
+
+class WithoutForward(TwoNorms):
+    """Runs its layers in ``training_step`` only: nothing runs the model on a batch."""
+
+    forward = pl.LightningModule.forward  # type: ignore[assignment]
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self.head(self.backbone(batch[0]).flatten(1)), batch[1])
+
+
+def test_a_module_without_forward_keeps_the_source_statistics_and_says_so() -> None:
+    model, found = WithoutForward(lr=FAST), Found()
+    source = statistics(model)
+
+    with pytest.warns(UserWarning, match="adapt='auto' .* WithoutForward defines neither `forward` nor"):
+        fit(model, [unfreeze(), found])
+
+    assert torch.equal(found.statistics[0][0], source[0][0])

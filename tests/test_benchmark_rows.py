@@ -1,0 +1,21 @@
+"""The transfer benchmark's raw rows: which ones a report reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.transfer import fingerprint, load
+
+
+def test_rows_of_stale_or_unparsable_recipes_are_left_out(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.jsonl"
+    rows = [
+        {"recipe": "full", "fingerprint": "", "test_acc": 0.5},
+        {"recipe": "ours", "fingerprint": fingerprint("ours"), "test_acc": 0.6},
+        {"recipe": "ours", "fingerprint": "what an older release resolved to", "test_acc": 0.7},
+        {"recipe": "ours:an_option_of_old=1", "fingerprint": "anything", "test_acc": 0.8},  # no longer parses
+    ]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    assert [row["test_acc"] for row in load(raw)] == [0.5, 0.6]
