@@ -42,7 +42,7 @@ from torch import nn
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.norm_moments import NormMoments, all_reduce, observe
 
-__all__ = ["DEFAULT_PRIOR", "AdaBN", "adapt_norm_statistics", "check_prior"]
+__all__ = ["AUTO_BATCHES", "DEFAULT_PRIOR", "AdaBN", "adapt_norm_statistics", "check_prior"]
 
 DEFAULT_PRIOR = 32.0
 """Source pseudo-samples blended with the target statistics by default.
@@ -51,6 +51,11 @@ From a sweep on the digits transfer benchmark (``benchmarks/transfer.md``): adap
 32 kept the source statistics at 0.39 of the weight and was level with or better than both frozen and
 training statistics on every shift, where 0 (plain AdaBN) was not. The weight is ``N / (N + n)``.
 """
+
+AUTO_BATCHES = 50
+"""The training batches ``GradualUnfreeze(adapt="auto")`` re-estimates on (the epoch's, if it has fewer): per-channel
+means and variances settle long before that, and on a large data set the pass costs 50 forward passes, not an epoch.
+The benchmarks' epochs are shorter (5 to 10 batches): there it is the whole epoch."""
 
 
 def check_prior(value: object, argument: str = "prior") -> None:

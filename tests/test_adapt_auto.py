@@ -206,3 +206,16 @@ def test_a_module_without_forward_keeps_the_source_statistics_and_says_so() -> N
         fit(model, [unfreeze(), found])
 
     assert torch.equal(found.statistics[0][0], source[0][0])
+
+
+def test_at_most_auto_batches_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_bnfreeze.callbacks.gradual_unfreeze as module
+
+    monkeypatch.setattr(module, "AUTO_BATCHES", 2)  # of the epoch's 3
+    model, found = TwoNorms(lr=FAST), Found()
+    fit(model, [unfreeze(), found])
+    reference = TwoNorms(lr=FAST)
+    first_two = [images for images, _ in list(data())[:2]]
+    adapt_norm_statistics(reference, reference.norms()[:1], first_two, prior=DEFAULT_PRIOR)
+
+    torch.testing.assert_close(found.statistics[0][0], reference.norms()[0].running_mean, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
-from lightning_bnfreeze.adapt import AdaBN
+from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
@@ -86,9 +86,9 @@ class GradualUnfreeze(NormFreezingCallback):
             across dots (``["*lora_*"]``).
         adapt: re-estimate norm statistics on the training data (:class:`~lightning_bnfreeze.AdaBN`). ``"auto"``
             (default): when ``bn="auto"`` decides that the released norm layers train, every norm layer of the
-            backbone first takes the target's statistics (``AdaBN()``, blended with the source's), at that step;
-            nothing while they stay frozen. ``AdaBN(...)``: the frozen norm layers', before the first step.
-            ``None``: never.
+            backbone first takes the target's statistics (``AdaBN(AUTO_BATCHES)``: 50 training batches, blended with
+            the source's), at that step; nothing while they stay frozen. ``AdaBN(...)``: the frozen norm layers',
+            before the first step. ``None``: never.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
@@ -292,7 +292,8 @@ class GradualUnfreeze(NormFreezingCallback):
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
-        return AdaBN() if self.adapt == "auto" and (saved is None or saved.get("adapt_auto", False)) else None
+        ran_with_it = saved is None or saved.get("adapt_auto", False)
+        return AdaBN(AUTO_BATCHES) if self.adapt == "auto" and ran_with_it else None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
