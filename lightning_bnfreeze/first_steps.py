@@ -120,10 +120,14 @@ class FirstSteps:
         ``max_step="released"``, how many times as far as the parts released before it that step would move them
         (:func:`~lightning_bnfreeze.step_size.step_now`; ``None``: nothing to compare with).
 
+        A part of norm layers alone (no parameter with ``ndim >= 2``) is not judged: factor 1, nothing said.
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
         self.pending.remove(part)
-        change = self._before.pop(part).change(momentum) / ramp  # as at the full rate
+        probe = self._before.pop(part)
+        if not probe.has_weights:  # norm layers alone: no step to judge, no cap, nothing to decide or say
+            return 1.0, None
+        change = probe.change(momentum) / ramp  # as at the full rate
         moved = f"{name}: its first step {'at the full rate ' if ramp < 1 else ''}moved its weights by {change:.2%}"
         if self.max_step == RELEASED:
             scale = 1.0 if faster is None or faster <= 1 else 1 / faster

@@ -92,6 +92,11 @@ class FirstStep:
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self._before = [(p, p.detach().clone()) for p in params if p.ndim >= 2]
 
+    @property
+    def has_weights(self) -> bool:
+        """Whether there is anything to measure (norm layers alone have no parameter with ``ndim >= 2``)."""
+        return bool(self._before)
+
     def change(self, momentum: float = 0.0) -> float:
         """``|w - w_before| / |w_before|`` over all the weights, times ``1 / (1 - momentum)``; 0 for no weights.
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.step_size import FirstStep, step_now
 
 
@@ -52,3 +53,28 @@ def test_step_now_scales_with_the_rate_and_ignores_biases_and_missing_gradients(
     )
     layer.zero_grad(set_to_none=True)
     assert step_now([(group, 0.1)]) == 0.0
+
+
+def moved_fast(steps: FirstSteps, index: int, params: list[nn.Parameter]) -> tuple[float, object]:
+    """Release ``index`` frees one part (``params``); its first step moves every parameter by 5 %."""
+    steps.expect(index, 1)
+    steps.snapshot(lambda part: params)
+    with torch.no_grad():
+        for param in params:
+            param.mul_(1.05)
+    return steps.judge((index, 0), f"part {index}", momentum=0.0, ramp=1.0)
+
+
+@pytest.mark.parametrize("bn", ["train", "auto"])
+def test_a_part_of_norm_layers_alone_is_not_judged(bn: str) -> None:
+    """Its parameters are 1-D: there is no first step to measure, so no cap, no warning, and no release after a fast
+    one stops norm layers training on its account."""
+    steps = FirstSteps(bn)
+    conv = nn.Conv2d(3, 4, 3)
+    if bn == "auto":
+        moved_fast(steps, 0, list(conv.parameters()))
+        assert steps.decide()[0][1] is True  # the first release moved fast: norm layers train
+    scale, note = moved_fast(steps, 1, list(nn.BatchNorm2d(4).parameters()))
+    assert (scale, note) == (1.0, None)
+    assert steps.decide() == []
+    assert steps.norms_train is (True if bn == "auto" else None)
