@@ -85,17 +85,25 @@ def unfreeze(adapt: Any = "auto", bn: str = "auto") -> GradualUnfreeze:
     return GradualUnfreeze(what=release, bn=bn, max_step=None, adapt=adapt)
 
 
-def fit(model: pl.LightningModule, callbacks: list[pl.Callback], epochs: int = 2, **kwargs: Any) -> pl.Trainer:
+def fit(
+    model: pl.LightningModule, callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: Path | None = None
+) -> None:
+    checkpointing = any(isinstance(callback, ModelCheckpoint) for callback in callbacks)
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **{"enable_checkpointing": False, **kwargs},
+        enable_checkpointing=checkpointing,
     )
-    trainer.fit(model, data())
-    return trainer
+    trainer.fit(model, data(), ckpt_path=ckpt_path)
+
+
+def checkpointed(tmp_path: Path, epochs: int) -> Path:
+    """The last checkpoint of a default fit of ``epochs`` epochs."""
+    fit(TwoNorms(lr=FAST), [unfreeze(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=epochs)
+    return tmp_path / "last.ckpt"
 
 
 def statistics(model: TwoNorms) -> list[tuple[Tensor, Tensor]]:
@@ -140,14 +148,8 @@ def test_a_fit_resumed_after_the_decision_does_not_adapt_again(tmp_path: Path) -
     uninterrupted = TwoNorms(lr=FAST)
     fit(uninterrupted, [unfreeze()], epochs=3)
 
-    first = TwoNorms(lr=FAST)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(first, [unfreeze(), checkpoint], epochs=2, enable_checkpointing=True)
     resumed = TwoNorms(lr=FAST)
-    trainer = pl.Trainer(
-        max_epochs=3, callbacks=[unfreeze()], logger=False, enable_progress_bar=False, enable_checkpointing=False
-    )
-    trainer.fit(resumed, data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    fit(resumed, [unfreeze()], epochs=3, ckpt_path=checkpointed(tmp_path, epochs=2))
 
     for name, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
@@ -169,10 +171,7 @@ def test_adapt_auto_is_the_default_and_an_explicit_adabn_still_adapts_at_fit_sta
 
 @pytest.mark.parametrize("saved_by", ["0.8", "0.7"])
 def test_a_checkpoint_of_0_7_resumes_without_adapting(tmp_path: Path, saved_by: str) -> None:
-    first = TwoNorms(lr=FAST)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(first, [unfreeze(), checkpoint], epochs=RELEASE_EPOCH, enable_checkpointing=True)  # before the release
-    path = tmp_path / "last.ckpt"
+    path = checkpointed(tmp_path, epochs=RELEASE_EPOCH)  # before the release
     if saved_by == "0.7":  # whose state had no such key
         saved = torch.load(path, weights_only=False)
         (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
@@ -180,10 +179,7 @@ def test_a_checkpoint_of_0_7_resumes_without_adapting(tmp_path: Path, saved_by: 
         torch.save(saved, path)
     resumed, found = TwoNorms(lr=FAST), Found()
     source = statistics(resumed)
-    trainer = pl.Trainer(
-        max_epochs=2, callbacks=[unfreeze(), found], logger=False, enable_progress_bar=False, enable_checkpointing=False
-    )
-    trainer.fit(resumed, data(), ckpt_path=str(path))
+    fit(resumed, [unfreeze(), found], epochs=2, ckpt_path=path)
 
     untouched = torch.equal(found.statistics[0][0], source[0][0])
     assert untouched == (saved_by == "0.7")
