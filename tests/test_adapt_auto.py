@@ -185,6 +185,13 @@ def test_a_checkpoint_of_0_7_resumes_without_adapting(tmp_path: Path, saved_by: 
     assert untouched == (saved_by == "0.7")
 
 
+def test_a_0_7_state_saved_again_before_any_fit_still_says_it_ran_without() -> None:
+    assert unfreeze().state_dict()["adapt_auto"] is True
+    callback = unfreeze()
+    callback.load_state_dict({"unfreezer": {}, "adapted": False})  # 0.7's layout: no "adapt_auto"
+    assert callback.state_dict()["adapt_auto"] is False
+
+
 class WithoutForward(TwoNorms):
     """Runs its layers in ``training_step`` only: nothing runs the model on a batch."""
 

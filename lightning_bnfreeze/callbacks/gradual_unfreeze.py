@@ -348,8 +348,8 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         saved = self._fit.unfreezer.state_dict() if self._fit is not None else (self._saved or {}).get("unfreezer", {})
-        adapt_auto = self._fit.on_training_norms is not None if self._fit is not None else self.adapt == "auto"
-        return {"unfreezer": saved, "adapt_auto": adapt_auto, **self._adaptation.state_dict()}
+        adabn = self._fit.on_training_norms if self._fit is not None else self._on_training_norms(self._saved)
+        return {"unfreezer": saved, "adapt_auto": adabn is not None, **self._adaptation.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
