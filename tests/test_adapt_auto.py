@@ -212,7 +212,7 @@ def test_a_module_without_forward_keeps_the_source_statistics_and_says_so() -> N
 
 
 def test_at_most_auto_batches_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_bnfreeze.callbacks.gradual_unfreeze as module
+    import lightning_bnfreeze.callbacks.fit_state as module
 
     monkeypatch.setattr(module, "AUTO_BATCHES", 2)  # of the epoch's 3
     model, found = TwoNorms(lr=FAST), Found()

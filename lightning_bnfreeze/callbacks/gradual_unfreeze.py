@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
 
-from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
+from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
@@ -29,6 +29,7 @@ from lightning_bnfreeze.callbacks.fit_checks import (
     warn_about_late_releases,
 )
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
+from lightning_bnfreeze.callbacks.fit_state import FitState
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
 from lightning_bnfreeze.checks import check_integer
@@ -166,8 +167,7 @@ class GradualUnfreeze(NormFreezingCallback):
         self.compile = compile
         self._compilation = FitCompilation(check_compile_option(compile))
         self._plan: ReleasePlan | None = None
-        self._fit: FitReleases | None = None
-        self._saved: dict[str, Any] | None = None
+        self._state = FitState(adapt == "auto", self._adaptation)
         self._check_at_epoch_end = False
 
     @property
@@ -241,8 +241,7 @@ class GradualUnfreeze(NormFreezingCallback):
             return
         super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
-        self._saved = None
-        self._fit = None  # a callback used for a second fit takes that fit's checkpoint, if any
+        self._state.reset()
         self._adaptation.reset()
         self.when.reset()
         self._check_at_epoch_end = checks_on_train_epoch_end(trainer, self.when)
@@ -273,27 +272,11 @@ class GradualUnfreeze(NormFreezingCallback):
         for other in trainer.optimizers:
             if other is not optimizer:
                 ReleasedGroups(other).withdraw(backbone)
-        if self._saved is not None:
-            unfreezer.load_state_dict(self._saved["unfreezer"])
-        unfreezer.freeze()
-        unfreezer.restore()
-        self._fit = FitReleases(
-            unfreezer, self._adaptation, self.remember_statistics, self._on_training_norms(self._saved)
-        )
+        self._state.start(unfreezer, self.remember_statistics)
         if trainer.strategy.restore_checkpoint_after_setup:  # ModelParallelStrategy: it restores after this hook
-            before_checkpoint_load(trainer.strategy, self._restore_late)
-
-    def _restore_late(self, path: Any) -> None:
-        state = saved_callback_state(path, self.state_key)
-        if state is not None and self._fit is not None:
-            self._fit.unfreezer.load_state_dict(state["unfreezer"])
-            self._fit.unfreezer.restore()
-            self._fit.on_training_norms = self._on_training_norms(state)
-
-    def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
-        """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
-        ran_with_it = saved is None or saved.get("adapt_auto", False)
-        return AdaBN(AUTO_BATCHES) if self.adapt == "auto" and ran_with_it else None
+            before_checkpoint_load(
+                trainer.strategy, lambda path: self._state.restore_late(saved_callback_state(path, self.state_key))
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -347,20 +330,11 @@ class GradualUnfreeze(NormFreezingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        saved = self._fit.unfreezer.state_dict() if self._fit is not None else (self._saved or {}).get("unfreezer", {})
-        adabn = self._fit.on_training_norms if self._fit is not None else self._on_training_norms(self._saved)
-        return {"unfreezer": saved, "adapt_auto": adabn is not None, **self._adaptation.state_dict()}
+        return self._state.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "unfreezer" not in state_dict:
-            raise ValueError(
-                "GradualUnfreeze: the checkpoint was saved by lightning_bnfreeze 0.2 or older, whose state is laid out"
-                " otherwise: resume it with that version, or start the fit anew."
-            )
-        self._adaptation.load_state_dict(state_dict)
-        if self._fit is None:  # before `on_fit_start`: it rebuilds the groups from this
-            self._saved = state_dict
+        self._state.load_state_dict(state_dict)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -387,6 +361,10 @@ class GradualUnfreeze(NormFreezingCallback):
         call it on every rank alike. ``False`` when nothing is left to release.
         """
         return self._fit is not None and self._fit.release_next(trainer, reason, metric, value)
+
+    @property
+    def _fit(self) -> FitReleases | None:
+        return self._state.fit
 
     def _running(self) -> FitReleases:
         assert self._fit is not None, "GradualUnfreeze: no fit in progress"

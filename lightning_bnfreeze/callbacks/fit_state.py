@@ -1,0 +1,79 @@
+"""What :class:`~lightning_bnfreeze.GradualUnfreeze` keeps in a checkpoint, and how a resumed fit takes it back.
+
+The state is held from ``load_state_dict`` until ``on_fit_start`` builds the fit's releases from it (their param
+groups must exist before Lightning restores the optimizer), or, under ``ModelParallelStrategy``, applied to them
+later, when the strategy restores the checkpoint. Keys: ``"unfreezer"`` (the releases done, the groups' rates, the
+first-step decisions), ``"adapt_auto"`` (whether ``adapt="auto"`` applies: absent in checkpoints of 0.7 and older,
+which resume without it) and the adaptation's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
+from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
+from lightning_bnfreeze.callbacks.fit_releases import FitReleases
+from lightning_bnfreeze.release import Unfreezer
+
+__all__ = ["FitState"]
+
+
+class FitState:
+    """The fit's releases (``fit``, ``None`` outside a fit) and the checkpointed state they start from.
+
+    ``adapt_auto``: the callback was built with ``adapt="auto"``; ``adaptation``: its AdaBN, saved alongside.
+    """
+
+    def __init__(self, adapt_auto: bool, adaptation: TrainDataAdaptation) -> None:
+        self._adapt_auto = adapt_auto
+        self._adaptation = adaptation
+        self._saved: dict[str, Any] | None = None
+        self.fit: FitReleases | None = None
+
+    def reset(self) -> None:
+        """A new fit: it takes that fit's checkpoint, if any, not an earlier one's."""
+        self._saved = None
+        self.fit = None
+
+    def start(self, unfreezer: Unfreezer, statistics_changed: Callable[[], None]) -> FitReleases:
+        """The fit's releases, as the checkpoint being resumed left them (if any): frozen, groups rebuilt."""
+        if self._saved is not None:
+            unfreezer.load_state_dict(self._saved["unfreezer"])
+        unfreezer.freeze()
+        unfreezer.restore()
+        self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
+        return self.fit
+
+    def restore_late(self, state: dict[str, Any] | None) -> None:
+        """The checkpoint's ``state`` once the fit has started (``ModelParallelStrategy`` restores after
+        ``on_fit_start``)."""
+        if state is not None and self.fit is not None:
+            self.fit.unfreezer.load_state_dict(state["unfreezer"])
+            self.fit.unfreezer.restore()
+            self.fit.on_training_norms = self._on_training_norms(state)
+
+    def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
+        """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
+        ran_with_it = saved is None or saved.get("adapt_auto", False)
+        return AdaBN(AUTO_BATCHES) if self._adapt_auto and ran_with_it else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fit's state; before a fit, the state loaded (saved again as it was read)."""
+        if self.fit is not None:
+            unfreezer, adabn = self.fit.unfreezer.state_dict(), self.fit.on_training_norms
+        else:
+            unfreezer, adabn = (self._saved or {}).get("unfreezer", {}), self._on_training_norms(self._saved)
+        return {"unfreezer": unfreezer, "adapt_auto": adabn is not None, **self._adaptation.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Hold ``state_dict`` for the fit about to start (a fit in progress keeps its own releases)."""
+        if "unfreezer" not in state_dict:
+            raise ValueError(
+                "GradualUnfreeze: the checkpoint was saved by lightning_bnfreeze 0.2 or older, whose state is laid out"
+                " otherwise: resume it with that version, or start the fit anew."
+            )
+        self._adaptation.load_state_dict(state_dict)
+        if self.fit is None:  # before `on_fit_start`: it rebuilds the groups from this
+            self._saved = state_dict
