@@ -10,9 +10,10 @@ repository root (``pip install -e '.[bench]'``)::
     python -m benchmarks.transfer --bench real --report        # benchmarks/transfer_real.md (+ .png)
     python -m benchmarks.transfer --quick                      # every bench, one short run per recipe (CI)
 
-Raw results are appended to ``benchmarks/raw/transfer_<bench>.jsonl`` (git-ignored) as runs finish; a
-rerun skips the runs done, unless the library's defaults changed what ``ours`` runs (a fingerprint
-of its resolved arguments). See ``benchmarks.tasks`` for the benches and ``benchmarks.recipes`` for the recipes.
+Raw results are appended to ``benchmarks/raw/transfer_<bench>.jsonl`` as runs finish; a rerun skips the runs
+done, unless the library's defaults changed what ``ours`` runs (a fingerprint of its resolved arguments). Those files
+are committed: a report is rebuilt from them, and a new release reruns only ``ours`` (the peers' rows stay valid).
+See ``benchmarks.tasks`` for the benches and ``benchmarks.recipes`` for the recipes.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune with one recipe in one setting; the held-out accuracy and a few facts about the run."""
     import lightning.pytorch as pl
 
+    from benchmarks.common import cpu_model
     from benchmarks.recipes import callbacks_of, model_options
     from benchmarks.tasks import make_data, make_model
 
@@ -116,6 +118,7 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         "history": history,
         **({"source_shift": shifts[0]} if shifts else {}),
         "seconds": time.perf_counter() - start,
+        "cpu": cpu_model(),  # floating-point results, hence every fit past its first steps, differ between CPUs
     }
 
 
@@ -242,9 +245,17 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         lines += [markdown_table(["recipe", "accuracy", "seeds"], [[f"`{r}`", _msd(list(v.values())), str(len(v))]
                                                                     for r, v in rows_]), ""]  # fmt: skip
     seconds = [row["seconds"] for row in rows]
-    lines += [f"{len(rows)} runs, {sum(seconds) / 3600:.1f} CPU-process hours.", ""]
-    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in environment().items()), ""]
+    lines += [f"{len(rows)} runs, {sum(seconds) / 3600:.1f} CPU-process hours, on: {machines(rows)}.", ""]
+    lines += ["Environment of the report: " + ", ".join(f"{k} {v}" for k, v in environment().items()), ""]
     return "\n".join(lines)
+
+
+def machines(rows: list[dict[str, Any]]) -> str:
+    """The processors the rows ran on, with their counts (a fit's results differ between processors)."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row.get("cpu", "a processor not recorded")] += 1
+    return "; ".join(f"{cpu} ({n} run{'s' * (n != 1)})" for cpu, n in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def shifts(rows: list[dict[str, Any]]) -> list[str]:

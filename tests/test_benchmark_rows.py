@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.transfer import fingerprint, load
+from benchmarks.transfer import fingerprint, load, machines
 
 
 def test_rows_of_stale_or_unparsable_recipes_are_left_out(tmp_path: Path) -> None:
@@ -19,3 +19,9 @@ def test_rows_of_stale_or_unparsable_recipes_are_left_out(tmp_path: Path) -> Non
     raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     assert [row["test_acc"] for row in load(raw)] == [0.5, 0.6]
+
+
+def test_the_processors_the_rows_ran_on_are_counted() -> None:
+    rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
+
+    assert machines(rows) == "Intel Xeon (2 runs); AMD EPYC (1 run); a processor not recorded (1 run)"
