@@ -394,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
     parser.add_argument("--raw", type=Path, help="default: benchmarks/raw/transfer_<bench>.jsonl")
     parser.add_argument("--report", action="store_true", help="write benchmarks/transfer_<bench>.md from the raw runs")
+    parser.add_argument("--markdown", type=Path, help="with --report: write it here instead (the real bench's figure"
+                        " beside it, as .png)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="every bench, one seed, 2 epochs, 3 recipes (CI)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
@@ -420,10 +422,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.report:
         rows = load(raw)
         command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
-        (HERE / f"transfer_{args.bench}.md").write_text(report(args.bench, rows, command))
+        markdown = args.markdown or HERE / f"transfer_{args.bench}.md"
+        markdown.write_text(report(args.bench, rows, command))
         if args.bench == "real":
-            print(f"figure: {figure(rows, HERE / 'transfer_real.png')}")
-        print(f"report: {HERE / f'transfer_{args.bench}.md'}")
+            print(f"figure: {figure(rows, markdown.with_suffix('.png'))}")
+        print(f"report: {markdown}")
         return
     epochs = args.epochs or EPOCHS[args.bench]
     settings = [

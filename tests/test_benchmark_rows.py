@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import benchmarks.transfer
 from benchmarks.transfer import fingerprint, load, machines
 
 
@@ -25,3 +26,23 @@ def test_the_processors_the_rows_ran_on_are_counted() -> None:
     rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
 
     assert machines(rows) == "Intel Xeon (2 runs); AMD EPYC (1 run); a processor not recorded (1 run)"
+
+
+def test_a_report_goes_where_markdown_says(tmp_path: Path) -> None:
+    raw, markdown = tmp_path / "raw.jsonl", tmp_path / "elsewhere.md"
+    setting = {"bench": "cnn", "task": "none", "optimizer": "adamw", "lr": 1e-3, "k": 10, "epochs": 20}
+    rows = [
+        {**setting, "seed": seed, "recipe": recipe, "fingerprint": fingerprint(recipe), "test_acc": acc, "seconds": 1.0}
+        for seed in (0, 1)
+        for recipe, acc in (("full", 0.9), ("probe", 0.5), ("ours", 0.92))
+    ]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    default = Path(benchmarks.transfer.__file__).parent / "transfer_cnn.md"
+    before = default.read_text()
+
+    benchmarks.transfer.main(["--bench", "cnn", "--report", "--raw", str(raw), "--markdown", str(markdown)])
+
+    assert (
+        "| none | adamw | 0.001 | 10 | `full` 90.0 | 92.0 | 2.0 ± 0.0 (2/0) | +42.0 | 2 | yes |" in markdown.read_text()
+    )
+    assert default.read_text() == before
