@@ -152,19 +152,21 @@ def pretrained_vit() -> nn.Module:
     recipe = {"format": 1, "vit": VIT_CONFIG, **VIT_PRETRAINING}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = default_cache_dir() / f"digits_vit_{digest}.pt"
-    if path.is_file():
-        vit = VisionTransformer(num_classes=0, **VIT_CONFIG)
-        vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return vit
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(VIT_PRETRAINING["seed"])  # the initialisation too: the cache must not depend on the caller
-        vit = VisionTransformer(num_classes=0, **VIT_CONFIG)
-        vit.out_features = vit.num_features  # what `pretrain` sizes its temporary head with
-        pretrain(vit, **VIT_PRETRAINING)  # type: ignore[arg-type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
-        torch.save(vit.state_dict(), file)
-    os.replace(file.name, path)
+    if not path.is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(
+                VIT_PRETRAINING["seed"]
+            )  # the initialisation too: the cache must not depend on the caller
+            trained = VisionTransformer(num_classes=0, **VIT_CONFIG)
+            trained.out_features = trained.num_features  # what `pretrain` sizes its temporary head with
+            pretrain(trained, **VIT_PRETRAINING)  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+            torch.save(trained.state_dict(), file)
+        os.replace(file.name, path)
+    # Built from the caller's random numbers whether the weights were cached or not: a run's stream is the same.
+    vit = VisionTransformer(num_classes=0, **VIT_CONFIG)
+    vit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return vit
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 import benchmarks.transfer
 from benchmarks.transfer import fingerprint, load, machines
 
@@ -46,3 +49,20 @@ def test_a_report_goes_where_markdown_says(tmp_path: Path) -> None:
         "| none | adamw | 0.001 | 10 | `full` 90.0 | 92.0 | 2.0 ± 0.0 (2/0) | +42.0 | 2 | yes |" in markdown.read_text()
     )
     assert default.read_text() == before
+
+
+def test_the_pretrained_vit_leaves_the_callers_random_numbers_as_the_cache_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import examples.digits.backbone
+    from benchmarks.tasks import pretrained_vit
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the first call pretrains
+    monkeypatch.setattr(examples.digits.backbone, "pretrain", lambda *args, **kwargs: 0.0)
+    draws = []
+    for _ in ("pretrained now", "from the cache"):
+        torch.manual_seed(0)
+        pretrained_vit()
+        draws.append(torch.rand(4))
+
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
