@@ -66,3 +66,20 @@ def test_the_pretrained_vit_leaves_the_callers_random_numbers_as_the_cache_would
         draws.append(torch.rand(4))
 
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+
+
+def test_a_report_of_the_seeds_asked_for(tmp_path: Path) -> None:
+    raw, markdown = tmp_path / "raw.jsonl", tmp_path / "report.md"
+    setting = {"bench": "cnn", "task": "none", "optimizer": "adamw", "lr": 1e-3, "k": 10, "epochs": 20}
+    rows = [
+        {**setting, "seed": seed, "recipe": recipe, "fingerprint": fingerprint(recipe), "test_acc": acc, "seconds": 1.0}
+        for seed, ours in ((0, 0.92), (7, 0.4))
+        for recipe, acc in (("full", 0.9), ("probe", 0.5), ("ours", ours))
+    ]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    every_seed = ["--bench", "cnn", "--report", "--raw", str(raw), "--markdown", str(markdown)]
+
+    benchmarks.transfer.main([*every_seed, "--seeds", "0"])
+    assert "| `full` 90.0 | 92.0 | 2.0 ± nan (1/0) | +42.0 | 1 | yes |" in markdown.read_text()
+    benchmarks.transfer.main(every_seed)
+    assert "| `full` 90.0 | 66.0 | -24.0 ± 36.8 (1/1) | -10.0 | 2 | NO |" in markdown.read_text()
