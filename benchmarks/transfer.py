@@ -234,8 +234,8 @@ def report(bench: str, rows: list[dict[str, Any]], command: str) -> str:
         ])  # fmt: skip
     header = ["task", "optimizer", "head lr", "K", "best peer", "ours", "ours - best", "min over probe", "seeds"]
     header.append("holds")
-    lines += [markdown_table(header, table), "", *shifts(rows), *overview(summaries), *variants(summaries)]
-    lines += verdicts(rows)
+    lines += [markdown_table(header, table), "", *below_probe(summaries), *shifts(rows), *overview(summaries)]
+    lines += [*variants(summaries), *verdicts(rows)]
     lines += ["## Every recipe", ""]
     for summary in summaries:
         s = summary["setting"]
@@ -256,6 +256,29 @@ def machines(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         counts[row.get("cpu", "a processor not recorded")] += 1
     return "; ".join(f"{cpu} ({n} run{'s' * (n != 1)})" for cpu, n in sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def below_probe(summaries: list[dict[str, Any]]) -> list[str]:
+    """Where ours ends at or below the linear probe on some seed: on how many seeds each recipe does."""
+    from benchmarks.common import markdown_table
+    from benchmarks.recipes import PEERS
+
+    table = []
+    for summary in summaries:
+        acc, s = summary["accuracy"], summary["setting"]
+        if not summary.get("vs_probe") or min(summary["vs_probe"]) > 0:
+            continue
+        counts = []
+        for recipe in ("ours", *PEERS):
+            seeds = sorted(set(acc.get(recipe, {})) & set(acc["probe"]))
+            below = sum(acc[recipe][seed] <= acc["probe"][seed] for seed in seeds)
+            counts.append(f"{below} of {len(seeds)}" if seeds else "-")
+        table.append([f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}", *counts])
+    if not table:
+        return []
+    header = ["setting", *(f"`{recipe}`" for recipe in ("ours", *PEERS))]
+    title = "## Seeds at or below the linear probe, where ours has any (each recipe's, on the seeds it ran)"
+    return [title, "", markdown_table(header, table), ""]
 
 
 def shifts(rows: list[dict[str, Any]]) -> list[str]:
@@ -413,10 +436,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows = load(Path(tmp) / f"{bench}.jsonl")
                 text = report(bench, rows, "--quick")
                 print(text.split("## Every recipe")[0])
-                # the verdict, the shifts max_step="auto" measured (norm layers with statistics), the overview, the
-                # setting's recipes
+                # the verdict, the seeds below the probe (if ours has any), the shifts max_step="auto" measured (norm
+                # layers with statistics), the overview, the setting's recipes
                 measured = any("source_shift" in row for row in rows)
-                check_tables(text, 3 + measured, f"transfer --bench {bench}")
+                below = any(min(s.get("vs_probe") or [1.0]) <= 0 for s in summarise(rows))
+                check_tables(text, 3 + below + measured, f"transfer --bench {bench}")
         return
     raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
     if args.report:

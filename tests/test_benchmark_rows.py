@@ -81,5 +81,8 @@ def test_a_report_of_the_seeds_asked_for(tmp_path: Path) -> None:
 
     benchmarks.transfer.main([*every_seed, "--seeds", "0"])
     assert "| `full` 90.0 | 92.0 | 2.0 ± nan (1/0) | +42.0 | 1 | yes |" in markdown.read_text()
+    assert "## Seeds at or below the linear probe" not in markdown.read_text()
     benchmarks.transfer.main(every_seed)
     assert "| `full` 90.0 | 66.0 | -24.0 ± 36.8 (1/1) | -10.0 | 2 | NO |" in markdown.read_text()
+    # seed 7 ends below the probe: how often each recipe does
+    assert "| none adamw 0.001 K=10 | 1 of 2 | 0 of 2 | - | - | - | - |" in markdown.read_text()
