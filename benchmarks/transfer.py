@@ -417,8 +417,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
     parser.add_argument("--raw", type=Path, help="default: benchmarks/raw/transfer_<bench>.jsonl")
     parser.add_argument("--report", action="store_true", help="write benchmarks/transfer_<bench>.md from the raw runs")
-    parser.add_argument("--markdown", type=Path, help="with --report: write it here instead (the real bench's figure"
-                        " beside it, as .png)")  # fmt: skip
+    parser.add_argument("--markdown", type=Path, help="with --report: write it here instead (and no figure)")
     parser.add_argument("--quick", action="store_true", help="every bench, one seed, 2 epochs, 3 recipes (CI)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
@@ -448,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
         markdown = args.markdown or HERE / f"transfer_{args.bench}.md"
         markdown.write_text(report(args.bench, rows, command))
-        if args.bench == "real":
-            print(f"figure: {figure(rows, markdown.with_suffix('.png'))}")
+        if args.bench == "real" and args.markdown is None:  # the README's figure
+            print(f"figure: {figure(rows, HERE / 'transfer_real.png')}")
         print(f"report: {markdown}")
         return
     epochs = args.epochs or EPOCHS[args.bench]
