@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import AdaBN, GradualUnfreeze, Schedule
 from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
+from tests.helpers import QUIET_TRAINER_ARGS
 
 RELEASE_EPOCH = 1
 BATCHES = 3  # per epoch
@@ -90,12 +91,7 @@ def fit(
 ) -> None:
     checkpointing = any(isinstance(callback, ModelCheckpoint) for callback in callbacks)
     trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=checkpointing,
+        callbacks=callbacks, **{**QUIET_TRAINER_ARGS, "max_epochs": epochs, "enable_checkpointing": checkpointing}
     )
     trainer.fit(model, data(), ckpt_path=ckpt_path)
 
