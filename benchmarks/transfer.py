@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 # the verdict, the seeds below the probe (if ours has any), the shifts max_step="auto" measured (norm
                 # layers with statistics), the overview, the setting's recipes
                 measured = any("source_shift" in row for row in rows)
-                below = any(min(s.get("vs_probe") or [1.0]) <= 0 for s in summarise(rows))
+                below = bool(below_probe(summarise(rows)))
                 check_tables(text, 3 + below + measured, f"transfer --bench {bench}")
         return
     raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
