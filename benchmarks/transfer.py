@@ -32,7 +32,10 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
 EPOCHS = {"real": 15, "cnn": 20, "vit": 20}
@@ -373,31 +376,32 @@ def variants(summaries: list[dict[str, Any]]) -> list[str]:
     return [title, "", markdown_table(["setting", "variant", "difference", "seeds"], table), ""]
 
 
-def figure(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy against the head's learning rate, one panel per task and optimizer, for the BatchNorm question."""
+def accuracy_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Accuracy against the head's learning rate for the BatchNorm question: a row of panels per K (largest
+    first), a panel per task and optimizer."""
     from matplotlib.figure import Figure
 
     curves = {"full": "full fine-tuning, BN training", "full_bn_frozen": "full fine-tuning, BN frozen",
               "probe": "linear probe", "llrd": "layer-wise LR decay 0.75", "ours": "GradualUnfreeze()"}  # fmt: skip
-    ks = [row["k"] for row in rows]
-    summaries = [s for s in summarise(rows) if s["setting"]["k"] == max(set(ks), key=ks.count)]  # the main K
+    summaries = summarise(rows)
+    ks = sorted({s["setting"]["k"] for s in summaries}, reverse=True)
     panels = sorted({(s["setting"]["task"], s["setting"]["optimizer"]) for s in summaries})
-    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
-    for axes, (task, optimizer) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        panel = [s for s in summaries if (s["setting"]["task"], s["setting"]["optimizer"]) == (task, optimizer)]
-        chosen = sorted(panel, key=lambda s: s["setting"]["lr"])
-        for recipe, label in curves.items():
-            points = [(s["setting"]["lr"], statistics.fmean(s["accuracy"][recipe].values())) for s in chosen
-                      if recipe in s["accuracy"]]  # fmt: skip
-            if points:
-                axes.plot(*zip(*points, strict=True), "o-", lw=2.5 if recipe == "ours" else 1.2, label=label)
-        axes.set(xscale="log", xlabel=f"head learning rate ({optimizer})", ylabel="test accuracy (%)",
-                 title=f"{task}, {optimizer}",
-                 ylim=(0, 100))  # fmt: skip
-        axes.grid(alpha=0.3)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6 * len(ks)), layout="constrained")
+    grid = fig.subplots(len(ks), len(panels), squeeze=False)
+    for k, row_axes in zip(ks, grid, strict=True):
+        for axes, (task, optimizer) in zip(row_axes, panels, strict=True):
+            panel = [s for s in summaries if (s["setting"]["task"], s["setting"]["optimizer"]) == (task, optimizer)]
+            chosen = sorted((s for s in panel if s["setting"]["k"] == k), key=lambda s: s["setting"]["lr"])
+            for recipe, label in curves.items():
+                points = [(s["setting"]["lr"], statistics.fmean(s["accuracy"][recipe].values())) for s in chosen
+                          if recipe in s["accuracy"]]  # fmt: skip
+                if points:
+                    axes.plot(*zip(*points, strict=True), "o-", lw=2.5 if recipe == "ours" else 1.2, label=label)
+            axes.set(xscale="log", xlabel=f"head learning rate ({optimizer})", ylabel="test accuracy (%)",
+                     title=f"{task}, {optimizer}, K={k}", ylim=(0, 100))  # fmt: skip
+            axes.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7, loc="lower left")
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -448,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         markdown = args.markdown or HERE / f"transfer_{args.bench}.md"
         markdown.write_text(report(args.bench, rows, command))
         if args.bench == "real" and args.markdown is None:  # the README's figure
-            print(f"figure: {figure(rows, HERE / 'transfer_real.png')}")
+            accuracy_figure(rows).savefig(png := HERE / "transfer_real.png", dpi=110)
+            print(f"figure: {png}")
         print(f"report: {markdown}")
         return
     epochs = args.epochs or EPOCHS[args.bench]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,15 +32,20 @@ def test_the_processors_the_rows_ran_on_are_counted() -> None:
     assert machines(rows) == "Intel Xeon (2 runs); AMD EPYC (1 run); a processor not recorded (1 run)"
 
 
-def cnn_rows(raw: Path, ours_by_seed: dict[int, float]) -> None:
-    """Rows of one cnn setting in ``raw``: full fine-tuning at 90 %, the probe at 50 %, ours as given per seed."""
-    setting = {"bench": "cnn", "task": "none", "optimizer": "adamw", "lr": 1e-3, "k": 10, "epochs": 20}
-    rows = [
+def setting_rows(ours_by_seed: dict[int, float], **setting: Any) -> list[dict[str, Any]]:
+    """The rows of one setting (cnn, none, AdamW 1e-3, K=10 unless ``setting`` says otherwise): full fine-tuning at
+    90 %, the probe at 50 %, ours as given per seed."""
+    setting = {"bench": "cnn", "task": "none", "optimizer": "adamw", "lr": 1e-3, "k": 10, "epochs": 20, **setting}
+    return [
         {**setting, "seed": seed, "recipe": recipe, "fingerprint": fingerprint(recipe), "test_acc": acc, "seconds": 1.0}
         for seed, ours in ours_by_seed.items()
         for recipe, acc in (("full", 0.9), ("probe", 0.5), ("ours", ours))
     ]
-    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def cnn_rows(raw: Path, ours_by_seed: dict[int, float]) -> None:
+    """The rows of :func:`setting_rows`'s default setting, written to ``raw``."""
+    raw.write_text("".join(json.dumps(row) + "\n" for row in setting_rows(ours_by_seed)))
 
 
 def test_a_report_goes_where_markdown_says(tmp_path: Path) -> None:
@@ -85,3 +91,23 @@ def test_a_report_of_the_seeds_asked_for(tmp_path: Path) -> None:
     assert "| `full` 90.0 | 66.0 | -24.0 ± 36.8 (1/1) | -10.0 | 2 | NO |" in markdown.read_text()
     # seed 7 ends below the probe: how often each recipe does
     assert "| none adamw 0.001 K=10 | 1 of 2 | 0 of 2 | - | - | - | - |" in markdown.read_text()
+
+
+def test_the_figure_has_a_row_of_panels_per_k_and_a_panel_per_task_and_optimizer() -> None:
+    rows = [
+        row
+        for k in (5, 10)
+        for task in ("digits", "textures")
+        for optimizer, lrs in (("adamw", (1e-4, 1e-3)), ("sgd", (1e-2,)))
+        for lr in lrs
+        for row in setting_rows({0: 0.8, 1: 0.7, 2: 0.6}, task=task, optimizer=optimizer, lr=lr, k=k)
+    ]
+
+    figure = benchmarks.transfer.accuracy_figure(rows)
+
+    panels = [(task, optimizer) for task in ("digits", "textures") for optimizer in ("adamw", "sgd")]
+    assert [axes.get_title() for axes in figure.axes] == [f"{t}, {o}, K={k}" for k in (10, 5) for t, o in panels]
+    ours = figure.axes[0].lines[-1]  # digits, AdamW, K=10: ours at each head learning rate, its mean over the seeds
+    assert ours.get_label() == "GradualUnfreeze()"
+    assert list(ours.get_xdata()) == [1e-4, 1e-3]
+    assert list(ours.get_ydata()) == pytest.approx([70.0, 70.0])
