@@ -262,7 +262,8 @@ def machines(rows: list[dict[str, Any]]) -> str:
 
 
 def below_probe(summaries: list[dict[str, Any]]) -> list[str]:
-    """Where ours ends at or below the linear probe on some seed: on how many seeds each recipe does."""
+    """Where ours ends at or below the linear probe on some seed: on how many seeds each recipe does, and its worst
+    margin over the probe."""
     from benchmarks.common import markdown_table
     from benchmarks.recipes import PEERS
 
@@ -274,13 +275,13 @@ def below_probe(summaries: list[dict[str, Any]]) -> list[str]:
         counts = []
         for recipe in ("ours", *PEERS):
             seeds = sorted(set(acc.get(recipe, {})) & set(acc["probe"]))
-            below = sum(acc[recipe][seed] <= acc["probe"][seed] for seed in seeds)
-            counts.append(f"{below} of {len(seeds)}" if seeds else "-")
+            margins = [acc[recipe][seed] - acc["probe"][seed] for seed in seeds]
+            counts.append(f"{sum(m <= 0 for m in margins)} of {len(seeds)} ({min(margins):+.1f})" if seeds else "-")
         table.append([f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}", *counts])
     if not table:
         return []
     header = ["setting", *(f"`{recipe}`" for recipe in ("ours", *PEERS))]
-    title = "## Seeds at or below the linear probe, where ours has any (each recipe's, on the seeds it ran)"
+    title = "## Seeds at or below the linear probe, where ours has any (each recipe's, on the seeds it ran; its worst)"
     return [title, "", markdown_table(header, table), ""]
 
 

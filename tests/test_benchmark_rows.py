@@ -89,8 +89,8 @@ def test_a_report_of_the_seeds_asked_for(tmp_path: Path) -> None:
     assert "## Seeds at or below the linear probe" not in markdown.read_text()
     benchmarks.transfer.main(every_seed)
     assert "| `full` 90.0 | 66.0 | -24.0 ± 36.8 (1/1) | -10.0 | 2 | NO |" in markdown.read_text()
-    # seed 7 ends below the probe: how often each recipe does
-    assert "| none adamw 0.001 K=10 | 1 of 2 | 0 of 2 | - | - | - | - |" in markdown.read_text()
+    # seed 7 ends below the probe: how often each recipe does, and its worst margin over the probe
+    assert "| none adamw 0.001 K=10 | 1 of 2 (-10.0) | 0 of 2 (+40.0) | - | - | - | - |" in markdown.read_text()
 
 
 def test_the_figure_has_a_row_of_panels_per_k_and_a_panel_per_task_and_optimizer() -> None:
