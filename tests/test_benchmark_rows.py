@@ -111,3 +111,16 @@ def test_the_figure_has_a_row_of_panels_per_k_and_a_panel_per_task_and_optimizer
     assert ours.get_label() == "GradualUnfreeze()"
     assert list(ours.get_xdata()) == [1e-4, 1e-3]
     assert list(ours.get_ydata()) == pytest.approx([70.0, 70.0])
+
+
+def test_a_peer_run_on_fewer_seeds_does_not_shrink_the_comparison_with_another() -> None:
+    rows = setting_rows({0: 0.92, 1: 0.92, 2: 0.8})  # full fine-tuning at 90 % on each seed
+    row = next(row for row in rows if row["recipe"] == "full")
+    rows.append({**row, "recipe": "llrd", "fingerprint": fingerprint("llrd"), "test_acc": 0.89})  # seed 0 alone
+
+    (summary,) = benchmarks.transfer.summarise(rows)
+
+    # ours trails full fine-tuning on the three seeds both ran (-2.0 on average) more than LLRD on its one (+3.0)
+    assert summary["best_peer"] == "full"
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["vs_best"] == pytest.approx([2.0, 2.0, -10.0])
