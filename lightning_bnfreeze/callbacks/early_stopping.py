@@ -29,7 +29,7 @@ def monitored_now(trainer: pl.Trainer) -> dict[str, float]:
 
 
 class ReleasingEarlyStopping(EarlyStopping):
-    r"""Lightning's ``EarlyStopping``, except that running out of patience releases the next frozen block.
+    r"""Lightning's ``EarlyStopping``, except that running out of patience makes the next release.
 
     While a :class:`~lightning_bnfreeze.GradualUnfreeze` of the trainer has releases left, a stop for lack
     of improvement becomes its next release (recorded with reason ``"early_stopping"``) and the fit goes

@@ -30,7 +30,7 @@ def warn_about_early_stopping(trainer: pl.Trainer) -> None:
     if any(is_early_stopping(cb) and not hasattr(cb, "releases_instead") for cb in callbacks):
         rank_zero_warn(
             "GradualUnfreeze: Lightning's EarlyStopping stops the fit as usual, also while blocks are still frozen;"
-            " to release the next block instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
+            " to make the next release instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
         )
 
 

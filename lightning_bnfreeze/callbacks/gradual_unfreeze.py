@@ -120,7 +120,7 @@ class GradualUnfreeze(NormFreezingCallback):
         TypeError: an LR scheduler that cannot follow added groups (at fit start); ``FSDPStrategy`` or
             DeepSpeed, or ``ModelParallelStrategy`` with tensor parallelism (at ``setup``).
 
-    To release the next block when an early stop would end the fit, use
+    To make the next release when an early stop would end the fit, use
     :class:`~lightning_bnfreeze.ReleasingEarlyStopping` instead of Lightning's ``EarlyStopping``.
 
     Example::
