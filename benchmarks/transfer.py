@@ -179,6 +179,12 @@ def _msd(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
+def _paired(acc: dict[str, dict[int, float]], recipe: str, other: str) -> dict[int, float]:
+    """``recipe``'s accuracy minus ``other``'s on each seed both ran, by seed in order (empty if either is missing)."""
+    seeds = sorted(set(acc.get(recipe, {})) & set(acc.get(other, {})))
+    return {seed: acc[recipe][seed] - acc[other][seed] for seed in seeds}
+
+
 def summarise(rows: list[dict[str, Any]], ours: str = "ours") -> list[dict[str, Any]]:
     """Per setting: each recipe's accuracies by seed, the best peer, ours against it and against the probe.
 
@@ -193,15 +199,13 @@ def summarise(rows: list[dict[str, Any]], ours: str = "ours") -> list[dict[str, 
     summaries = []
     for setting, acc in sorted(by_setting.items(), key=lambda item: tuple(map(str, item[0]))):
         summary: dict[str, Any] = {"setting": dict(zip(SETTING, setting, strict=True)), "accuracy": acc}
-        common = {name: sorted(set(acc.get(ours, {})) & set(acc.get(name, {}))) for name in PEERS}
-        paired = {name: [acc[ours][s] - acc[name][s] for s in seeds] for name, seeds in common.items() if seeds}
+        # peers in the rows' order: a tie (the ViT's full and full_bn_frozen run alike) names the same peer
+        paired = {name: by_seed for name in acc if name in PEERS and (by_seed := _paired(acc, ours, name))}
         if paired:
-            best = min(paired, key=lambda name: statistics.fmean(paired[name]))
-            summary.update(best_peer=best, vs_best=paired[best], seeds=common[best])
+            best = min(paired, key=lambda name: statistics.fmean(paired[name].values()))
+            summary.update(best_peer=best, vs_best=list(paired[best].values()), seeds=list(paired[best]))
             if "probe" in acc:
-                summary["vs_probe"] = [
-                    acc[ours][s] - acc["probe"][s] for s in sorted(set(acc[ours]) & set(acc["probe"]))
-                ]
+                summary["vs_probe"] = list(_paired(acc, ours, "probe").values())
         summaries.append(summary)
     return summaries
 
@@ -277,9 +281,8 @@ def below_probe(summaries: list[dict[str, Any]]) -> list[str]:
             continue
         counts = []
         for recipe in ("ours", *PEERS):
-            seeds = sorted(set(acc.get(recipe, {})) & set(acc["probe"]))
-            margins = [acc[recipe][seed] - acc["probe"][seed] for seed in seeds]
-            counts.append(f"{sum(m <= 0 for m in margins)} of {len(seeds)} ({min(margins):+.1f})" if seeds else "-")
+            margins = list(_paired(acc, recipe, "probe").values())
+            counts.append(f"{sum(m <= 0 for m in margins)} of {len(margins)} ({min(margins):+.1f})" if margins else "-")
         table.append([f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}", *counts])
     if not table:
         return []
@@ -369,11 +372,10 @@ def variants(summaries: list[dict[str, Any]]) -> list[str]:
     for summary in summaries:
         s, acc = summary["setting"], summary["accuracy"]
         for name in sorted(r for r in acc if r.startswith("ours:") and "ours" in acc):
-            seeds = sorted(set(acc[name]) & set(acc["ours"]))
-            if seeds:
-                diff = statistics.fmean(acc[name][seed] - acc["ours"][seed] for seed in seeds)
+            diffs = _paired(acc, name, "ours")
+            if diffs:
                 setting = f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}"
-                table.append([setting, f"`{name}`", f"{diff:+.1f}", str(len(seeds))])
+                table.append([setting, f"`{name}`", f"{statistics.fmean(diffs.values()):+.1f}", str(len(diffs))])
     if not table:
         return []
     title = "## Variants of ours against the default (variant - default, paired by seed)"
