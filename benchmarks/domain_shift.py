@@ -53,7 +53,7 @@ def shift(model: TransferModel, bench: str, task: str, seed: int) -> float:
 def measure(backbones: dict[str, tuple[str, int | None]], seeds: Sequence[int], tasks: int) -> list[dict[str, Any]]:
     rows = []
     for name, (bench, variant) in backbones.items():
-        model = make_model(bench, "adamw", 1e-3, variant=variant or 0)
+        model = make_model(bench, "adamw", 1e-3, variant=variant)
         for task in BENCHES[bench][:tasks]:
             values = [shift(model, bench, task, seed) for seed in seeds]
             rows.append({"backbone": name, "task": task, "shifts": values})

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
-EPOCHS = {"real": 15, "cnn": 20, "vit": 20}
+EPOCHS = {"real": 15, "lite2": 15, "cnn": 20, "vit": 20}
 OPTIMIZERS = ("adamw", "sgd")
 
 
