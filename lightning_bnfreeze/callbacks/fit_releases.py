@@ -20,10 +20,12 @@ from lightning_bnfreeze.callbacks.adaptation import (
 from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.triggers import from_the_first_step
 
 __all__ = ["FitReleases"]
 
@@ -50,11 +52,19 @@ class FitReleases:
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
-        and say what it chose."""
+        and say what it chose; far from the source, with the head training alone first, say how to release sooner."""
         first_steps = self.unfreezer.first_steps
         if first_steps.unresolved:
             shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
             announce(trainer, f"GradualUnfreeze: {first_steps.resolve(shift)}.")
+            sooner = from_the_first_step(self.unfreezer.trigger)
+            if shift is not None and shift >= NEAR_SOURCE and sooner is not None:
+                announce(
+                    trainer,
+                    "GradualUnfreeze: the head trains alone until the first release; on the real-weights benchmark's"
+                    " target far from its source, releasing from the first step did better at large learning rates"
+                    f" and as well at small ones (README: 'Choosing BN mode and learning rates'): when={sooner!r}.",
+                )
 
     def advance(self, trainer: pl.Trainer, checked_at: str) -> None:
         """Release what the trigger says is due at this moment (``"epoch"`` or ``"step"`` checks)."""
