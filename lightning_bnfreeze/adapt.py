@@ -40,9 +40,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_bnfreeze.internals import NormBase
-from lightning_bnfreeze.norm_moments import NormMoments, all_reduce, observe
+from lightning_bnfreeze.norm_moments import NormMoments, all_reduce, observe, running_statistics
 
-__all__ = ["AUTO_BATCHES", "DEFAULT_PRIOR", "AdaBN", "adapt_norm_statistics", "check_prior"]
+__all__ = [
+    "AUTO_BATCHES",
+    "DEFAULT_PRIOR",
+    "AdaBN",
+    "adapt_norm_statistics",
+    "check_prior",
+    "restore_norm_statistics",
+    "saved_norm_statistics",
+]
 
 DEFAULT_PRIOR = 32.0
 """Source pseudo-samples blended with the target statistics by default.
@@ -140,3 +148,18 @@ def adapt_norm_statistics(
             seen = m.sums[-1] > 0  # on no rank otherwise: keep the statistics (no host sync on this device)
             m.write(torch.where(seen, mean, m.source[0]), torch.where(seen, unbiased, m.source[1]))
     return used
+
+
+def saved_norm_statistics(layers: Sequence[NormBase]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of each layer's ``(running_mean, running_var)`` (layers with running statistics only)."""
+    return [tuple(stat.detach().clone() for stat in running_statistics(layer)) for layer in layers]  # type: ignore[misc]
+
+
+def restore_norm_statistics(layers: Sequence[NormBase], saved: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the statistics of :func:`saved_norm_statistics` back into ``layers`` (the same layers, in the same order)."""
+    if len(saved) != len(layers):
+        raise ValueError(f"{len(saved)} saved statistics for {len(layers)} norm layers.")
+    with torch.no_grad():
+        for layer, values in zip(layers, saved, strict=True):
+            for stat, value in zip(running_statistics(layer), values, strict=True):
+                stat.copy_(value)

@@ -15,6 +15,8 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
   ``trainer.ckpt_path`` there, and the released groups exist when a probe behind it looks, at ``on_fit_start``).
 - ``ddp_auto``, ``fsdp_auto``: the ``ddp`` and ``fsdp`` runs with ``bn`` and ``adapt`` at their defaults: the first
   release moves fast, so its norm layers train and every norm layer of the backbone is re-estimated then.
+- ``ddp_far``, ``fsdp_far``: the ``_auto`` runs on data far from the source: ``adapt="auto"`` re-estimates every
+  norm layer of the backbone before the first step.
 - ``amp``: fp16 mixed precision with a gradient scaler (``MixedPrecision("16-mixed", "cpu")``): one batch of rank 1
   overflows in the gradient of a released layer only (not in the head's); every rank must skip that step.
 - ``ddp_unused``, ``fsdp_unused``: ``backbone.proj`` and ``backbone.extra`` are released at epoch 1; ``extra`` takes
@@ -148,6 +150,14 @@ class GroupsAtFitStart(Callback):
         self.names = [group.get("name") for group in trainer.optimizers[0].param_groups]
 
 
+class BuffersAtFirstStep(Callback):
+    """The model's buffers as the first training step finds them (behind ``GradualUnfreeze``)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == 0:
+            self.buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+
+
 class Backbone(nn.Module):
     """A frozen conv block, ``proj``, and ``extra``, used only when asked."""
 
@@ -214,20 +224,22 @@ def unused_run(scenario: str) -> dict[str, Any]:
 def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 12, 12, generator=generator) * 3  # near the source (shift 0.58): later releases decay
+    if scenario.endswith("_far"):
+        x = x + 3  # far from it: adapt="auto" adapts the statistics before the first step
     y = torch.randint(0, 4, (32,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     torch.manual_seed(0)
-    sharded = scenario not in ("ddp", "ddp_auto")
+    sharded = not scenario.startswith("ddp")
     model = ConvModel(sharded)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     initial_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
-    probe = GroupsAtFitStart()
-    if scenario.endswith("_auto"):  # the defaults: bn="auto" decides, adapt="auto" re-estimates as norm layers train
+    probe, at_first_step = GroupsAtFitStart(), BuffersAtFirstStep()
+    if scenario.endswith(("_auto", "_far")):  # the defaults: bn="auto" decides, adapt="auto" re-estimates
         unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5)
     else:
         unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2))
-    callbacks = [unfreeze, BNFreezeCallback(), probe]
+    callbacks = [unfreeze, BNFreezeCallback(), probe, at_first_step]
     fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
     checkpoint = out_dir / "fsdp_checkpoint"
     fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
@@ -238,6 +250,7 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "final": {name: full(p) for name, p in model.named_parameters()},
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
         "initial_buffers": initial_buffers,
+        "buffers_at_first_step": getattr(at_first_step, "buffers", {}),
         "train_norms": [list(record.train_norms) for record in unfreeze.history],
         "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
         "groups_at_fit_start": probe.names,

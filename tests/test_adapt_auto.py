@@ -218,3 +218,107 @@ def test_at_most_auto_batches_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     adapt_norm_statistics(reference, reference.norms()[:1], first_two, prior=DEFAULT_PRIOR)
 
     torch.testing.assert_close(found.statistics[0][0], reference.norms()[0].running_mean, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- far from the source: adapted for the head
+
+
+class AtFirstStep(pl.Callback):
+    """After ``GradualUnfreeze`` in the callbacks: the statistics the first training step normalises with."""
+
+    def __init__(self) -> None:
+        self.statistics: list[tuple[Tensor, Tensor]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == 0:
+            self.statistics = statistics(pl_module)
+
+
+def adapted_for_the_head(model: TwoNorms) -> list[tuple[Tensor, Tensor]]:
+    """What ``adapt="auto"`` makes of ``model``'s statistics before the first step: AdaBN over the epoch's batches
+    (fewer than ``AUTO_BATCHES``), blended with the source's."""
+    model = copy.deepcopy(model)
+    adapt_norm_statistics(model, model.norms(), [images for images, _ in data()], prior=DEFAULT_PRIOR)
+    return statistics(model)
+
+
+def far(adapt: Any = "auto", bn: str = "auto") -> GradualUnfreeze:
+    """:func:`unfreeze` with ``max_step="auto"``, which measures the shift (the data is far from the source)."""
+    release = Schedule({RELEASE_EPOCH: ["backbone.1", "backbone.2"]})
+    return GradualUnfreeze(what=release, bn=bn, adapt=adapt)
+
+
+def assert_statistics_equal(found: list[tuple[Tensor, Tensor]], expected: list[tuple[Tensor, Tensor]]) -> None:
+    for (mean, var), (expected_mean, expected_var) in zip(found, expected, strict=True):
+        assert torch.equal(mean, expected_mean) and torch.equal(var, expected_var)
+
+
+def test_far_from_the_source_the_head_s_first_step_sees_the_target_s_statistics_and_they_are_not_adapted_again() -> (
+    None
+):
+    model, at_start, found, callback = TwoNorms(lr=FAST), AtFirstStep(), Found(), far()
+    source, expected = statistics(model), adapted_for_the_head(model)
+
+    fit(model, [callback, at_start, found])
+
+    assert callback.source_shift is not None and callback.source_shift >= 0.7
+    assert not torch.allclose(expected[0][0], source[0][0])
+    for (mean, var), (expected_mean, expected_var) in zip(at_start.statistics, expected, strict=True):
+        torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5)
+    assert callback.history[0].train_norms == (True, True)
+    assert_statistics_equal(found.statistics[:1], at_start.statistics[:1])  # the frozen layer: not adapted again
+    assert callback._running().source_statistics is None
+
+
+def test_far_from_the_source_the_source_statistics_come_back_when_released_norm_layers_keep_frozen_ones() -> None:
+    model, at_start, found, callback = TwoNorms(lr=SLOW), AtFirstStep(), Found(), far()
+    source = statistics(model)
+
+    fit(model, [callback, at_start, found])
+
+    assert not torch.equal(at_start.statistics[0][0], source[0][0])  # adapted for the head
+    assert callback.history[0].train_norms == (False, False)
+    assert_statistics_equal(found.statistics, source)  # both layers, bitwise, from the decision on
+    assert_statistics_equal(statistics(model), source)
+
+
+@pytest.mark.parametrize(("adapt", "bn"), [(None, "auto"), ("auto", "train"), ("auto", "frozen")])
+def test_far_from_the_source_nothing_is_adapted_before_the_first_step_without_adapt_and_bn_auto(
+    adapt: Any, bn: str
+) -> None:
+    model, at_start = TwoNorms(lr=FAST), AtFirstStep()
+    source = statistics(model)
+    fit(model, [far(adapt, bn), at_start], epochs=1)
+    assert_statistics_equal(at_start.statistics, source)
+
+
+def test_near_the_source_nothing_is_adapted_before_the_first_step() -> None:
+    model, at_start, callback = TwoNorms(lr=FAST), AtFirstStep(), far()
+    adapt_norm_statistics(model, model.norms(), [images for images, _ in data()])  # the target is the source
+    source = statistics(model)
+    fit(model, [callback, at_start], epochs=1)
+    assert callback.source_shift is not None and callback.source_shift < 0.7
+    assert_statistics_equal(at_start.statistics, source)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["resumed", "source-statistics-stripped"])
+def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_from_the_checkpoint(
+    tmp_path: Path, keep: bool
+) -> None:
+    uninterrupted = TwoNorms(lr=SLOW)
+    fit(uninterrupted, [far()], epochs=2)
+    fit(TwoNorms(lr=SLOW), [far(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=RELEASE_EPOCH)
+    path = tmp_path / "last.ckpt"
+    saved = torch.load(path, weights_only=True)
+    (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
+    assert state["source_statistics"] is not None
+    if not keep:  # contrast: without it the resumed fit cannot put the source's back
+        state["source_statistics"] = None
+        torch.save(saved, path)
+
+    resumed = TwoNorms(lr=SLOW)
+    fit(resumed, [far()], epochs=2, ckpt_path=path)
+
+    same = all(torch.equal(resumed.state_dict()[name], value) for name, value in uninterrupted.state_dict().items())
+    assert same == keep

@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
-FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto") if FSDP2_ON_CPU else ()
-SCENARIOS = ("ddp", "ddp_auto", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()))
+FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far") if FSDP2_ON_CPU else ()
+SCENARIOS = (
+    "ddp", "ddp_auto", "ddp_far", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ())
+)  # fmt: skip
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
@@ -119,6 +121,24 @@ def test_adapt_auto_re_estimates_the_statistics_of_every_rank_s_batches_as_norm_
         assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
         assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
         assert max_difference({name: fsdp["buffers"][name] for name in never_released}, never_released) < 1e-5
+
+
+def test_far_from_the_source_adapt_auto_re_estimates_every_rank_s_batches_before_the_first_step(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    (ddp, ddp_rank1), *sharded = runs["ddp_far"], *([runs["fsdp_far"]] if FSDP2_ON_CPU else [])
+    assert ddp["source_shift"] >= NEAR_SOURCE
+    statistics = {name: b for name, b in ddp["buffers_at_first_step"].items() if ".running_" in name}
+    backbone = {name: b for name, b in statistics.items() if name.startswith("backbone.")}
+    assert backbone and all(not torch.equal(b, ddp["initial_buffers"][name]) for name, b in backbone.items())
+    # the ranks' batches differ: equal statistics on both ranks are those of all their batches
+    assert max_difference(statistics, {name: ddp_rank1["buffers_at_first_step"][name] for name in statistics}) == 0.0
+    assert max_difference(ddp["final"], ddp_rank1["final"]) == 0.0
+    for fsdp, fsdp_rank1 in sharded:  # under FSDP2 as under DDP
+        assert max_difference({name: fsdp["buffers_at_first_step"][name] for name in statistics}, statistics) < 1e-5
+        assert fsdp["train_norms"] == ddp["train_norms"]
+        assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
+        assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
 
 
 @needs_fsdp2_on_cpu

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import AdaBN, Blocks, Every, GradualUnfreeze, Plateau, Schedule
-from lightning_bnfreeze.adapt import adapt_norm_statistics
+from lightning_bnfreeze.adapt import AUTO_BATCHES, adapt_norm_statistics
 from lightning_bnfreeze.callbacks import fit_releases as fit_releases_module
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE, norm_statistics_shift
 from lightning_bnfreeze.step_size import NEAR_DECAY
@@ -195,25 +195,29 @@ def test_a_lightning_module_without_forward_warns_naming_the_fix_and_runs_withou
 
 
 @pytest.mark.parametrize(
-    ("make", "chosen", "decay"), [(near_model, "released", NEAR_DECAY), (build_model, None, 1.0)], ids=["near", "far"]
+    ("make", "chosen", "decay", "adapt"),
+    [(near_model, "released", NEAR_DECAY, "auto"), (build_model, None, 1.0, AdaBN(AUTO_BATCHES))],
+    ids=["near", "far"],
 )
 def test_a_fit_with_max_step_auto_ends_bitwise_where_one_with_its_choice_set_by_hand_ends(
-    make: Any, chosen: str | None, decay: float
+    make: Any, chosen: str | None, decay: float, adapt: Any
 ) -> None:
     """Measuring leaves the data order and the random state alone: only the choice differs from a set value (near
     the source: the cap, and each later release decayed, here as ``Blocks(decay=...)`` sets it; their first steps
-    stay within the decayed step cap here, which ``test_release_objects`` tests). The batches are shuffled and every
-    block is released, so a draw taken, a cap missed or a decay missed would show."""
+    stay within the decayed step cap here, which ``test_release_objects`` tests; far from it, with released norm
+    layers training here: the statistics adapted before the first step, as ``AdaBN(AUTO_BATCHES)`` adapts them). The
+    batches are shuffled and every block is released, so a draw taken, a cap missed or a decay missed would show."""
 
-    def fitted(max_step: Any, decay: float = 1.0) -> tuple[dict[str, Tensor], GradualUnfreeze]:
+    def fitted(max_step: Any, decay: float = 1.0, adapt: Any = "auto") -> tuple[dict[str, Tensor], GradualUnfreeze]:
         model = make()
         model.train_dataloader = lambda: DataLoader(TensorDataset(model.x, model.y), batch_size=8, shuffle=True)
         torch.manual_seed(1)
-        callback = GradualUnfreeze(max_step=max_step, what=Blocks(per_release=1, decay=decay))
+        callback = GradualUnfreeze(max_step=max_step, what=Blocks(per_release=1, decay=decay), adapt=adapt)
         fit(model, callback, max_epochs=4)
         return {name: value.clone() for name, value in model.state_dict().items()}, callback
 
-    (auto, callback), (by_hand, _) = fitted("auto"), fitted(chosen, decay)
+    (auto, callback), (by_hand, _) = fitted("auto"), fitted(chosen, decay, adapt)
+    assert callback._running().unfreezer.first_steps.norms_train
     other, _ = fitted("released" if chosen is None else None)
     assert all(torch.equal(auto[name], by_hand[name]) for name in auto)
     assert not all(torch.equal(auto[name], other[name]) for name in auto)  # the choice matters in this fit

@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
-from lightning_bnfreeze.adapt import AdaBN
+from lightning_bnfreeze.adapt import AdaBN, restore_norm_statistics, saved_norm_statistics
 from lightning_bnfreeze.callbacks.adaptation import (
     ADAPT_HOOK,
     TrainDataAdaptation,
@@ -34,7 +35,7 @@ class FitReleases:
     """Drives ``unfreezer`` through one fit; ``statistics_changed`` runs whenever the frozen norm layers change.
 
     ``on_training_norms``: the AdaBN run over every norm layer of the backbone when ``bn="auto"`` decides that the
-    released ones train (``adapt="auto"``), or ``None``.
+    released ones train (``adapt="auto"``), or before the first step far from the source; or ``None``.
     """
 
     def __init__(
@@ -48,23 +49,43 @@ class FitReleases:
         self._adaptation = adaptation
         self._statistics_changed = statistics_changed
         self.on_training_norms = on_training_norms
+        self.source_statistics: list[tuple[Tensor, Tensor]] | None = None  # adapted for the head: the source's
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
-        and say what it chose; far from the source, with the head training alone first, say how to release sooner."""
+        and say what it chose. Far from the source: :meth:`_adapt_for_the_head`, and with the head training alone
+        first, say how to release sooner."""
         first_steps = self.unfreezer.first_steps
-        if first_steps.unresolved:
-            shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
-            announce(trainer, f"GradualUnfreeze: {first_steps.resolve(shift)}.")
-            sooner = from_the_first_step(self.unfreezer.trigger)
-            if shift is not None and shift >= NEAR_SOURCE and sooner is not None:
-                announce(
-                    trainer,
-                    "GradualUnfreeze: the head trains alone until the first release; on the real-weights benchmark's"
-                    " target far from its source, releasing from the first step did better at large learning rates"
-                    f" and as well at small ones (README: 'Choosing BN mode and learning rates'): when={sooner!r}.",
-                )
+        if not first_steps.unresolved:
+            return
+        shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
+        announce(trainer, f"GradualUnfreeze: {first_steps.resolve(shift)}.")
+        if shift is None or shift < NEAR_SOURCE:
+            return
+        self._adapt_for_the_head(trainer)
+        sooner = from_the_first_step(self.unfreezer.trigger)
+        if sooner is not None:
+            announce(
+                trainer,
+                "GradualUnfreeze: the head trains alone until the first release; on the real-weights benchmark's"
+                " target far from its source, releasing from the first step did better at large learning rates"
+                f" and as well at small ones (README: 'Choosing BN mode and learning rates'): when={sooner!r}.",
+            )
+
+    def _adapt_for_the_head(self, trainer: pl.Trainer) -> None:
+        """``adapt="auto"`` with ``bn="auto"`` far from the source: every norm layer of the backbone takes the target's
+        statistics before the first step, so that the head fits features normalised as they will be once released
+        norm layers train; the source's are kept (:attr:`source_statistics`) and come back if they stay frozen."""
+        config, layers, pl_module = self.on_training_norms, self._backbone_layers(), trainer.lightning_module
+        if config is None or self.unfreezer.bn != "auto" or not layers or not runs_on_batches(pl_module):
+            return
+        self.source_statistics = saved_norm_statistics(layers)
+        why = (
+            ": the backbone's, far from its source, before the first step (adapt='auto'); the source's come back if"
+            " the released norm layers keep frozen statistics"
+        )
+        adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
 
     def advance(self, trainer: pl.Trainer, checked_at: str) -> None:
         """Release what the trigger says is due at this moment (``"epoch"`` or ``"step"`` checks)."""
@@ -91,18 +112,38 @@ class FitReleases:
                 rank_zero_warn(f"GradualUnfreeze: {note.text}.")
             else:
                 announce(trainer, f"GradualUnfreeze: {note.text}.")
-        if undecided and self.unfreezer.first_steps.norms_train:
-            self._adapt_as_norms_start_training(trainer)
+        if undecided and self.unfreezer.first_steps.norms_train is not None:
+            self._settle_statistics(trainer, self.unfreezer.first_steps.norms_train)
         if notes:
             self._statistics_changed()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
         self.unfreezer.groups.tie_to_head(trainer.global_step)
 
+    def _settle_statistics(self, trainer: pl.Trainer, norms_train: bool) -> None:
+        """``bn="auto"`` just decided: with ``adapt="auto"``, the backbone's statistics become the target's as
+        released norm layers start training (:meth:`_adapt_as_norms_start_training`; they are already, if adapted
+        for the head); if adapted for the head and the released norm layers stay frozen, the source's come back."""
+        if self.source_statistics is not None:
+            if not norms_train:
+                restore_norm_statistics(self._backbone_layers(), self.source_statistics)
+                announce(
+                    trainer,
+                    "GradualUnfreeze: the released norm layers keep frozen statistics: the backbone's are the"
+                    " source's again (adapt='auto').",
+                )
+            self.source_statistics = None
+        elif norms_train:
+            self._adapt_as_norms_start_training(trainer)
+
+    def _backbone_layers(self) -> list[NormBase]:
+        """Every norm layer of the backbone that keeps running statistics."""
+        norms = self.unfreezer.norms
+        return [layer for layer in norms.layers if layer.running_mean is not None] if norms is not None else []
+
     def _adapt_as_norms_start_training(self, trainer: pl.Trainer) -> None:
         """``adapt="auto"``, as ``bn="auto"`` decides that released norm layers train: every norm layer of the
         backbone takes the target's statistics (blended with the source's) at once, not over the coming batches."""
-        config, norms, pl_module = self.on_training_norms, self.unfreezer.norms, trainer.lightning_module
-        layers = [layer for layer in norms.layers if layer.running_mean is not None] if norms is not None else []
+        config, layers, pl_module = self.on_training_norms, self._backbone_layers(), trainer.lightning_module
         if config is None or not layers:
             return
         if not runs_on_batches(pl_module):

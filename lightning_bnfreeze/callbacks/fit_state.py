@@ -4,13 +4,17 @@ The state is held from ``load_state_dict`` until ``on_fit_start`` builds the fit
 groups must exist before Lightning restores the optimizer), or, under ``ModelParallelStrategy``, applied to them
 later, when the strategy restores the checkpoint. Keys: ``"unfreezer"`` (the releases done, the groups' rates, the
 first-step decisions), ``"adapt_auto"`` (whether ``adapt="auto"`` applies: absent in checkpoints of 0.7 and older,
-which resume without it) and the adaptation's.
+which resume without it), ``"source_statistics"`` (far from the source, from fit start until ``bn="auto"`` decides: the
+backbone's statistics before ``adapt="auto"`` replaced them, as lists) and the adaptation's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
@@ -44,6 +48,7 @@ class FitState:
         unfreezer.freeze()
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
+        self.fit.source_statistics = _source_statistics(self._saved)
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -53,6 +58,7 @@ class FitState:
             self.fit.unfreezer.load_state_dict(state["unfreezer"])
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
+            self.fit.source_statistics = _source_statistics(state)
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -63,9 +69,18 @@ class FitState:
         """The fit's state; before a fit, the state loaded (saved again as it was read)."""
         if self.fit is not None:
             unfreezer, adabn = self.fit.unfreezer.state_dict(), self.fit.on_training_norms
+            source = self.fit.source_statistics
+            statistics = None if source is None else [[mean.tolist(), var.tolist()] for mean, var in source]
         else:
-            unfreezer, adabn = (self._saved or {}).get("unfreezer", {}), self._on_training_norms(self._saved)
-        return {"unfreezer": unfreezer, "adapt_auto": adabn is not None, **self._adaptation.state_dict()}
+            saved = self._saved or {}
+            unfreezer, adabn = saved.get("unfreezer", {}), self._on_training_norms(self._saved)
+            statistics = saved.get("source_statistics")
+        return {
+            "unfreezer": unfreezer,
+            "adapt_auto": adabn is not None,
+            "source_statistics": statistics,
+            **self._adaptation.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Hold ``state_dict`` for the fit about to start (a fit in progress keeps its own releases)."""
@@ -77,3 +92,13 @@ class FitState:
         self._adaptation.load_state_dict(state_dict)
         if self.fit is None:  # before `on_fit_start`: it rebuilds the groups from this
             self._saved = state_dict
+
+
+def _source_statistics(saved: dict[str, Any] | None) -> list[tuple[Tensor, Tensor]] | None:
+    """The checkpoint's ``"source_statistics"`` as tensors (float64: every value of a float buffer, exactly)."""
+    statistics = (saved or {}).get("source_statistics")
+    if statistics is None:
+        return None
+    return [
+        (torch.tensor(mean, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)) for mean, var in statistics
+    ]
