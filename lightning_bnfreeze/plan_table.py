@@ -61,7 +61,12 @@ def format_plan(
     elif max_step is not None and max_step != AUTO:
         table += f"\nmax_step={max_step!r}: a release's rate may be scaled down after its first step."
     if bn == "auto" and adapt_auto:
-        table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics."
+        table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics"
+        table += (
+            " (far from the source: before the first step, and the source's come back if released ones stay frozen)."
+            if max_step == AUTO
+            else "."
+        )
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."
     return table

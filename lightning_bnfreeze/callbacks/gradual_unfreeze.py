@@ -89,8 +89,10 @@ class GradualUnfreeze(NormFreezingCallback):
         adapt: re-estimate norm statistics on the training data (:class:`~lightning_bnfreeze.AdaBN`). ``"auto"``
             (default): when ``bn="auto"`` decides that the released norm layers train, every norm layer of the
             backbone first takes the target's statistics (``AdaBN(AUTO_BATCHES)``: 50 training batches, blended with
-            the source's), at that step; nothing while they stay frozen. ``AdaBN(...)``: the frozen norm layers',
-            before the first step. ``None``: never.
+            the source's), at that step; nothing while they stay frozen. On a target far from the source (as
+            ``max_step="auto"`` measures it), before the first step instead, so that the head trains on features
+            normalised as they will be; the source's come back if ``bn="auto"`` decides that released norm layers
+            keep frozen statistics. ``AdaBN(...)``: the frozen norm layers', before the first step. ``None``: never.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
