@@ -20,6 +20,7 @@ from lightning_bnfreeze.step_size import (
     NEAR_DECAY,
     RELEASED,
     SMALLEST_REFERENCE,
+    STOP_STEP,
     FirstStep,
     MaxStep,
 )
@@ -39,8 +40,8 @@ class FirstSteps:
             weights by more than :data:`~lightning_bnfreeze.step_size.SMALLEST_REFERENCE` decides: training if its
             largest part moved by more than :data:`AUTO_STEP` (relative; times ``1 / (1 - momentum)`` for momentum
             SGD), else frozen for every release; after training, the first later release whose largest first step
-            is below the line stops it, for itself and every release after it (never a block with frozen statistics
-            on the output side of one whose statistics train); frozen until the first decision.
+            is below :data:`STOP_STEP` stops it, for itself and every release after it (never a block with frozen
+            statistics on the output side of one whose statistics train); frozen until the first decision.
         max_step: ``None``, ``"released"`` (no part's first step goes further than the parts released before
             it would move now: :meth:`judge`'s ``faster``), a number (the cap on every release's first step), or
             ``"auto"``: one of the first two, as :meth:`resolve` decides from the target's shift before the fit,
@@ -144,13 +145,13 @@ class FirstSteps:
         if scale < 1:
             change *= scale
             moved += f", {beyond}: its rate is scaled by {scale:.2f}, to steps of {change:.2%}"
-        large = self._agree(change > AUTO_STEP)
+        large, keeps = self._agree(change > AUTO_STEP), self._agree(change > STOP_STEP)
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
             self._first_fast = self._first_fast or large
             self._deciding = max(self._deciding, (change, moved, large))
         elif self._first_index is not None and part[0] > self._first_index:
-            self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, large))
+            self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, keeps))
         return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
 
     def rate_factor(self, index: int) -> float:
@@ -171,8 +172,8 @@ class FirstSteps:
         if self.norms_train is None and self._deciding[1]:
             self.norms_train = self._deciding[2]
             changes.append((0, self.norms_train, FirstStepNote.decide(self._deciding[1], self.norms_train)))
-        for index, (_, moved, large) in sorted(measured.items()):
-            if self.norms_train and not large:
+        for index, (_, moved, keeps) in sorted(measured.items()):
+            if self.norms_train and not keeps:
                 self.norms_train = False
                 changes.append((index, False, FirstStepNote.stop(moved)))
         return changes

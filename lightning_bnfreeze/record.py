@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-from lightning_bnfreeze.step_size import AUTO_STEP
+from lightning_bnfreeze.step_size import AUTO_STEP, STOP_STEP
 
 __all__ = ["FirstStepNote", "ReleaseRecord"]
 
@@ -94,7 +94,7 @@ class FirstStepNote(NamedTuple):
     def stop(cls, moved: str) -> FirstStepNote:
         """What ``bn="auto"`` says when a slow release stops batch statistics (``moved``: its largest part's step)."""
         return cls(
-            f"{moved} (< {AUTO_STEP:.1%}): its norm layers and every later release's keep frozen statistics", False
+            f"{moved} (< {STOP_STEP:.1%}): its norm layers and every later release's keep frozen statistics", False
         )
 
 

@@ -22,7 +22,7 @@ from lightning_bnfreeze.plan import What
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
-from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
+from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE, STOP_STEP
 from lightning_bnfreeze.triggers import from_the_first_step
 from tests.unfreeze_helpers import tiny_backbone
 
@@ -235,17 +235,19 @@ def test_bn_auto_decides_from_the_first_steps_relative_weight_change(
     ("first", "later", "modes"),
     [
         (2 * AUTO_STEP, 4 * AUTO_STEP, [True, True, True]),
-        (2 * AUTO_STEP, AUTO_STEP / 2, [True, True, False]),  # a slow release stops batch statistics from there in
-        (AUTO_STEP / 2, 0.1, [False, False, False]),  # frozen: a fast release later does not restart them
+        (2 * AUTO_STEP, STOP_STEP / 2, [True, True, False]),  # a slow release stops batch statistics from there in
+        (2 * AUTO_STEP, (STOP_STEP + AUTO_STEP) / 2, [True, True, True]),  # between the lines: training goes on
+        ((STOP_STEP + AUTO_STEP) / 2, 0.1, [False, False, False]),  # frozen: a fast release does not restart them
     ],
+    ids=["fast", "then-slow", "then-between", "between-then-fast"],
 )
 def test_bn_auto_trains_statistics_from_the_output_side_until_a_slow_release(
     first: float, later: float, modes: list[bool]
 ) -> None:
-    """The first release that moves decides; after training, a slow release stops it for itself and every later
-    one, and nothing restarts it: never frozen statistics on the output side of statistics that train (mixed that
-    way, runs collapsed on the real-weights benchmark). A release before any step moved takes the first decision,
-    and the modes survive a resume."""
+    """The first release that moves decides (above ``AUTO_STEP``: training); after training, a release slower than
+    ``STOP_STEP`` stops it for itself and every later one, and nothing restarts it: never frozen statistics on the
+    output side of statistics that train (mixed that way, runs collapsed on the real-weights benchmark). A release
+    before any step moved takes the first decision, and the modes survive a resume."""
     u = unfreezer(bn="auto")
     u.start_norms(BackboneNorms(u.root, "backbone"))
     u.advance(u.moment(1, 4), "epoch")
@@ -759,7 +761,8 @@ def test_max_step_auto_near_the_source_caps_a_later_first_step_at_the_decayed_fi
     decay = NEAR_DECAY if shift < NEAR_SOURCE else 1.0
     assert u.history[1].lr_factors == pytest.approx((0.5 * decay * scale,), rel=1e-4)  # float32 weights
     said = " ".join(note.text for note in notes)
-    expected = f"more than {NEAR_DECAY:g} x as far as the first release's first step (0.12%): its rate is scaled by 0.5"
+    cap = f"{NEAR_DECAY * 2 * AUTO_STEP:.2%}"
+    expected = f"more than {NEAR_DECAY:g} x as far as the first release's first step ({cap}): its rate is scaled by 0.5"
     assert (expected in said) == (scale < 1), said
     resumed = auto_resumed(u.state_dict())
     resumed.before_step(10)

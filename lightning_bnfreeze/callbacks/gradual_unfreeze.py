@@ -76,11 +76,11 @@ class GradualUnfreeze(NormFreezingCallback):
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
             1.0: on the real-weights benchmark no reduced rate held at every head learning rate (README).
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
-            first step; batch statistics from then on if that step moved its weights by more than 0.2 %, in that
-            release and each later one until a release's first step moves less (it and every later release keep
-            frozen statistics), else frozen statistics throughout; ``"train"``: batch statistics, as without
-            freezing; ``"frozen"``: inference mode and frozen statistics, affine parameters training (Keras after
-            unfreezing).
+            first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
+            release and each later one until a release's first step moves less than 0.2 % (it and every later
+            release keep frozen statistics), else frozen statistics throughout; ``"train"``: batch statistics, as
+            without freezing; ``"frozen"``: inference mode and frozen statistics, affine parameters training (Keras
+            after unfreezing).
         warmup_steps: optimizer steps over which a released group's learning rate ramps up linearly (its first step
             is judged as if taken at the full rate).
         trainable: parameters inside the backbone that train from the first step and are never frozen
