@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from lightning_bnfreeze.checks import check_choice, check_integer
 from lightning_bnfreeze.names import closest_names
 
-__all__ = ["CHECK_POINTS", "MODES", "UNITS", "At", "Every", "Moment", "Plateau", "Trigger", "from_the_first_step"]
+__all__ = ["CHECK_POINTS", "MODES", "UNITS", "At", "Every", "Moment", "Plateau", "Trigger"]
 
 UNITS = ("epoch", "step")
 MODES = ("min", "max")
@@ -159,15 +159,6 @@ class Every(Trigger):
 
     def __repr__(self) -> str:
         return f"Every({self._unit}s={self.every}, first={self.first})"
-
-
-def from_the_first_step(trigger: Trigger) -> Every | None:
-    """``trigger`` releasing from the first step, if it is an :class:`Every` whose first release comes later."""
-    if not isinstance(trigger, Every) or trigger.first == 0:
-        return None
-    if trigger.checked_at == "step":
-        return Every(steps=trigger.every, first=0)
-    return Every(epochs=trigger.every, first=0)
 
 
 class At(Trigger):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import AdaBN, Blocks, Every, GradualUnfreeze, Plateau, Schedule
+from lightning_bnfreeze import AdaBN, Blocks, GradualUnfreeze
 from lightning_bnfreeze.adapt import AUTO_BATCHES, adapt_norm_statistics
 from lightning_bnfreeze.callbacks import fit_releases as fit_releases_module
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE, norm_statistics_shift
@@ -107,48 +107,6 @@ def test_gradual_unfreeze_resolves_max_step_auto_at_fit_start_in_one_line(
     assert first_steps.source_shift is not None and (first_steps.source_shift < NEAR_SOURCE) == (resolved is not None)
     lines = [r.getMessage() for r in caplog.records if "norm statistics are" in r.getMessage()]
     assert len(lines) == 1 and f"max_step={resolved!r}" in lines[0] and f"{first_steps.source_shift:.2f}" in lines[0]
-
-
-FAR_HINT = "releasing from the first step"
-
-
-@pytest.mark.parametrize(
-    ("make", "when", "what", "hint"),
-    [
-        (build_model, None, None, "when=Every(epochs=1, first=0)"),
-        (build_model, Every(steps=3), None, "when=Every(steps=3, first=0)"),
-        (build_model, Every(epochs=2, first=1), None, "when=Every(epochs=2, first=0)"),
-        (build_model, Every(first=0), None, None),
-        (build_model, Plateau("constant"), None, None),
-        (build_model, None, Schedule({1: "backbone.3"}), None),
-        (near_model, None, None, None),
-    ],
-    ids=["far", "far-steps", "far-every-2", "far-from-the-start", "far-plateau", "far-schedule", "near"],
-)
-def test_far_from_the_source_a_cadence_that_lets_the_head_train_alone_first_names_the_one_from_the_first_step(
-    make: Any,
-    when: Any,
-    what: Any,
-    hint: str | None,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
-    callback = GradualUnfreeze(what=what, when=when)
-    with caplog.at_level(logging.INFO):
-        fit(make(), callback)
-    lines = [r.getMessage() for r in caplog.records if FAR_HINT in r.getMessage()]
-    assert lines == ([] if hint is None else [lines[0]])
-    assert hint is None or lines[0].endswith(f"{hint}.")
-
-
-def test_a_set_max_step_measures_no_shift_and_gives_no_far_target_hint(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
-    with caplog.at_level(logging.INFO):
-        fit(build_model(), GradualUnfreeze(max_step=None))
-    assert not [r for r in caplog.records if FAR_HINT in r.getMessage()]
 
 
 def test_the_shift_is_measured_on_the_source_statistics_before_adabn_replaces_them() -> None:

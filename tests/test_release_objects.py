@@ -23,7 +23,6 @@ from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
 from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE, STOP_STEP
-from lightning_bnfreeze.triggers import from_the_first_step
 from tests.unfreeze_helpers import tiny_backbone
 
 BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
@@ -364,13 +363,6 @@ def test_every_defaults_to_each_epoch_from_epoch_one() -> None:
     steps = Every(steps=4)
     assert (steps.checked_at, steps.unit, steps.times(2)) == ("step", "step", [4, 8])
     assert steps.check(Moment(0.5, 3)) is None and steps.check(Moment(1.0, 4)) == "scheduled"
-
-
-def test_from_the_first_step_keeps_an_every_s_interval_and_leaves_other_triggers_alone() -> None:
-    assert repr(from_the_first_step(Every())) == "Every(epochs=1, first=0)"
-    assert from_the_first_step(Every(steps=4, first=2)).times(2) == [0, 4]  # type: ignore[union-attr]
-    assert from_the_first_step(Every(epochs=3, first=0)) is None
-    assert from_the_first_step(Plateau("val_loss")) is None and from_the_first_step(At([1, 2])) is None
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
-from lightning_bnfreeze.triggers import from_the_first_step
 
 __all__ = ["FitReleases"]
 
@@ -54,8 +53,7 @@ class FitReleases:
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
-        and say what it chose. Far from the source: :meth:`_adapt_for_the_head`, and with the head training alone
-        first, say how to release sooner."""
+        and say what it chose; far from the source, :meth:`_adapt_for_the_head`."""
         first_steps = self.unfreezer.first_steps
         if not first_steps.unresolved:
             return
@@ -64,14 +62,6 @@ class FitReleases:
         if shift is None or shift < NEAR_SOURCE:
             return
         self._adapt_for_the_head(trainer)
-        sooner = from_the_first_step(self.unfreezer.trigger)
-        if sooner is not None:
-            announce(
-                trainer,
-                "GradualUnfreeze: the head trains alone until the first release; on the real-weights benchmark's"
-                " target far from its source, releasing from the first step did better at large learning rates"
-                f" and as well at small ones (README: 'Choosing BN mode and learning rates'): when={sooner!r}.",
-            )
 
     def _adapt_for_the_head(self, trainer: pl.Trainer) -> None:
         """``adapt="auto"`` with ``bn="auto"`` far from the source: every norm layer of the backbone takes the target's

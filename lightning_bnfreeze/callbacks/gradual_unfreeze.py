@@ -70,8 +70,7 @@ class GradualUnfreeze(NormFreezingCallback):
             blocks, found for any model, output side first, two per release),
             :class:`~lightning_bnfreeze.Schedule` (``{epoch: names}``), or :class:`~lightning_bnfreeze.LayerDecay`.
         when: when the next release happens: :class:`~lightning_bnfreeze.Every` (default: every epoch
-            from epoch 1, the head training alone first; on a target far from the backbone's source,
-            ``Every(first=0)`` did better: README), :class:`~lightning_bnfreeze.Plateau`, or your
+            from epoch 1, the head training alone first), :class:`~lightning_bnfreeze.Plateau`, or your
             own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
             1.0: on the real-weights benchmark no reduced rate held at every head learning rate (README).
@@ -105,8 +104,7 @@ class GradualUnfreeze(NormFreezingCallback):
             ``"released"``, and once the first release's first step moves fast (as for ``bn="auto"``) each later
             release ``k`` at ``0.3**k`` of its rate, its first step at most ``0.3**k`` as far as the first
             release's (:data:`~lightning_bnfreeze.step_size.NEAR_DECAY`); ``None``
-            for one far from it or without such layers; one line says which (far from it, with the head
-            training alone first, a second line names ``when=Every(..., first=0)``). A
+            for one far from it or without such layers; one line says which. A
             number: that cap (momentum included, as for ``bn="auto"``) for every release. See the README's
             "Choosing BN mode and learning rates".
         compile: compile the release units for ``torch.compile`` (regional compilation). ``True``: each
