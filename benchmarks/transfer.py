@@ -135,12 +135,24 @@ def _key(row: dict[str, Any]) -> Key:
     return (*(row[name] for name in SETTING), row["seed"], row["recipe"], row["fingerprint"])
 
 
-def load(path: Path) -> list[dict[str, Any]]:
+def load(path: Path, previous: str | None = None) -> list[dict[str, Any]]:
     """The raw rows, keeping for ``ours`` recipes only those that ran what they resolve to today (none of a recipe
-    that no longer parses: an option of an older release)."""
+    that no longer parses: an option of an older release); with ``previous`` (a version), also the rows of that
+    release's default, as the variant ``ours@<previous>``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     current = {recipe: _fingerprint_today(recipe) for recipe in {row["recipe"] for row in rows}}
-    return [row for row in rows if row["fingerprint"] == current[row["recipe"]]]
+    kept = []
+    for row in rows:
+        if row["fingerprint"] == current[row["recipe"]]:
+            kept.append(row)
+        elif previous is not None and row["recipe"] == "ours" and repr(previous) in row["fingerprint"]:
+            kept.append({**row, "recipe": f"ours@{previous}"})
+    return kept
+
+
+def is_ours(recipe: str) -> bool:
+    """The default (``ours``), a variant of it (``ours:<options>``) or an earlier release's (``ours@<version>``)."""
+    return recipe == "ours" or recipe.startswith(("ours:", "ours@"))
 
 
 def _fingerprint_today(recipe: str) -> str | None:
@@ -354,7 +366,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     from benchmarks.common import markdown_table
 
     table = []
-    for name in sorted({row["recipe"] for row in rows if row["recipe"].partition(":")[0] == "ours"}):
+    for name in sorted({row["recipe"] for row in rows if is_ours(row["recipe"])}):
         judged = [summary for summary in summarise(rows, ours=name) if "vs_best" in summary]
         if judged:
             table.append([f"`{name}`", str(sum(map(_holds, judged))), str(len(judged))])
@@ -365,13 +377,14 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def variants(summaries: list[dict[str, Any]]) -> list[str]:
-    """Each variant of ours (``ours:...``) against the default, paired by the seeds both ran: mean difference."""
+    """Each variant of ours (``ours:...``, ``ours@...``) against the default, paired by the seeds both ran: mean
+    difference."""
     from benchmarks.common import markdown_table
 
     table = []
     for summary in summaries:
         s, acc = summary["setting"], summary["accuracy"]
-        for name in sorted(r for r in acc if r.startswith("ours:") and "ours" in acc):
+        for name in sorted(r for r in acc if is_ours(r) and r != "ours" and "ours" in acc):
             diffs = _paired(acc, name, "ours")
             if diffs:
                 setting = f"{s['task']} {s['optimizer']} {s['lr']:g} K={s['k']}"
@@ -428,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--raw", type=Path, help="default: benchmarks/raw/transfer_<bench>.jsonl")
     parser.add_argument("--report", action="store_true", help="write benchmarks/transfer_<bench>.md from the raw runs")
     parser.add_argument("--markdown", type=Path, help="with --report: write it here instead (and no figure)")
+    parser.add_argument("--previous", help="with --report: also that release's default, as the variant ours@VERSION")
     parser.add_argument("--quick", action="store_true", help="every bench, one seed, 2 epochs, 3 recipes (CI)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
@@ -453,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     raw = args.raw or HERE / "raw" / f"transfer_{args.bench}.jsonl"
     if args.report:
-        rows = [row for row in load(raw) if args.seeds is None or row["seed"] in args.seeds]
+        rows = [row for row in load(raw, args.previous) if args.seeds is None or row["seed"] in args.seeds]
         command = "python -m benchmarks.transfer " + " ".join(sys.argv[1:] if argv is None else argv)
         markdown = args.markdown or HERE / f"transfer_{args.bench}.md"
         markdown.write_text(report(args.bench, rows, command))

@@ -26,6 +26,22 @@ def test_rows_of_stale_or_unparsable_recipes_are_left_out(tmp_path: Path) -> Non
     assert [row["test_acc"] for row in load(raw)] == [0.5, 0.6]
 
 
+def test_an_earlier_release_s_default_is_kept_as_a_variant_when_asked(tmp_path: Path) -> None:
+    raw, markdown = tmp_path / "raw.jsonl", tmp_path / "report.md"
+    rows = setting_rows({0: 0.92, 1: 0.94})
+    earlier = [{**row, "fingerprint": "(..., '0.8.0')", "test_acc": 0.90} for row in rows if row["recipe"] == "ours"]
+    older = [{**row, "fingerprint": "(..., '0.7.0')"} for row in earlier]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows + earlier + older))
+
+    assert {row["recipe"] for row in load(raw)} == {"full", "probe", "ours"}
+    assert [row["recipe"] for row in load(raw, "0.8.0") if row["recipe"].startswith("ours@")] == ["ours@0.8.0"] * 2
+    report = ["--bench", "cnn", "--report", "--raw", str(raw), "--markdown", str(markdown), "--previous", "0.8.0"]
+    benchmarks.transfer.main(report)
+    text = markdown.read_text()
+    assert "| none adamw 0.001 K=10 | `ours@0.8.0` | -3.0 | 2 |" in text  # against the default, paired by seed
+    assert "| `ours@0.8.0` | 1 | 1 |" in text  # level with full fine-tuning, above the probe: it holds
+
+
 def test_the_processors_the_rows_ran_on_are_counted() -> None:
     rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
 
