@@ -187,6 +187,14 @@ def environment() -> dict[str, Any]:
     }
 
 
+def machine_line(env: dict[str, Any]) -> str:
+    """One line on the machine and the software of a report (``env``: :func:`environment`'s)."""
+    return (
+        f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['platform']}; Python {env['python']}, torch"
+        f" {env['torch']}.\n"
+    )
+
+
 def environment_table(env: dict[str, Any]) -> str:
     rows = [[f"`{key}`", f"{value:.2f}" if isinstance(value, float) else str(value)] for key, value in env.items()]
     return "### Environment\n\n" + markdown_table(["", ""], rows)
@@ -241,6 +249,20 @@ def write_report(
             raw.write_text(json.dumps({**results, "argv": sys.argv[1:]}, indent=2) + "\n")
         if args.quick:
             check_tables(markdown.read_text() if markdown else text, tables, name)
+
+
+def measure_and_report(
+    args: argparse.Namespace,
+    name: str,
+    measure: Callable[[], list[dict[str, Any]]],
+    report: Callable[[dict[str, Any], list[dict[str, Any]]], str],
+    tables: int = 1,
+) -> None:
+    """Run ``measure`` (its rows), then :func:`write_report` of ``report(environment, rows)`` and the raw rows."""
+    env, start = environment(), time.perf_counter()
+    rows = measure()
+    finish_environment(env, start)
+    write_report(args, name, report(env, rows), {"environment": env, "rows": rows}, tables)
 
 
 def check_tables(text: str, expected: int, name: str) -> None:

@@ -17,7 +17,6 @@ The report goes to ``benchmarks/domain_shift.md`` (committed).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,8 +73,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
         f' (`python -m benchmarks.domain_shift`; method in its docstring), and what `max_step="auto"` chooses'
         f" from it (`'released'` below {NEAR_SOURCE}, else `None`).\n\n"
         f"{markdown_table(['backbone', 'task', 'shift per seed', 'max_step'], table)}\n\n"
-        f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['platform']}; Python {env['python']}, torch"
-        f" {env['torch']}.\n"
+        f"{common.machine_line(env)}"
     )
 
 
@@ -87,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     common.quiet()
     backbones = {"EfficientNet-Lite0": BACKBONES["EfficientNet-Lite0"]} if args.quick else BACKBONES
     seeds = (0,) if args.quick else (0, 1, 2)
-    env, start = common.environment(), time.perf_counter()
-    rows = measure(backbones, seeds, 1 if args.quick else 3)
-    common.finish_environment(env, start)
-    common.write_report(args, "domain_shift", report(env, rows, seeds), {"environment": env, "rows": rows}, 1)
+    common.measure_and_report(
+        args, "domain_shift", lambda: measure(backbones, seeds, 1 if args.quick else 3),
+        lambda env, rows: report(env, rows, seeds),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,8 +115,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
         " seeds.\n\n"
         f"{gap}"
         f"{markdown_table(HEADER, table)}"
-        f"\n\nMachine: {env['cpu']} ({env['cpu_count']} cores), {env['platform']}; Python {env['python']}, torch"
-        f" {env['torch']}.\n"
+        f"\n\n{common.machine_line(env)}"
     )
 
 
@@ -128,13 +126,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)
     common.quiet()
     seeds = (0,) if args.quick else (0, 1, 2)
-    env, start = common.environment(), time.perf_counter()
-    if args.quick:
-        rows = measure({"real": (5,)}, ["digits"], RATES[1:2], seeds)
-    else:
-        rows = measure(KS, ["digits", "textures"], RATES, seeds)
-    common.finish_environment(env, start)
-    common.write_report(args, "first_steps", report(env, rows, seeds), {"environment": env, "rows": rows}, 1)
+    ks, tasks, rates = ({"real": (5,)}, ["digits"], RATES[1:2]) if args.quick else (KS, ["digits", "textures"], RATES)
+    common.measure_and_report(
+        args, "first_steps", lambda: measure(ks, tasks, rates, seeds), lambda env, rows: report(env, rows, seeds)
+    )
 
 
 if __name__ == "__main__":
