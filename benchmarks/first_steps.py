@@ -60,18 +60,15 @@ def first_step(bench: str, task: str, k: int, optimizer: str, lr: float, seed: i
 def winners(bench: str) -> dict[tuple[Any, ...], str]:
     """Per setting of the committed transfer rows: ``"frozen"`` or ``"batch"``, whichever of ``full_bn_frozen`` and
     ``full`` has the higher mean accuracy."""
-    from benchmarks.transfer import load
+    from benchmarks.transfer import load, summarise
 
-    accuracy: dict[tuple[Any, ...], dict[str, list[float]]] = {}
-    for row in load(HERE / "raw" / f"transfer_{bench}.jsonl"):
-        if row["recipe"] in ("full", "full_bn_frozen"):
-            key = (row["task"], row["k"], row["optimizer"], row["lr"])
-            accuracy.setdefault(key, {}).setdefault(row["recipe"], []).append(row["test_acc"])
-    return {
-        key: "frozen" if statistics.fmean(means["full_bn_frozen"]) > statistics.fmean(means["full"]) else "batch"
-        for key, means in accuracy.items()
-        if len(means) == 2
-    }
+    won = {}
+    for summary in summarise(load(HERE / "raw" / f"transfer_{bench}.jsonl")):
+        s, acc = summary["setting"], summary["accuracy"]
+        if "full" in acc and "full_bn_frozen" in acc:
+            frozen = statistics.fmean(acc["full_bn_frozen"].values()) > statistics.fmean(acc["full"].values())
+            won[(s["task"], s["k"], s["optimizer"], s["lr"])] = "frozen" if frozen else "batch"
+    return won
 
 
 def measure(ks: dict[str, Sequence[int]], tasks: Sequence[str], rates: Sequence[tuple[str, float]],

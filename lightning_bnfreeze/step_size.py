@@ -31,7 +31,8 @@ holding: the line of ``bn="auto"``'s first decision and of the warnings about fr
 batch statistics at small ones. On the real-weights benchmarks (EfficientNet-Lite0 and -Lite2, ``digits`` and
 ``textures``, K=5 and 10) fine-tuning with frozen statistics collapsed at the head learning rates whose first release's
 first step measured 0.86% or more, and batch statistics lost to frozen ones at those where it measured 0.35% or less
-(``benchmarks/transfer_real.md``, ``benchmarks/transfer_lite2.md``); the line sits in that gap."""
+(``benchmarks/first_steps.md``, from the rows of ``benchmarks/transfer_real.md`` and ``transfer_lite2.md``); the
+line sits in that gap."""
 
 STOP_STEP = 0.002
 """``bn="auto"``, once released norm layers train: a later release whose first step moves its weights by less than
