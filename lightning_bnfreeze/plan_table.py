@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lightning_bnfreeze.plan import ReleasePlan
-from lightning_bnfreeze.step_size import AUTO, NEAR_DECAY, MaxStep
+from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, NEAR_DECAY, MaxStep
 from lightning_bnfreeze.tables import format_table
 from lightning_bnfreeze.triggers import Trigger
 
@@ -63,7 +63,8 @@ def format_plan(
     if bn == "auto" and adapt_auto:
         table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics"
         table += (
-            " (far from the source: before the first step, and the source's come back if released ones stay frozen)."
+            " (far from the source: before the first step, unless Adam or AdamW cannot move any release by more than"
+            f" {AUTO_STEP:.1%}; the source's come back if released ones stay frozen)."
             if max_step == AUTO
             else "."
         )

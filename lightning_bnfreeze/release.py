@@ -26,7 +26,14 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of, step_now
+from lightning_bnfreeze.step_size import (
+    RELEASED,
+    MaxStep,
+    adam_step_bound,
+    momentum_of,
+    normalises_first_step,
+    step_now,
+)
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -219,6 +226,28 @@ class Unfreezer:
     def after_backward(self) -> None:
         """After a backward: reduce the released gradients a DDP reducer leaves out."""
         self.gradients.finish_backward()
+
+    def first_step_bound(self) -> float | None:
+        """Under Adam or AdamW, before any step: the most the first step of any release of the plan can move its
+        part's weights (:func:`~lightning_bnfreeze.step_size.adam_step_bound`), at the largest rate the head's group
+        names (``lr``, or the ``initial_lr``/``max_lr`` its schedulers start from or rise to) and the largest weight
+        decay; ``None`` under other optimizers, whose first step depends on the gradient.
+
+        A collective under FSDP2 (sharded weights): call it on every rank alike.
+        """
+        optimizer = self.groups.optimizer
+        if not normalises_first_step(optimizer):
+            return None
+        head = self.groups.head
+        head_lr = max(float(head.get(key) or 0.0) for key in ("lr", "initial_lr", "max_lr"))
+        decay = max(float(group.get("weight_decay") or 0.0) for group in optimizer.param_groups)
+        params = dict(self.root.named_parameters())
+        parts = [part for release in self.plan.releases for part in release]
+        bounds = [
+            adam_step_bound((params[name] for name in part.params), head_lr * self.lr_scale * part.lr_factor, decay)
+            for part in parts
+        ]
+        return max(bounds, default=0.0)
 
     def describe(self, record: ReleaseRecord) -> str:
         """One line for the log: when and why, each part with its parameters, learning rate and norm mode."""

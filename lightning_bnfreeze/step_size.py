@@ -3,11 +3,13 @@ and the warnings about frozen statistics at large rates (plain PyTorch)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from lightning_bnfreeze.fsdp import squared_norm
 
@@ -20,8 +22,10 @@ __all__ = [
     "STOP_STEP",
     "FirstStep",
     "MaxStep",
+    "adam_step_bound",
     "check_max_step",
     "momentum_of",
+    "normalises_first_step",
     "step_now",
 ]
 
@@ -116,6 +120,34 @@ class FirstStep:
         moved = squared_norm([w - before for w, before in self._before]) ** 0.5
         size = squared_norm([before for _, before in self._before]) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
+
+
+def normalises_first_step(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is :class:`torch.optim.Adam` or :class:`~torch.optim.AdamW` (not a subclass): their
+    first step moves each element by ``lr * g / (|g| + eps)``, at most ``lr``, whatever the gradient."""
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+
+
+def adam_step_bound(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> float:
+    """The most a first Adam or AdamW step at ``lr`` can move the weights (``ndim >= 2``) of ``params``, relative
+    to their size, before any gradient exists: each element by at most ``lr``, plus AdamW's decay of
+    ``lr * weight_decay`` of the weights; 0 for no weights.
+
+    Example::
+
+        >>> import torch
+        >>> layer = torch.nn.Linear(100, 100, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(0.01)  # |w| = 1, 10,000 elements
+        >>> round(adam_step_bound(layer.parameters(), lr=1e-4), 4)  # 1e-4 * sqrt(10,000) / 1
+        0.01
+
+    A collective under FSDP2 (sharded weights): call it on every rank alike.
+    """
+    weights = [param.detach() for param in params if param.ndim >= 2]
+    size = squared_norm(weights) ** 0.5
+    elements = sum(weight.numel() for weight in weights)
+    return lr * (math.sqrt(elements) / size + weight_decay) if size > 0 else 0.0
 
 
 def step_now(groups: Iterable[tuple[Mapping[str, Any], float]]) -> float:

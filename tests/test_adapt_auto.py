@@ -4,6 +4,7 @@ that released norm layers train, at that step and only then."""
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,15 @@ DECISION_STEP = RELEASE_EPOCH * BATCHES + 1  # steps done once the release's fir
 FAST, SLOW = 0.02, 1e-4  # Adam: the released conv's first step moves it by several % (> 0.5 %: train), 0.05 %
 
 
+class UnboundedAdam(torch.optim.Adam):
+    """Adam's steps under another type: an optimizer whose first step the library does not bound before it is taken
+    (as SGD's, which depends on the gradient)."""
+
+
 class TwoNorms(pl.LightningModule):
     """A frozen backbone: its first norm layer stays frozen, the conv and norm layer after it are released."""
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float, optimizer: type[torch.optim.Adam] = torch.optim.Adam) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.backbone = nn.Sequential(
@@ -36,6 +42,7 @@ class TwoNorms(pl.LightningModule):
         )
         self.head = nn.Linear(4, 2)
         self.lr = lr
+        self.optimizer = optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x).flatten(1))
@@ -44,7 +51,7 @@ class TwoNorms(pl.LightningModule):
         return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)  # a first step of ``lr`` per weight
+        return self.optimizer(self.parameters(), lr=self.lr)  # a first step of ``lr`` per weight
 
     def norms(self) -> list[nn.BatchNorm2d]:
         return [self.backbone[0], self.backbone[2]]
@@ -274,7 +281,7 @@ def test_far_from_the_source_the_head_s_first_step_sees_the_target_s_statistics_
 
 
 def test_far_from_the_source_the_source_statistics_come_back_when_released_norm_layers_keep_frozen_ones() -> None:
-    model, at_start, found, callback = TwoNorms(lr=SLOW), AtFirstStep(), Found(), far()
+    model, at_start, found, callback = TwoNorms(SLOW, UnboundedAdam), AtFirstStep(), Found(), far()
     source = statistics(model)
 
     fit(model, [callback, at_start, found])
@@ -284,6 +291,37 @@ def test_far_from_the_source_the_source_statistics_come_back_when_released_norm_
     assert callback.first_step is not None and SMALLEST_REFERENCE < callback.first_step < AUTO_STEP
     assert_statistics_equal(found.statistics, source)  # both layers, bitwise, from the decision on
     assert_statistics_equal(statistics(model), source)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_far_from_the_source_nothing_is_adapted_when_adam_cannot_move_a_release_past_the_line(
+    optimizer: type[torch.optim.Adam], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, at_start, found, callback = TwoNorms(SLOW, optimizer), AtFirstStep(), Found(), far()
+    source = statistics(model)
+
+    with caplog.at_level(logging.INFO):
+        fit(model, [callback, at_start, found])
+
+    assert callback.source_shift is not None and callback.source_shift >= 0.7
+    assert_statistics_equal(at_start.statistics, source)  # the head fits the source's statistics
+    assert callback.history[0].train_norms == (False, False)
+    assert callback.first_step is not None and SMALLEST_REFERENCE < callback.first_step < AUTO_STEP
+    assert_statistics_equal(found.statistics, source)
+    (said,) = [r.getMessage() for r in caplog.records if "stay the source's for the head" in r.getMessage()]
+    assert f"under {optimizer.__name__} no release's first step can move its weights by more than" in said
+
+
+def test_far_from_the_source_adam_at_a_small_rate_with_a_large_max_lr_is_adapted() -> None:
+    """The bound takes the largest rate the head's group names: a scheduler's ``max_lr`` (``OneCycleLR``)."""
+    model, at_start = TwoNorms(SLOW), AtFirstStep()
+    model.configure_optimizers = lambda: {  # type: ignore[method-assign]
+        "optimizer": (optimizer := torch.optim.Adam(model.parameters(), lr=SLOW)),
+        "lr_scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=FAST, total_steps=4 * BATCHES),
+    }
+    source = statistics(model)
+    fit(model, [far(), at_start], epochs=1)
+    assert not torch.equal(at_start.statistics[0][0], source[0][0])
 
 
 @pytest.mark.parametrize(("adapt", "bn"), [(None, "auto"), ("auto", "train"), ("auto", "frozen")])
@@ -309,9 +347,9 @@ def test_near_the_source_nothing_is_adapted_before_the_first_step() -> None:
 def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_from_the_checkpoint(
     tmp_path: Path, keep: bool
 ) -> None:
-    uninterrupted = TwoNorms(lr=SLOW)
+    uninterrupted = TwoNorms(SLOW, UnboundedAdam)
     fit(uninterrupted, [far()], epochs=2)
-    fit(TwoNorms(lr=SLOW), [far(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=RELEASE_EPOCH)
+    fit(TwoNorms(SLOW, UnboundedAdam), [far(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=RELEASE_EPOCH)
     path = tmp_path / "last.ckpt"
     saved = torch.load(path, weights_only=True)
     (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
@@ -320,7 +358,7 @@ def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_fro
         state["source_statistics"] = None
         torch.save(saved, path)
 
-    resumed = TwoNorms(lr=SLOW)
+    resumed = TwoNorms(SLOW, UnboundedAdam)
     fit(resumed, [far()], epochs=2, ckpt_path=path)
 
     same = all(torch.equal(resumed.state_dict()[name], value) for name, value in uninterrupted.state_dict().items())

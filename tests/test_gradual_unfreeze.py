@@ -585,7 +585,7 @@ def test_dry_run_says_what_max_step_may_change_in_the_planned_rates(max_step: st
 @pytest.mark.parametrize(
     ("adapt", "bn", "max_step", "said"),
     [
-        ("auto", "auto", "auto", " (far from the source: before the first step, and the source's come back"),
+        ("auto", "auto", "auto", " (far from the source: before the first step, unless Adam or AdamW cannot"),
         ("auto", "auto", None, "."),
         (None, "auto", "auto", None),
         ("auto", "train", "auto", None),

@@ -22,7 +22,7 @@ from lightning_bnfreeze.plan import What
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
-from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE, STOP_STEP
+from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE, STOP_STEP, adam_step_bound
 from tests.unfreeze_helpers import tiny_backbone
 
 BLOCKS = ["backbone.3", "backbone.1", "backbone.0"]  # output side first: the tiny backbone's children with parameters
@@ -127,6 +127,16 @@ def test_several_releases_falling_due_at_one_step_happen_together() -> None:
     assert u.advance(u.moment(0, 1), "step") == []
     assert [r.index for r in u.advance(u.moment(2, 8), "step")] == [0, 1, 2]  # due at 2, 5 and 8
     assert [r.step for r in u.history] == [8, 8, 8]
+
+
+def test_first_step_bound_is_the_largest_release_s_under_adam_and_unknown_under_sgd() -> None:
+    assert unfreezer(optimizer="sgd").first_step_bound() is None
+    assert unfreezer(optimizer="momentum").first_step_bound() is None
+    u = unfreezer(optimizer="adam", lr_scale=0.5)  # head lr 0.1: released blocks at 0.05
+    expected = max(adam_step_bound(u.root.get_submodule(block).parameters(), lr=0.05) for block in BLOCKS)
+    assert u.first_step_bound() == pytest.approx(expected)
+    u.groups.head["initial_lr"] = 0.4  # a scheduler that starts from, or rises to, a larger rate
+    assert u.first_step_bound() == pytest.approx(4 * expected)
 
 
 def test_at_triggers_a_schedule_and_a_plan_with_more_times_than_releases_stops() -> None:

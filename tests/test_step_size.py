@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_bnfreeze.first_steps import FirstSteps
-from lightning_bnfreeze.step_size import FirstStep, step_now
+from lightning_bnfreeze.step_size import FirstStep, adam_step_bound, normalises_first_step, step_now
 
 
 def layer_with_gradient(seed: int = 0) -> nn.Linear:
@@ -78,3 +78,37 @@ def test_a_part_of_norm_layers_alone_is_not_judged(bn: str) -> None:
     assert (scale, note) == (1.0, None)
     assert steps.decide() == []
     assert steps.norms_train is (True if bn == "auto" else None)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1e-8, 1.0, 1e3], ids=lambda s: f"gradients-{s:g}")
+def test_adam_step_bound_holds_whatever_the_gradient(optimizer: type[torch.optim.Adam], scale: float) -> None:
+    """Gradients of every size around Adam's ``eps`` (1e-8), some elements without gradient, weight decay."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    bound = adam_step_bound(layer.parameters(), lr=0.01, weight_decay=0.1)
+    for param in layer.parameters():
+        param.grad = torch.randn_like(param) * scale * (torch.rand_like(param) > 0.2)
+    probe = FirstStep(layer.parameters())
+    optimizer(layer.parameters(), lr=0.01, weight_decay=0.1).step()
+    assert 0 < probe.change() <= bound
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_step_bound_is_the_step_when_every_element_has_a_large_gradient(optimizer: type[torch.optim.Adam]) -> None:
+    layer = layer_with_gradient()
+    bound = adam_step_bound(layer.parameters(), lr=0.01)
+    assert adam_step_bound(layer.parameters(), lr=0.02) == pytest.approx(2 * bound)
+    probe = FirstStep(layer.parameters())
+    optimizer(layer.parameters(), lr=0.01, weight_decay=0.0).step()
+    assert probe.change() == pytest.approx(bound, rel=1e-5)
+
+
+def test_only_adam_and_adamw_themselves_have_a_first_step_known_in_advance() -> None:
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    params = list(nn.Linear(2, 2).parameters())
+    known = [torch.optim.Adam, torch.optim.AdamW]
+    unknown = [torch.optim.SGD, torch.optim.RAdam, torch.optim.NAdam, MyAdam]  # RAdam: SGD-like first steps
+    assert [normalises_first_step(make(params, lr=0.1)) for make in known + unknown] == [True, True] + [False] * 4

@@ -26,6 +26,7 @@ from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.step_size import AUTO_STEP
 
 __all__ = ["FitReleases"]
 
@@ -66,9 +67,21 @@ class FitReleases:
     def _adapt_for_the_head(self, trainer: pl.Trainer) -> None:
         """``adapt="auto"`` with ``bn="auto"`` far from the source: every norm layer of the backbone takes the target's
         statistics before the first step, so that the head fits features normalised as they will be once released
-        norm layers train; the source's are kept (:attr:`source_statistics`) and come back if they stay frozen."""
+        norm layers train; the source's are kept (:attr:`source_statistics`) and come back if they stay frozen.
+        Not when the optimizer's first steps are known to stay small enough for frozen statistics
+        (:meth:`~lightning_bnfreeze.release.Unfreezer.first_step_bound`): the head then fits the source's."""
         config, layers, pl_module = self.on_training_norms, self._backbone_layers(), trainer.lightning_module
         if config is None or self.unfreezer.bn != "auto" or not layers or not runs_on_batches(pl_module):
+            return
+        bound = self.unfreezer.first_step_bound()
+        if bound is not None and bound <= AUTO_STEP:
+            optimizer = type(self.unfreezer.groups.optimizer).__name__
+            announce(
+                trainer,
+                f"GradualUnfreeze: the backbone's norm statistics stay the source's for the head (adapt='auto'): under"
+                f" {optimizer} no release's first step can move its weights by more than {bound:.2%} (<="
+                f" {AUTO_STEP:.1%}), so the released norm layers will keep frozen statistics (bn='auto').",
+            )
             return
         self.source_statistics = saved_norm_statistics(layers)
         why = (

@@ -91,7 +91,10 @@ class GradualUnfreeze(NormFreezingCallback):
             the source's), at that step; nothing while they stay frozen. On a target far from the source (as
             ``max_step="auto"`` measures it), before the first step instead, so that the head trains on features
             normalised as they will be; the source's come back if ``bn="auto"`` decides that released norm layers
-            keep frozen statistics. ``AdaBN(...)``: the frozen norm layers', before the first step. ``None``: never.
+            keep frozen statistics; not under ``Adam`` or ``AdamW`` when no release's first step can move its weights
+            by more than :data:`~lightning_bnfreeze.step_size.AUTO_STEP` (known before it is taken: at most ``lr``
+            per element), as ``bn="auto"`` will then keep frozen statistics. ``AdaBN(...)``: the frozen norm layers',
+            before the first step. ``None``: never.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
