@@ -43,6 +43,8 @@ BENCHES = {"real": "EfficientNet-Lite0", "lite2": "EfficientNet-Lite2"}
 KS = {"real": (5, 10), "lite2": (5,)}
 """The K of each bench's transfer rows."""
 HEADER = ["backbone", "task", "K", "optimizer", "head lr", "first step per seed", "at fit start", "won", "decides"]
+WON = ("frozen", "batch")
+"""What :func:`winners` says of a setting: which of frozen and batch statistics ended ahead."""
 RATES = (("adamw", 1e-4), ("adamw", 1e-3), ("adamw", 3e-3), ("sgd", 1e-3), ("sgd", 1e-2), ("sgd", 3e-2))
 
 
@@ -126,6 +128,12 @@ def _percents(steps: Sequence[float | None]) -> str:
     return " ".join("-" if step is None else f"{step:.2%}" for step in steps)
 
 
+def _by_winner(rows: list[dict[str, Any]], steps: str) -> tuple[list[float], list[float]]:
+    """Every seed's ``steps`` (``"steps"`` or ``"at_start"``) where frozen statistics won, and where batch ones won."""
+    frozen, batch = ([step or 0.0 for row in rows if row["won"] == won for step in row[steps]] for won in WON)
+    return frozen, batch
+
+
 def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]) -> str:
     table = [
         [BENCHES[row["bench"]], row["task"], str(row["k"]), row["optimizer"], f"{row['lr']:g}",
@@ -134,8 +142,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
          "frozen" if max(step or 0.0 for step in row["steps"]) <= AUTO_STEP else "both"]
         for row in rows
     ]  # fmt: skip
-    slow = [step or 0.0 for row in rows if row["won"] == "frozen" for step in row["steps"]]
-    fast = [step or 0.0 for row in rows if row["won"] == "batch" for step in row["steps"]]
+    slow, fast = _by_winner(rows, "steps")
     gap = (
         f"Where frozen statistics won, the first steps measured at most {max(slow):.2%}; where batch statistics won, at"
         f' least {min(fast):.2%}. `bn="auto"`\'s line (`AUTO_STEP`) is {AUTO_STEP:.1%}.\n\n'
@@ -152,8 +159,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
         for optimizer, values in ratios.items()
         if values
     )
-    slow_start = [step or 0.0 for row in rows if row["won"] == "frozen" for step in row["at_start"]]
-    fast_start = [step or 0.0 for row in rows if row["won"] == "batch" for step in row["at_start"]]
+    slow_start, fast_start = _by_winner(rows, "at_start")
     if slow_start and fast_start:
         at_start += (
             f"; at most {max(slow_start):.2%} where frozen statistics won, at least {min(fast_start):.2%} where batch"
