@@ -64,7 +64,8 @@ def format_plan(
         table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics"
         table += (
             " (far from the source: before the first step, unless Adam or AdamW cannot move any release by more than"
-            f" {AUTO_STEP:.1%}; the source's come back if released ones stay frozen)."
+            f" {AUTO_STEP:.1%}; the source's come back after the first step if its gradients say the first release"
+            " will not move that far, or as released ones stay frozen)."
             if max_step == AUTO
             else "."
         )

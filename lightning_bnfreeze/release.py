@@ -20,20 +20,14 @@ from torch import nn
 
 from lightning_bnfreeze.checks import check_choice
 from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.first_step_estimates import RatedPart, first_step_bound, largest_lr
 from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import (
-    RELEASED,
-    MaxStep,
-    adam_step_bound,
-    momentum_of,
-    normalises_first_step,
-    step_now,
-)
+from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of, step_now
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -229,25 +223,23 @@ class Unfreezer:
 
     def first_step_bound(self) -> float | None:
         """Under Adam or AdamW, before any step: the most the first step of any release of the plan can move its
-        part's weights (:func:`~lightning_bnfreeze.step_size.adam_step_bound`), at the largest rate the head's group
-        names (``lr``, or the ``initial_lr``/``max_lr`` its schedulers start from or rise to) and the largest weight
-        decay; ``None`` under other optimizers, whose first step depends on the gradient.
+        part's weights (:func:`~lightning_bnfreeze.first_step_estimates.first_step_bound`, each part at its
+        :meth:`largest_rates`); ``None`` under other optimizers, whose first step depends on the gradient.
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
-        optimizer = self.groups.optimizer
-        if not normalises_first_step(optimizer):
-            return None
-        head = self.groups.head
-        head_lr = max(float(head.get(key) or 0.0) for key in ("lr", "initial_lr", "max_lr"))
-        decay = max(float(group.get("weight_decay") or 0.0) for group in optimizer.param_groups)
+        return first_step_bound(self.groups.optimizer, self.largest_rates(range(len(self.plan.releases))))
+
+    def largest_rates(self, releases: Iterable[int]) -> list[RatedPart]:
+        """Each part of ``releases``: its parameters and the largest rate it can start at, the head's
+        :func:`~lightning_bnfreeze.first_step_estimates.largest_lr` times ``lr_scale`` and the part's factor."""
+        head_lr = largest_lr(self.groups.head) * self.lr_scale
         params = dict(self.root.named_parameters())
-        parts = [part for release in self.plan.releases for part in release]
-        bounds = [
-            adam_step_bound((params[name] for name in part.params), head_lr * self.lr_scale * part.lr_factor, decay)
-            for part in parts
+        return [
+            ([params[name] for name in part.params], head_lr * part.lr_factor)
+            for index in releases
+            for part in self.plan.releases[index]
         ]
-        return max(bounds, default=0.0)
 
     def describe(self, record: ReleaseRecord) -> str:
         """One line for the log: when and why, each part with its parameters, learning rate and norm mode."""

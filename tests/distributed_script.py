@@ -17,6 +17,9 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
   release moves fast, so its norm layers train and every norm layer of the backbone is re-estimated then.
 - ``ddp_far``, ``fsdp_far``: the ``_auto`` runs on data far from the source: ``adapt="auto"`` re-estimates every
   norm layer of the backbone before the first step.
+- ``ddp_far_sgd``, ``fsdp_far_sgd``: the ``_far`` runs under momentum SGD at a small rate: the first release's weights
+  get gradients in the first step (each rank's own batch), which say that its first step will be small, on every
+  rank alike (the average of the ranks' gradients): the source's statistics come back after that step.
 - ``amp``: fp16 mixed precision with a gradient scaler (``MixedPrecision("16-mixed", "cpu")``): one batch of rank 1
   overflows in the gradient of a released layer only (not in the head's); every rank must skip that step.
 - ``ddp_unused``, ``fsdp_unused``: ``backbone.proj`` and ``backbone.extra`` are released at epoch 1; ``extra`` takes
@@ -45,6 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bnfreeze.distributed
 from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
+from tests.unfreeze_helpers import FirstStepEstimates
 
 RELEASES = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
 ACCELERATOR = os.environ.get("GU_TEST_ACCELERATOR", "cpu")
@@ -56,9 +60,10 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class ConvModel(pl.LightningModule):
-    def __init__(self, sharded: bool) -> None:
+    def __init__(self, sharded: bool, sgd: bool = False) -> None:
         super().__init__()
         self.sharded = sharded
+        self.sgd = sgd
         self.backbone = nn.Sequential(
             conv_block(3, 8), conv_block(8, 8), nn.MaxPool2d(2), conv_block(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
@@ -85,6 +90,8 @@ class ConvModel(pl.LightningModule):
         self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.sgd:
+            return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
         return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
 
 
@@ -150,12 +157,15 @@ class GroupsAtFitStart(Callback):
         self.names = [group.get("name") for group in trainer.optimizers[0].param_groups]
 
 
-class BuffersAtFirstStep(Callback):
-    """The model's buffers as the first training step finds them (behind ``GradualUnfreeze``)."""
+class BuffersAtFirstSteps(Callback):
+    """The model's buffers as the first and the second training step find them (behind ``GradualUnfreeze``)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, dict[str, Tensor]] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.global_step == 0:
-            self.buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        if trainer.global_step < 2 and trainer.global_step not in self.buffers:
+            self.buffers[trainer.global_step] = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
 
 class Backbone(nn.Module):
@@ -224,25 +234,26 @@ def unused_run(scenario: str) -> dict[str, Any]:
 def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 12, 12, generator=generator) * 3  # near the source (shift 0.58): later releases decay
-    if scenario.endswith("_far"):
+    if scenario.endswith(("_far", "_far_sgd")):
         x = x + 3  # far from it: adapt="auto" adapts the statistics before the first step
     y = torch.randint(0, 4, (32,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     torch.manual_seed(0)
     sharded = not scenario.startswith("ddp")
-    model = ConvModel(sharded)
+    model = ConvModel(sharded, sgd=scenario.endswith("_sgd"))
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     initial_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
-    probe, at_first_step = GroupsAtFitStart(), BuffersAtFirstStep()
-    if scenario.endswith(("_auto", "_far")):  # the defaults: bn="auto" decides, adapt="auto" re-estimates
+    probe, at_first_steps = GroupsAtFitStart(), BuffersAtFirstSteps()
+    if scenario.endswith(("_auto", "_far", "_far_sgd")):  # the defaults: bn="auto" decides, adapt="auto" re-estimates
         unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5)
     else:
         unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=AdaBN(2))
-    callbacks = [unfreeze, BNFreezeCallback(), probe, at_first_step]
+    callbacks = [unfreeze, BNFreezeCallback(), probe, at_first_steps]
     fit = trainer(strategy, 2 if scenario == "fsdp_stop" else 3, callbacks, limit_val_batches=1)
     checkpoint = out_dir / "fsdp_checkpoint"
-    fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
+    with FirstStepEstimates() as estimates:
+        fit.fit(model, loader, loader, ckpt_path=checkpoint if scenario == "fsdp_resume" else None)
     if scenario == "fsdp_stop":
         fit.save_checkpoint(checkpoint)
     return {
@@ -250,7 +261,9 @@ def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "final": {name: full(p) for name, p in model.named_parameters()},
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
         "initial_buffers": initial_buffers,
-        "buffers_at_first_step": getattr(at_first_step, "buffers", {}),
+        "buffers_at_first_step": at_first_steps.buffers.get(0, {}),
+        "buffers_at_second_step": at_first_steps.buffers.get(1, {}),
+        "estimates": estimates,
         "train_norms": [list(record.train_norms) for record in unfreeze.history],
         "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
         "groups_at_fit_start": probe.names,

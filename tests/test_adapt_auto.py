@@ -4,7 +4,9 @@ that released norm layers train, at that step and only then."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import AdaBN, GradualUnfreeze, Schedule
 from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
 from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
 from tests.helpers import QUIET_TRAINER_ARGS
+from tests.unfreeze_helpers import FirstStepEstimates
 
 RELEASE_EPOCH = 1
 BATCHES = 3  # per epoch
@@ -26,15 +31,19 @@ DECISION_STEP = RELEASE_EPOCH * BATCHES + 1  # steps done once the release's fir
 FAST, SLOW = 0.02, 1e-4  # Adam: the released conv's first step moves it by several % (> 0.5 %: train), 0.05 %
 
 
-class UnboundedAdam(torch.optim.Adam):
-    """Adam's steps under another type: an optimizer whose first step the library does not bound before it is taken
-    (as SGD's, which depends on the gradient)."""
+MOMENTUM_SGD = functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=1e-4)
+SGD_FAST, SGD_SLOW = 1e-2, 1e-3  # the released conv's first step: 1.7 % (> 0.5 %: train), 0.17 %
 
 
 class TwoNorms(pl.LightningModule):
-    """A frozen backbone: its first norm layer stays frozen, the conv and norm layer after it are released."""
+    """A frozen backbone: its first norm layer stays frozen, the conv and norm layer after it are released.
 
-    def __init__(self, lr: float, optimizer: type[torch.optim.Adam] = torch.optim.Adam) -> None:
+    ``release_lr``: the rate drops from ``lr`` to it as the release comes (a ``StepLR``).
+    """
+
+    def __init__(
+        self, lr: float, optimizer: Callable[..., Optimizer] = torch.optim.Adam, release_lr: float | None = None
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.backbone = nn.Sequential(
@@ -43,6 +52,7 @@ class TwoNorms(pl.LightningModule):
         self.head = nn.Linear(4, 2)
         self.lr = lr
         self.optimizer = optimizer
+        self.release_lr = release_lr
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x).flatten(1))
@@ -50,8 +60,12 @@ class TwoNorms(pl.LightningModule):
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters(), lr=self.lr)  # a first step of ``lr`` per weight
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters(), lr=self.lr)  # Adam: a first step of ``lr`` per weight
+        if self.release_lr is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, RELEASE_EPOCH, gamma=self.release_lr / self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def norms(self) -> list[nn.BatchNorm2d]:
         return [self.backbone[0], self.backbone[2]]
@@ -95,11 +109,16 @@ def unfreeze(adapt: Any = "auto", bn: str = "auto") -> GradualUnfreeze:
 
 
 def fit(
-    model: pl.LightningModule, callbacks: list[pl.Callback], epochs: int = 2, ckpt_path: Path | None = None
+    model: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    epochs: int = 2,
+    ckpt_path: Path | None = None,
+    **trainer_args: Any,
 ) -> None:
     checkpointing = any(isinstance(callback, ModelCheckpoint) for callback in callbacks)
     trainer = pl.Trainer(
-        callbacks=callbacks, **{**QUIET_TRAINER_ARGS, "max_epochs": epochs, "enable_checkpointing": checkpointing}
+        callbacks=callbacks,
+        **{**QUIET_TRAINER_ARGS, "max_epochs": epochs, "enable_checkpointing": checkpointing, **trainer_args},
     )
     trainer.fit(model, data(), ckpt_path=ckpt_path)
 
@@ -281,7 +300,8 @@ def test_far_from_the_source_the_head_s_first_step_sees_the_target_s_statistics_
 
 
 def test_far_from_the_source_the_source_statistics_come_back_when_released_norm_layers_keep_frozen_ones() -> None:
-    model, at_start, found, callback = TwoNorms(SLOW, UnboundedAdam), AtFirstStep(), Found(), far()
+    """Adam at a rate that could move the release past the line before the first step, not at the release."""
+    model, at_start, found, callback = TwoNorms(FAST, release_lr=SLOW), AtFirstStep(), Found(), far()
     source = statistics(model)
 
     fit(model, [callback, at_start, found])
@@ -347,9 +367,10 @@ def test_near_the_source_nothing_is_adapted_before_the_first_step() -> None:
 def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_from_the_checkpoint(
     tmp_path: Path, keep: bool
 ) -> None:
-    uninterrupted = TwoNorms(SLOW, UnboundedAdam)
+    uninterrupted = TwoNorms(FAST, release_lr=SLOW)
     fit(uninterrupted, [far()], epochs=2)
-    fit(TwoNorms(SLOW, UnboundedAdam), [far(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], epochs=RELEASE_EPOCH)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(TwoNorms(FAST, release_lr=SLOW), [far(), checkpoint], epochs=RELEASE_EPOCH)
     path = tmp_path / "last.ckpt"
     saved = torch.load(path, weights_only=True)
     (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
@@ -358,8 +379,120 @@ def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_fro
         state["source_statistics"] = None
         torch.save(saved, path)
 
-    resumed = TwoNorms(SLOW, UnboundedAdam)
+    resumed = TwoNorms(FAST, release_lr=SLOW)
     fit(resumed, [far()], epochs=2, ckpt_path=path)
 
     same = all(torch.equal(resumed.state_dict()[name], value) for name, value in uninterrupted.state_dict().items())
     assert same == keep
+
+
+# ------------------------------------------------------ far from the source under SGD: the first step's gradients
+
+
+class AtSecondStep(pl.Callback):
+    """After ``GradualUnfreeze`` in the callbacks, as the second step starts: the statistics, and the weight of the
+    conv to be released, whether it requires grad and has a gradient."""
+
+    def __init__(self) -> None:
+        self.statistics: list[tuple[Tensor, Tensor]] = []
+        self.weight = torch.empty(0)
+        self.requires_grad = self.has_grad = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
+        if trainer.global_step == 1 and not self.statistics:
+            weight = pl_module.backbone[1].weight
+            self.statistics = statistics(pl_module)
+            self.weight, self.requires_grad = weight.detach().clone(), weight.requires_grad
+            self.has_grad = weight.grad is not None
+
+
+@pytest.fixture
+def estimates() -> Iterator[list[float]]:
+    with FirstStepEstimates() as found:
+        yield found
+
+
+def test_far_from_the_source_under_sgd_the_source_statistics_come_back_after_the_first_step_if_it_says_frozen(
+    estimates: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, at_start, second, found, callback = (
+        TwoNorms(SGD_SLOW, MOMENTUM_SGD),
+        AtFirstStep(),
+        AtSecondStep(),
+        Found(),
+        far(),
+    )
+    source, weight = statistics(model), model.backbone[1].weight.detach().clone()
+
+    with caplog.at_level(logging.INFO):
+        fit(model, [callback, at_start, second, found])
+
+    assert not torch.equal(at_start.statistics[0][0], source[0][0])  # adapted for the head's first step
+    (estimate,) = estimates
+    assert SMALLEST_REFERENCE < estimate < AUTO_STEP
+    assert_statistics_equal(second.statistics, source)  # then the source's, bitwise, both layers
+    assert torch.equal(second.weight, weight) and not second.requires_grad and not second.has_grad  # not stepped
+    assert callback.history[0].train_norms == (False, False)  # as the release's own first step decides
+    assert callback.first_step is not None and callback.first_step < AUTO_STEP
+    assert_statistics_equal(found.statistics, source)
+    (said,) = [r.getMessage() for r in caplog.records if "source's again" in r.getMessage()]
+    assert (
+        f"from the first step's gradients, the first release's first step would move its weights by {estimate:.2%}"
+        in said
+    )
+
+
+def test_far_from_the_source_under_sgd_the_statistics_stay_the_target_s_if_the_first_step_says_train(
+    estimates: list[float],
+) -> None:
+    model, at_start, second, callback = TwoNorms(SGD_FAST, MOMENTUM_SGD), AtFirstStep(), AtSecondStep(), far()
+
+    fit(model, [callback, at_start, second])
+
+    (estimate,) = estimates
+    assert estimate > AUTO_STEP
+    assert_statistics_equal(second.statistics, at_start.statistics)
+    assert not second.requires_grad and not second.has_grad
+    assert callback.history[0].train_norms == (True, True)
+    assert callback._running().source_statistics is None
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_first_step_s_estimate_is_the_step_the_first_release_takes_from_the_same_gradients(
+    estimates: list[float], accumulate: int
+) -> None:
+    """The same fit with the release at the first step instead: the step it takes (measured) is the estimate."""
+    fit(TwoNorms(SGD_SLOW, MOMENTUM_SGD), [far()], accumulate_grad_batches=accumulate)
+    released_first = GradualUnfreeze(what=Schedule({0: ["backbone.1", "backbone.2"]}))
+    fit(TwoNorms(SGD_SLOW, MOMENTUM_SGD), [released_first], epochs=1, accumulate_grad_batches=accumulate)
+
+    (estimate,) = estimates  # none when the first release comes first
+    assert released_first.first_step == pytest.approx(estimate, rel=2e-4)  # measured: float32 weights' difference
+
+
+def test_under_a_gradient_scaler_the_first_step_s_estimate_is_from_the_unscaled_gradients(
+    estimates: list[float],
+) -> None:
+    fit(TwoNorms(SGD_SLOW, MOMENTUM_SGD), [far()], epochs=1)
+    fit(TwoNorms(SGD_SLOW, MOMENTUM_SGD), [far()], epochs=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+    plain, scaled = estimates
+    assert scaled == pytest.approx(plain, rel=0.05)  # fp16; the scaler's 65536 is divided out
+
+
+class SkipsTheFirstBatch(TwoNorms):
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor | None:
+        return None if self.global_step == 0 and batch_idx == 0 else super().training_step(batch, batch_idx)
+
+
+def test_a_first_step_without_gradients_leaves_the_released_weights_frozen_and_the_statistics_adapted(
+    estimates: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, at_start, second = SkipsTheFirstBatch(SGD_SLOW, MOMENTUM_SGD), AtFirstStep(), AtSecondStep()
+    with caplog.at_level(logging.INFO):
+        fit(model, [far(), at_start, second], epochs=1)
+    (estimate,) = estimates
+    assert estimate < SMALLEST_REFERENCE  # weight decay alone: nothing to decide from
+    (said,) = [r.getMessage() for r in caplog.records if "stay the target's" in r.getMessage()]
+    assert "the first step's gradients did not say; the first release's own first step decides" in said
+    assert not second.requires_grad and not second.has_grad
+    assert_statistics_equal(second.statistics, at_start.statistics)

@@ -37,6 +37,8 @@ from lightning_bnfreeze.compile import (
     whole_model_budget,
 )
 from lightning_bnfreeze.internals import compiled_call, compiled_original, recompile_limits, set_recompile_limits
+from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
+from tests.unfreeze_helpers import FirstStepEstimates
 
 pytestmark = pytest.mark.skipif(
     not RequirementCache(compiling.REGIONS_NEED), reason=f"regional compilation needs {compiling.REGIONS_NEED}"
@@ -328,6 +330,42 @@ def test_the_forward_order_check_and_adabn_compile_no_graph() -> None:
     assert order.index("backbone.stem") < order.index("backbone.blocks.0") < order.index("head")
     model(x)  # control: the model itself is compiled
     assert (compile_counts() - before).graphs > 0
+
+
+# ------------------------------------------------------------ far from the source under SGD: the first step's probe
+
+
+class SlowSGD(Model):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=2e-4, momentum=0.9)
+
+
+def far_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 8, 8, generator=generator) * 4 + 6  # far from the source: adapted for the head
+    return DataLoader(TensorDataset(x, torch.randint(0, 4, (16,), generator=generator)), batch_size=8)
+
+
+@pytest.mark.parametrize("how", ["regions", "whole model"])
+def test_the_first_step_s_gradients_for_the_first_release_are_read_as_in_the_eager_run_when_compiled(how: str) -> None:
+    """Far from the source under SGD, the first release's weights get gradients in the first step only: the
+    compiled fit reads the eager one's estimate, puts the source's statistics back, never falls back to eager."""
+    finals, counts = [], []
+    with FirstStepEstimates() as estimates:
+        for compiled in (False, True):
+            model, source = SlowSGD(), SlowSGD().backbone.stem.bn.running_mean.clone()
+            callback = GradualUnfreeze(compile={"backend": "eager"} if compiled and how == "regions" else False)
+            before = compile_counts()
+            wrapped = torch.compile(model, backend="eager") if compiled and how == "whole model" else model
+            quiet_trainer(2, [callback]).fit(wrapped, far_loader(), far_loader())
+            counts.append(compile_counts() - before)
+            finals.append({name: p.detach().clone() for name, p in model.named_parameters()})
+            assert torch.equal(model.backbone.stem.bn.running_mean, source)  # never released: the source's again
+    eager, compiled_estimate = estimates
+    assert SMALLEST_REFERENCE < eager < AUTO_STEP
+    assert compiled_estimate == pytest.approx(eager, rel=1e-6)
+    assert counts[1].graphs > 0 and counts[1].limit_hits == 0
+    assert max_difference(finals[1], finals[0]) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------- compile_blocks

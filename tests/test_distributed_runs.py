@@ -18,15 +18,16 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
-from lightning_bnfreeze.step_size import NEAR_DECAY
+from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
-FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far") if FSDP2_ON_CPU else ()
+FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far", "fsdp_far_sgd") if FSDP2_ON_CPU else ()
 SCENARIOS = (
-    "ddp", "ddp_auto", "ddp_far", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ())
+    "ddp", "ddp_auto", "ddp_far", "ddp_far_sgd", *FSDP2_RUNS,
+    "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()),
 )  # fmt: skip
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
@@ -136,6 +137,26 @@ def test_far_from_the_source_adapt_auto_re_estimates_every_rank_s_batches_before
     assert max_difference(ddp["final"], ddp_rank1["final"]) == 0.0
     for fsdp, fsdp_rank1 in sharded:  # under FSDP2 as under DDP
         assert max_difference({name: fsdp["buffers_at_first_step"][name] for name in statistics}, statistics) < 1e-5
+        assert fsdp["train_norms"] == ddp["train_norms"]
+        assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
+        assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
+
+
+def test_far_from_the_source_under_sgd_the_first_step_s_averaged_gradients_bring_the_source_statistics_back(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    (ddp, ddp_rank1), *sharded = runs["ddp_far_sgd"], *([runs["fsdp_far_sgd"]] if FSDP2_ON_CPU else [])
+    (estimate,) = ddp["estimates"]
+    assert SMALLEST_REFERENCE < estimate <= AUTO_STEP
+    assert ddp_rank1["estimates"] == [estimate]  # from both ranks' gradients: each rank's batch differs
+    statistics = {name: b for name, b in ddp["buffers_at_second_step"].items() if ".running_" in name}
+    assert all(not torch.equal(ddp["buffers_at_first_step"][name], b) for name, b in statistics.items())
+    assert all(torch.equal(ddp["initial_buffers"][name], b) for name, b in statistics.items())  # the source's
+    assert ddp["train_norms"] == [[False], [False]]
+    assert max_difference(ddp["final"], ddp_rank1["final"]) == 0.0
+    for fsdp, fsdp_rank1 in sharded:  # under FSDP2 as under DDP
+        assert fsdp["estimates"] == fsdp_rank1["estimates"] == [pytest.approx(estimate, rel=1e-5)]
+        assert max_difference({name: fsdp["buffers_at_second_step"][name] for name in statistics}, statistics) == 0
         assert fsdp["train_norms"] == ddp["train_norms"]
         assert max_difference(fsdp["final"], ddp["final"]) < 1e-5
         assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0

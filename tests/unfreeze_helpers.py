@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bnfreeze import GradualUnfreeze, Moment, Trigger
+from lightning_bnfreeze.first_step_estimates import GradientProbe
 from tests import helpers
 from tests.helpers import NormForwardRecorder, randomize_norm_stats
 
@@ -357,3 +358,22 @@ class EpochProbe(Callback):
 
     def changed_in_epoch(self, key: str, epoch: int) -> bool:
         return not torch.equal(self.states[epoch][key], self.states[epoch + 1][key])
+
+
+class FirstStepEstimates:
+    """Within a ``with`` block, each first step a :class:`~lightning_bnfreeze.first_step_estimates.GradientProbe`
+    computes (the list it returns)."""
+
+    def __enter__(self) -> list[float]:
+        found: list[float] = []
+        self._step = step = GradientProbe.step
+
+        def recorded(probe: GradientProbe, *args: Any, **kwargs: Any) -> float:
+            found.append(step(probe, *args, **kwargs))
+            return found[-1]
+
+        GradientProbe.step = recorded  # type: ignore[method-assign]
+        return found
+
+    def __exit__(self, *exc: object) -> None:
+        GradientProbe.step = self._step  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_bnfreeze.adapt import AdaBN, restore_norm_statistics, saved_norm_statistics
 from lightning_bnfreeze.callbacks.adaptation import (
@@ -22,11 +23,12 @@ from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
+from lightning_bnfreeze.first_step_estimates import GradientProbe
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
-from lightning_bnfreeze.step_size import AUTO_STEP
+from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
 
 __all__ = ["FitReleases"]
 
@@ -51,6 +53,8 @@ class FitReleases:
         self.on_training_norms = on_training_norms
         self.source_statistics: list[tuple[Tensor, Tensor]] | None = None  # adapted for the head: the source's
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
+        self._probe_due = False  # adapted for the head under an optimizer whose first step is not bounded
+        self._probe: GradientProbe | None = None  # the first release's gradients in the first optimizer step
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -68,8 +72,12 @@ class FitReleases:
         """``adapt="auto"`` with ``bn="auto"`` far from the source: every norm layer of the backbone takes the target's
         statistics before the first step, so that the head fits features normalised as they will be once released
         norm layers train; the source's are kept (:attr:`source_statistics`) and come back if they stay frozen.
-        Not when the optimizer's first steps are known to stay small enough for frozen statistics
-        (:meth:`~lightning_bnfreeze.release.Unfreezer.first_step_bound`): the head then fits the source's."""
+
+        Not when the released norm layers are known to keep frozen statistics: under Adam or AdamW when no release's
+        first step can pass :data:`~lightning_bnfreeze.step_size.AUTO_STEP`
+        (:meth:`~lightning_bnfreeze.release.Unfreezer.first_step_bound`), the head then fits the source's; under
+        other optimizers the first release's weights get gradients in the first optimizer step, and the source's
+        come back after it if the first step they give is that small (:meth:`before_optimizer_step`)."""
         config, layers, pl_module = self.on_training_norms, self._backbone_layers(), trainer.lightning_module
         if config is None or self.unfreezer.bn != "auto" or not layers or not runs_on_batches(pl_module):
             return
@@ -84,11 +92,42 @@ class FitReleases:
             )
             return
         self.source_statistics = saved_norm_statistics(layers)
+        self._probe_due = bound is None
         why = (
             ": the backbone's, far from its source, before the first step (adapt='auto'); the source's come back if"
             " the released norm layers keep frozen statistics"
         )
         adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
+
+    def before_optimizer_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+        """The first optimizer step of a fit adapted for the head under an optimizer whose first step is not bounded:
+        the first step the first release would take from this step's gradients (:class:`GradientProbe`); at most
+        :data:`~lightning_bnfreeze.step_size.AUTO_STEP` on every rank, the source's statistics come back now, as the
+        released norm layers are then to keep frozen ones (``bn="auto"`` still decides from the release's own
+        first step, and adapts again if it is larger)."""
+        probe, self._probe = self._probe, None
+        if probe is None or optimizer is not self.unfreezer.groups.optimizer:
+            self._probe = probe
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        try:
+            step = probe.step(
+                self.unfreezer.groups.head, lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"), scale
+            )
+        finally:
+            probe.close()
+        would = f"from the first step's gradients, the first release's first step would move its weights by {step:.2%}"
+        if trainer.strategy.reduce_boolean_decision(SMALLEST_REFERENCE < step <= AUTO_STEP, all=True):
+            why = f"{would} (<= {AUTO_STEP:.1%}), so the released norm layers will keep frozen statistics (bn='auto')"
+            self._restore_source_statistics(trainer, why)
+            return
+        why = f"{would} (> {AUTO_STEP:.1%})" if step > AUTO_STEP else "the first step's gradients did not say"
+        announce(
+            trainer,
+            f"GradualUnfreeze: the backbone's norm statistics stay the target's (adapt='auto'): {why}; the first"
+            " release's own first step decides (bn='auto').",
+        )
 
     def advance(self, trainer: pl.Trainer, checked_at: str) -> None:
         """Release what the trigger says is due at this moment (``"epoch"`` or ``"step"`` checks)."""
@@ -100,14 +139,20 @@ class FitReleases:
             self._released(trainer, record)
 
     def before_step(self, trainer: pl.Trainer) -> None:
-        """Step-timed releases, norm layers left by a release during validation, the first-step measure."""
+        """Step-timed releases, norm layers left by a release during validation, the first-step measure; at the
+        first step, the first release's gradients if :meth:`before_optimizer_step` is to read them."""
         self.advance(trainer, "step")
         if self._unsettled:
             self._settle(trainer)
         self.unfreezer.before_step(trainer.global_step)
+        if self._probe_due and not self.unfreezer.history:  # not if the first release came first
+            self._probe = GradientProbe(self.unfreezer.largest_rates([0]))
+        self._probe_due = False
 
     def after_step(self, trainer: pl.Trainer) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
+        if trainer.global_step > 0:  # not read by the first optimizer step (another optimizer's): undecided
+            self._close_probe()
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
         for note in notes:
@@ -128,15 +173,31 @@ class FitReleases:
         for the head); if adapted for the head and the released norm layers stay frozen, the source's come back."""
         if self.source_statistics is not None:
             if not norms_train:
-                restore_norm_statistics(self._backbone_layers(), self.source_statistics)
-                announce(
-                    trainer,
-                    "GradualUnfreeze: the released norm layers keep frozen statistics: the backbone's are the"
-                    " source's again (adapt='auto').",
-                )
+                self._restore_source_statistics(trainer, "the released norm layers keep frozen statistics")
             self.source_statistics = None
         elif norms_train:
             self._adapt_as_norms_start_training(trainer)
+
+    def close(self) -> None:
+        """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients."""
+        self._close_probe()
+        self.unfreezer.close()
+        self.unfreezer.norms = None
+
+    def _close_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    def _restore_source_statistics(self, trainer: pl.Trainer, why: str) -> None:
+        """The source's statistics, adapted for the head, come back to the backbone; ``why`` says why."""
+        assert self.source_statistics is not None
+        restore_norm_statistics(self._backbone_layers(), self.source_statistics)
+        self.source_statistics = None
+        self._statistics_changed()
+        announce(
+            trainer, f"GradualUnfreeze: the backbone's norm statistics are the source's again (adapt='auto'): {why}."
+        )
 
     def _backbone_layers(self) -> list[NormBase]:
         """Every norm layer of the backbone that keeps running statistics."""

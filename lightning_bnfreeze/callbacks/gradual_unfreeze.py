@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_bnfreeze.adapt import AdaBN
@@ -93,8 +94,10 @@ class GradualUnfreeze(NormFreezingCallback):
             normalised as they will be; the source's come back if ``bn="auto"`` decides that released norm layers
             keep frozen statistics; not under ``Adam`` or ``AdamW`` when no release's first step can move its weights
             by more than :data:`~lightning_bnfreeze.step_size.AUTO_STEP` (known before it is taken: at most ``lr``
-            per element), as ``bn="auto"`` will then keep frozen statistics. ``AdaBN(...)``: the frozen norm layers',
-            before the first step. ``None``: never.
+            per element), as ``bn="auto"`` will then keep frozen statistics; under other optimizers (SGD) the first
+            release's weights get gradients in the first optimizer step (not a step), and the source's statistics
+            come back right after it if the first step they give is that small. ``AdaBN(...)``: the frozen norm
+            layers', before the first step. ``None``: never.
         optimizer_index: which of ``trainer.optimizers`` receives the released groups. ``None``: the only
             optimizer, or the one that holds backbone parameters. Backbone parameters leave every other one.
         max_step: a cap on a released block's first optimizer step (relative to its weights), kept by scaling its
@@ -335,6 +338,12 @@ class GradualUnfreeze(NormFreezingCallback):
             self._fit.check_metrics(trainer)
 
     @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self._running().before_optimizer_step(trainer, optimizer)
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before a gradient scaler checks for infs: every rank then skips the same steps.
         self._running().unfreezer.after_backward()
@@ -353,8 +362,7 @@ class GradualUnfreeze(NormFreezingCallback):
         forget_checkpoint_hook(trainer.strategy)  # a fit that failed before training started
         self._compilation.close()
         if self._fit is not None:
-            self._fit.unfreezer.close()
-            self._fit.unfreezer.norms = None
+            self._fit.close()
 
     # ------------------------------------------------------------------------------- for other callbacks
 
