@@ -36,14 +36,17 @@ RELEASED_AT = {"backbone.3": 3, "backbone.1": 5, "backbone.0": 5}
 
 class BatchProbe(Callback):
     """At every training batch (after GradualUnfreeze's hooks): the global step, the optimizer's released groups, and
-    whether ``backbone.3`` trains in that batch's forward and backward."""
+    whether ``backbone.3`` trains in that batch's step (its weight requires grad and is the optimizer's; far from the
+    source under SGD it gets a gradient in the first step, not a step)."""
 
     def __init__(self) -> None:
         self.records: list[tuple[int, list[str], bool]] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         names = [str(group.get("name")) for group in trainer.optimizers[0].param_groups[1:]]
-        trains = pl_module.get_submodule("backbone.3").get_parameter("0.weight").requires_grad
+        weight = pl_module.get_submodule("backbone.3").get_parameter("0.weight")
+        held = any(weight is param for group in trainer.optimizers[0].param_groups for param in group["params"])
+        trains = weight.requires_grad and held
         self.records.append((trainer.global_step, names, trains))
 
 
