@@ -105,10 +105,10 @@ class FitReleases:
         :data:`~lightning_bnfreeze.step_size.AUTO_STEP` on every rank, the source's statistics come back now, as the
         released norm layers are then to keep frozen ones (``bn="auto"`` still decides from the release's own
         first step, and adapts again if it is larger)."""
-        probe, self._probe = self._probe, None
+        probe = self._probe
         if probe is None or optimizer is not self.unfreezer.groups.optimizer:
-            self._probe = probe
             return
+        self._probe = None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         try:
