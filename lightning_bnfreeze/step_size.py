@@ -34,9 +34,9 @@ AUTO_STEP = 0.005
 holding: the line of ``bn="auto"``'s first decision and of the warnings about frozen statistics at large rates and
 batch statistics at small ones. On the real-weights benchmarks (EfficientNet-Lite0 and -Lite2, ``digits`` and
 ``textures``, K=5 and 10) fine-tuning with frozen statistics collapsed at the head learning rates whose first release's
-first step measured 0.86% or more, and batch statistics lost to frozen ones at those where it measured 0.35% or less
-(``benchmarks/first_steps.md``, from the rows of ``benchmarks/transfer_real.md`` and ``transfer_lite2.md``); the
-line sits in that gap."""
+first step measured 0.86% or more, and batch statistics lost to frozen ones at those where it measured 0.21% or less
+(0.89% and 0.35% computed at fit start, from the first batch; ``benchmarks/first_steps.md``, from the rows of
+``benchmarks/transfer_real.md`` and ``transfer_lite2.md``); the line sits in that gap."""
 
 STOP_STEP = 0.002
 """``bn="auto"``, once released norm layers train: a later release whose first step moves its weights by less than
