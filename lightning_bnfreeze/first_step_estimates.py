@@ -44,7 +44,7 @@ class GradientProbe:
 
     Construction sets ``requires_grad`` on the weights (``ndim >= 2``) of ``parts`` that are frozen; :meth:`step`
     reads the gradients the backward passes left; :meth:`close` drops them and freezes the weights again (call it
-    before the optimizer steps, whatever happened).
+    before the optimizer steps, whatever happened), or :meth:`drop_gradients` to read another step's.
 
     Example::
 
@@ -85,9 +85,15 @@ class GradientProbe:
         steps = [step_now([({**options, "params": weights}, lr)]) for weights, lr in self._parts]
         return max(steps, default=0.0) / (1.0 - momentum_of(options)) if all(map(math.isfinite, steps)) else math.nan
 
-    def close(self) -> None:
-        """Drop the gradients and freeze the weights again."""
+    def drop_gradients(self) -> None:
+        """Drop the gradients (the weights keep ``requires_grad``: another step's backward passes may be read)."""
         for weights, _ in self._parts:
             for weight in weights:
                 weight.grad = None
+
+    def close(self) -> None:
+        """Drop the gradients and freeze the weights again."""
+        self.drop_gradients()
+        for weights, _ in self._parts:
+            for weight in weights:
                 weight.requires_grad_(False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -390,16 +391,17 @@ def test_a_fit_resumed_before_the_decision_brings_the_source_statistics_back_fro
 
 
 class AtSecondStep(pl.Callback):
-    """After ``GradualUnfreeze`` in the callbacks, as the second step starts: the statistics, and the weight of the
-    conv to be released, whether it requires grad and has a gradient."""
+    """After ``GradualUnfreeze`` in the callbacks, as the second step (or optimizer step ``step``) starts: the
+    statistics, and the weight of the conv to be released, whether it requires grad and has a gradient."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
         self.statistics: list[tuple[Tensor, Tensor]] = []
         self.weight = torch.empty(0)
         self.requires_grad = self.has_grad = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int) -> None:
-        if trainer.global_step == 1 and not self.statistics:
+        if trainer.global_step == self.step and not self.statistics:
             weight = pl_module.backbone[1].weight
             self.statistics = statistics(pl_module)
             self.weight, self.requires_grad = weight.detach().clone(), weight.requires_grad
@@ -496,3 +498,31 @@ def test_a_first_step_without_gradients_leaves_the_released_weights_frozen_and_t
     assert "the first step's gradients did not say; the first release's own first step decides" in said
     assert not second.requires_grad and not second.has_grad
     assert_statistics_equal(second.statistics, at_start.statistics)
+
+
+class OverflowsFirst(TwoNorms):
+    """Its first step's fp16 gradients overflow: a gradient scaler skips that step."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e9 if self.global_step == 0 else loss
+
+
+def test_a_first_step_a_gradient_scaler_skips_leaves_the_decision_to_the_first_one_it_takes(
+    estimates: list[float],
+) -> None:
+    model, at_start, second, third = (
+        OverflowsFirst(SGD_SLOW, MOMENTUM_SGD),
+        AtFirstStep(),
+        AtSecondStep(),
+        AtSecondStep(2),
+    )
+    source, weight = statistics(model), model.backbone[1].weight.detach().clone()
+    fit(model, [far(), at_start, second, third], epochs=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+
+    skipped, taken = estimates
+    assert math.isnan(skipped) and SMALLEST_REFERENCE < taken < AUTO_STEP
+    assert_statistics_equal(second.statistics, at_start.statistics)  # undecided after the skipped step
+    assert second.requires_grad and not second.has_grad  # waiting for the next step's gradients
+    assert_statistics_equal(third.statistics, source)
+    assert torch.equal(third.weight, weight) and not third.requires_grad and not third.has_grad

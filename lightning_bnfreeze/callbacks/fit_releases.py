@@ -4,6 +4,7 @@ only call this."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
@@ -55,6 +56,7 @@ class FitReleases:
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
         self._probe_due = False  # adapted for the head under an optimizer whose first step is not bounded
         self._probe: GradientProbe | None = None  # the first release's gradients in the first optimizer step
+        self._probe_waits = False  # for the next step's: a gradient scaler skips this one (an overflow)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -104,19 +106,26 @@ class FitReleases:
         the first step the first release would take from this step's gradients (:class:`GradientProbe`); at most
         :data:`~lightning_bnfreeze.step_size.AUTO_STEP` on every rank, the source's statistics come back now, as the
         released norm layers are then to keep frozen ones (``bn="auto"`` still decides from the release's own
-        first step, and adapts again if it is larger)."""
+        first step, and adapts again if it is larger). A step that a gradient scaler skips (an overflow) leaves the
+        decision to the first one it takes."""
         probe = self._probe
         if probe is None or optimizer is not self.unfreezer.groups.optimizer:
             return
-        self._probe = None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         try:
             step = probe.step(
-                self.unfreezer.groups.head, lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"), scale
+                self.unfreezer.groups.head, lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"), scale or 1.0
             )
-        finally:
-            probe.close()
+        except BaseException:
+            self._close_probe()
+            raise
+        overflow = trainer.strategy.reduce_boolean_decision(not math.isfinite(step), all=False)
+        self._probe_waits = scale is not None and overflow
+        if self._probe_waits:  # a step the gradient scaler skips: the first one it takes decides
+            probe.drop_gradients()
+            return
+        self._close_probe()
         would = f"from the first step's gradients, the first release's first step would move its weights by {step:.2%}"
         if trainer.strategy.reduce_boolean_decision(SMALLEST_REFERENCE < step <= AUTO_STEP, all=True):
             why = f"{would} (<= {AUTO_STEP:.1%}), so the released norm layers will keep frozen statistics (bn='auto')"
@@ -145,13 +154,15 @@ class FitReleases:
         if self._unsettled:
             self._settle(trainer)
         self.unfreezer.before_step(trainer.global_step)
-        if self._probe_due and not self.unfreezer.history:  # not if the first release came first
+        if self.unfreezer.history:  # a release came first: its own first step decides
+            self._close_probe()
+        if self._probe_due and not self.unfreezer.history:
             self._probe = GradientProbe(self.unfreezer.largest_rates([0]))
         self._probe_due = False
 
     def after_step(self, trainer: pl.Trainer) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
-        if trainer.global_step > 0:  # not read by the first optimizer step (another optimizer's): undecided
+        if trainer.global_step > 0 and not self._probe_waits:  # not read by the first optimizer step: undecided
             self._close_probe()
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
@@ -188,6 +199,7 @@ class FitReleases:
         if self._probe is not None:
             self._probe.close()
             self._probe = None
+        self._probe_waits = False
 
     def _restore_source_statistics(self, trainer: pl.Trainer, why: str) -> None:
         """The source's statistics, adapted for the head, come back to the backbone; ``why`` says why."""
