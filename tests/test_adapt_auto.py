@@ -526,3 +526,33 @@ def test_a_first_step_a_gradient_scaler_skips_leaves_the_decision_to_the_first_o
     assert second.requires_grad and not second.has_grad  # waiting for the next step's gradients
     assert_statistics_equal(third.statistics, source)
     assert torch.equal(third.weight, weight) and not third.requires_grad and not third.has_grad
+
+
+def test_a_fit_resumed_after_a_skipped_first_step_reads_the_next_one_as_the_uninterrupted_fit(tmp_path: Path) -> None:
+    """One step per epoch, the release at epoch 2: the checkpoint after the step the scaler skipped (epoch 0) keeps
+    that the first release's gradients are still to be read (without it, the resumed fit keeps the adapted
+    statistics, and its buffers differ)."""
+
+    def run(callbacks: list[pl.Callback], ckpt_path: Path | None = None) -> OverflowsFirst:
+        model, late = OverflowsFirst(SGD_SLOW, MOMENTUM_SGD), Schedule({2: ["backbone.1", "backbone.2"]})
+        precision = MixedPrecision("16-mixed", "cpu")
+        fit(
+            model,
+            [GradualUnfreeze(what=late), *callbacks],
+            2,
+            ckpt_path,
+            plugins=[precision],
+            accumulate_grad_batches=BATCHES,
+        )
+        return model
+
+    uninterrupted = run([])
+    run([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")])
+    saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+    (state,) = (value for key, value in saved["callbacks"].items() if key.startswith("GradualUnfreeze"))
+    assert state["first_step_gradients"] is True and saved["global_step"] == 1
+
+    resumed = run([], ckpt_path=tmp_path / "epoch=0.ckpt")
+
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

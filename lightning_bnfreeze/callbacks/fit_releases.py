@@ -56,7 +56,7 @@ class FitReleases:
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
         self._probe_due = False  # adapted for the head under an optimizer whose first step is not bounded
         self._probe: GradientProbe | None = None  # the first release's gradients in the first optimizer step
-        self._probe_waits = False  # for the next step's: a gradient scaler skips this one (an overflow)
+        self._probe_step = 0  # the optimizer step whose gradients it reads (the next one after a skipped step)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -101,6 +101,16 @@ class FitReleases:
         )
         adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
 
+    @property
+    def gradients_pending(self) -> bool:
+        """Whether the first release's gradients are still to be read in an optimizer step (a checkpoint keeps it:
+        after steps that a gradient scaler skipped, the resumed fit reads the first step it takes)."""
+        return self._probe_due or self._probe is not None
+
+    @gradients_pending.setter
+    def gradients_pending(self, pending: bool) -> None:
+        self._probe_due = pending
+
     def before_optimizer_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         """The first optimizer step of a fit adapted for the head under an optimizer whose first step is not bounded:
         the first step the first release would take from this step's gradients (:class:`GradientProbe`); at most
@@ -121,9 +131,9 @@ class FitReleases:
             self._close_probe()
             raise
         overflow = trainer.strategy.reduce_boolean_decision(not math.isfinite(step), all=False)
-        self._probe_waits = scale is not None and overflow
-        if self._probe_waits:  # a step the gradient scaler skips: the first one it takes decides
+        if scale is not None and overflow:  # a step the gradient scaler skips: the first one it takes decides
             probe.drop_gradients()
+            self._probe_step = trainer.global_step + 1
             return
         self._close_probe()
         would = f"from the first step's gradients, the first release's first step would move its weights by {step:.2%}"
@@ -157,12 +167,12 @@ class FitReleases:
         if self.unfreezer.history:  # a release came first: its own first step decides
             self._close_probe()
         if self._probe_due and not self.unfreezer.history:
-            self._probe = GradientProbe(self.unfreezer.largest_rates([0]))
+            self._probe, self._probe_step = GradientProbe(self.unfreezer.largest_rates([0])), trainer.global_step
         self._probe_due = False
 
     def after_step(self, trainer: pl.Trainer) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
-        if trainer.global_step > 0 and not self._probe_waits:  # not read by the first optimizer step: undecided
+        if trainer.global_step > self._probe_step:  # its optimizer step did not read it (another optimizer's)
             self._close_probe()
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
@@ -199,7 +209,6 @@ class FitReleases:
         if self._probe is not None:
             self._probe.close()
             self._probe = None
-        self._probe_waits = False
 
     def _restore_source_statistics(self, trainer: pl.Trainer, why: str) -> None:
         """The source's statistics, adapted for the head, come back to the backbone; ``why`` says why."""

@@ -5,7 +5,9 @@ groups must exist before Lightning restores the optimizer), or, under ``ModelPar
 later, when the strategy restores the checkpoint. Keys: ``"unfreezer"`` (the releases done, the groups' rates, the
 first-step decisions), ``"adapt_auto"`` (whether ``adapt="auto"`` applies: absent in checkpoints of 0.7 and older,
 which resume without it), ``"source_statistics"`` (far from the source, from fit start until ``bn="auto"`` decides: the
-backbone's statistics before ``adapt="auto"`` replaced them, as lists) and the adaptation's.
+backbone's statistics before ``adapt="auto"`` replaced them, as lists), ``"first_step_gradients"`` (whether the first
+release's gradients are still to be read: steps that a gradient scaler skipped; absent before 0.11) and the
+adaptation's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FitState:
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
         self.fit.source_statistics = _source_statistics(self._saved)
+        self.fit.gradients_pending = bool((self._saved or {}).get("first_step_gradients", False))
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -59,6 +62,7 @@ class FitState:
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
             self.fit.source_statistics = _source_statistics(state)
+            self.fit.gradients_pending = bool(state.get("first_step_gradients", False))
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -69,16 +73,17 @@ class FitState:
         """The fit's state; before a fit, the state loaded (saved again as it was read)."""
         if self.fit is not None:
             unfreezer, adabn = self.fit.unfreezer.state_dict(), self.fit.on_training_norms
-            source = self.fit.source_statistics
+            source, pending = self.fit.source_statistics, self.fit.gradients_pending
             statistics = None if source is None else [[mean.tolist(), var.tolist()] for mean, var in source]
         else:
             saved = self._saved or {}
             unfreezer, adabn = saved.get("unfreezer", {}), self._on_training_norms(self._saved)
-            statistics = saved.get("source_statistics")
+            statistics, pending = saved.get("source_statistics"), bool(saved.get("first_step_gradients", False))
         return {
             "unfreezer": unfreezer,
             "adapt_auto": adabn is not None,
             "source_statistics": statistics,
+            "first_step_gradients": pending,
             **self._adaptation.state_dict(),
         }
 
