@@ -51,7 +51,7 @@ class FitState:
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
         self.fit.source_statistics = _source_statistics(self._saved)
-        self.fit.gradients_pending = bool((self._saved or {}).get("first_step_gradients", False))
+        self.fit.gradients_pending = _gradients_pending(self._saved)
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -62,7 +62,7 @@ class FitState:
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
             self.fit.source_statistics = _source_statistics(state)
-            self.fit.gradients_pending = bool(state.get("first_step_gradients", False))
+            self.fit.gradients_pending = _gradients_pending(state)
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -78,7 +78,7 @@ class FitState:
         else:
             saved = self._saved or {}
             unfreezer, adabn = saved.get("unfreezer", {}), self._on_training_norms(self._saved)
-            statistics, pending = saved.get("source_statistics"), bool(saved.get("first_step_gradients", False))
+            statistics, pending = saved.get("source_statistics"), _gradients_pending(saved)
         return {
             "unfreezer": unfreezer,
             "adapt_auto": adabn is not None,
@@ -107,3 +107,8 @@ def _source_statistics(saved: dict[str, Any] | None) -> list[tuple[Tensor, Tenso
     return [
         (torch.tensor(mean, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)) for mean, var in statistics
     ]
+
+
+def _gradients_pending(saved: dict[str, Any] | None) -> bool:
+    """The checkpoint's ``"first_step_gradients"`` (absent before 0.11: none pending)."""
+    return bool((saved or {}).get("first_step_gradients", False))
