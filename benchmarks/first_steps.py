@@ -3,13 +3,13 @@ measure ``GradualUnfreeze(bn="auto")`` decides from, beside which BatchNorm mode
 
 Each setting of the ``real`` (EfficientNet-Lite0; K=5 and 10) and ``lite2`` (EfficientNet-Lite2; K=5) benches of
 ``benchmarks.transfer`` (task, K, optimizer, head learning rate), seeds 0-2: the default ``GradualUnfreeze()`` fits
-until the first release's first step is taken, and ``GradualUnfreeze.first_step`` is read (relative, momentum
-included). Beside it, what that step would be if computed at fit start, from the first batch, with the head untrained
-and the statistics the head's first step sees (:class:`AtFitStart`: a copy of the model, its first release's weights
-given gradients; ``lr * (g + weight_decay * w) / (1 - momentum)`` under SGD, ``lr * g / (|g| + eps)`` under AdamW,
-relative to the weights, the largest part), to judge a decision made before training. Beside them, from the
-committed transfer rows (``benchmarks/raw/transfer_<bench>.jsonl``), which of full
-fine-tuning with batch statistics (``full``) and with frozen statistics (``full_bn_frozen``) ended ahead on average.
+until the first release's first step is taken, and ``GradualUnfreeze.first_step`` is read (relative, momentum included).
+Beside it, what that step would be if computed at fit start, from the first batch, with the head untrained and the
+statistics the head's first step sees (:class:`AtFitStart`: a copy of the model, its first release's weights given
+gradients: :class:`~lightning_bnfreeze.first_step_estimates.GradientProbe`, as ``adapt="auto"`` uses it under SGD), to
+judge a decision made before training. Beside them, from the committed transfer rows
+(``benchmarks/raw/transfer_<bench>.jsonl``), which of full fine-tuning with batch statistics (``full``) and with frozen
+statistics (``full_bn_frozen``) ended ahead on average.
 
 Run from the repository root (a few minutes; Lite2 needs the ``bench`` extra)::
 
@@ -36,7 +36,8 @@ from benchmarks import common
 from benchmarks.common import markdown_table
 from benchmarks.recipes import gradual_unfreeze
 from benchmarks.tasks import make_data, make_model
-from lightning_bnfreeze.step_size import AUTO_STEP, momentum_of, step_now
+from lightning_bnfreeze.first_step_estimates import GradientProbe
+from lightning_bnfreeze.step_size import AUTO_STEP
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"real": "EfficientNet-Lite0", "lite2": "EfficientNet-Lite2"}
@@ -59,19 +60,14 @@ class AtFitStart(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step > 0 or self.step is not None:
             return
-        model = copy.deepcopy(pl_module)
+        model = copy.deepcopy(pl_module).requires_grad_(False)  # the fit's own probe may have set some already
         params = dict(model.named_parameters())
-        first = self.callback.what.plan(model, "backbone").releases[0]
-        for part in first:
-            for name in part.params:
-                params[name].requires_grad_(True)
-        torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
         head = trainer.optimizers[0].param_groups[0]
-        options = {key: head[key] for key in ("betas", "eps", "momentum", "weight_decay") if key in head}
-        steps = [
-            step_now([({**options, "params": [params[name] for name in part.params]}, head["lr"])]) for part in first
-        ]
-        self.step = max(steps) / (1 - momentum_of(head))
+        first = self.callback.what.plan(model, "backbone").releases[0]
+        probe = GradientProbe([([params[name] for name in part.params], head["lr"]) for part in first])
+        torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        self.step = probe.step(head)
+        probe.close()
 
 
 def first_step(bench: str, task: str, k: int, optimizer: str, lr: float, seed: int) -> tuple[float | None, ...]:
