@@ -24,10 +24,11 @@ from lightning_bnfreeze.first_step_estimates import RatedPart, first_step_bound,
 from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.part_groups import PartGroups
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of, step_now
+from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of
 from lightning_bnfreeze.triggers import Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
@@ -81,7 +82,7 @@ class Unfreezer:
         self._history: list[ReleaseRecord] = []
         self._last_release: tuple[float, int] | None = None
         self.first_steps = FirstSteps(bn, max_step, agree)
-        self._groups_of: dict[tuple[int, int], list[ReleasedGroup]] = {}
+        self._parts = PartGroups(groups, self.gradients)
 
     @property
     def history(self) -> tuple[ReleaseRecord, ...]:
@@ -112,7 +113,7 @@ class Unfreezer:
         in their saved order."""
         register_sharded_parameters(self.root)  # FSDP2: the parameters it trains
         for index, record in enumerate(self._history):
-            if (index, 0) not in self._groups_of:
+            if (index, 0) not in self._parts:
                 added = self._add(index, record.step, record.lr_factors)
                 self.groups.restore_order(added, record.positions)
 
@@ -197,11 +198,13 @@ class Unfreezer:
         part whose norm mode is one the real-weights benchmark saw fail at such a step size.
         """
         done = self.first_steps.taken(lambda index: self._history[index].step, step)
-        reference = self._released_step(done) if self.first_steps.max_step == RELEASED else None
+        reference = None
+        if done and self.first_steps.max_step == RELEASED:
+            reference = self._parts.largest_step_before(min(index for index, _ in done))
         notes = []
         for index, position in done:
             name = self.plan.releases[index][position].name
-            faster = step_now(self._rates(index, position)) / reference if reference else None
+            faster = self._parts.step_now((index, position)) / reference if reference else None
             scale, note = self.first_steps.judge(
                 (index, position), name, momentum_of(self.groups.head), self.groups.warmup(0), faster
             )
@@ -288,30 +291,15 @@ class Unfreezer:
         added = []
         for position, (part, factor) in enumerate(zip(self.plan.releases[index], factors, strict=True)):
             group = [params[name] for name in part.params if id(params[name]) not in self._trainable]
-            self._groups_of[index, position] = self.groups.add(group, part.name, factor, step)
-            added += self._groups_of[index, position]
-            self.gradients.track(group)
+            added += self._parts.add((index, position), group, part.name, factor, step)
         return added
-
-    def _rates(self, index: int, position: int) -> list[tuple[dict[str, Any], float]]:
-        """A released part's param groups, each with its full rate (no warm-up)."""
-        head_lr = float(self.groups.head["lr"])
-        return [(group.group, head_lr * group.lr_factor) for group in self._groups_of.get((index, position), [])]
-
-    def _released_step(self, done: Sequence[tuple[int, int]]) -> float | None:
-        """The largest first step the parts released before ``done``'s would take now (``None``: no such part)."""
-        if not done:
-            return None
-        first = min(index for index, _ in done)
-        return max((step_now(self._rates(*key)) for key in self._groups_of if key[0] < first), default=None)
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""
         record = self._history[index]
         factors = tuple(f * scale if i == position else f for i, f in enumerate(record.lr_factors))
         self._history[index] = replace(record, lr_factors=factors)
-        for group in self._groups_of.get((index, position), []):
-            group.lr_factor = factors[position]
+        self._parts.set_lr_factor((index, position), factors[position])
 
     def update_norms(self) -> None:
         """Put the norm layers in the modes the releases give them (call when modules may have changed modes)."""
