@@ -4,7 +4,6 @@ only call this."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
@@ -22,9 +21,9 @@ from lightning_bnfreeze.callbacks.adaptation import (
 )
 from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
+from lightning_bnfreeze.callbacks.first_step_gradients import FirstStepGradients
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
-from lightning_bnfreeze.first_step_estimates import GradientProbe
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
@@ -54,9 +53,8 @@ class FitReleases:
         self.on_training_norms = on_training_norms
         self.source_statistics: list[tuple[Tensor, Tensor]] | None = None  # adapted for the head: the source's
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
-        self._probe_due = False  # adapted for the head under an optimizer whose first step is not bounded
-        self._probe: GradientProbe | None = None  # the first release's gradients in the first optimizer step
-        self._probe_step = 0  # the optimizer step whose gradients it reads (the next one after a skipped step)
+        # adapted for the head under an optimizer whose first step is not bounded: the first release's gradients
+        self.first_step_gradients = FirstStepGradients(unfreezer)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -94,48 +92,23 @@ class FitReleases:
             )
             return
         self.source_statistics = saved_norm_statistics(layers)
-        self._probe_due = bound is None
+        self.first_step_gradients.due = bound is None
         why = (
             ": the backbone's, far from its source, before the first step (adapt='auto'); the source's come back if"
             " the released norm layers keep frozen statistics"
         )
         adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
 
-    @property
-    def gradients_pending(self) -> bool:
-        """Whether the first release's gradients are still to be read in an optimizer step (a checkpoint keeps it:
-        after steps that a gradient scaler skipped, the resumed fit reads the first step it takes)."""
-        return self._probe_due or self._probe is not None
-
-    @gradients_pending.setter
-    def gradients_pending(self, pending: bool) -> None:
-        self._probe_due = pending
-
     def before_optimizer_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         """The first optimizer step of a fit adapted for the head under an optimizer whose first step is not bounded:
-        the first step the first release would take from this step's gradients (:class:`GradientProbe`); at most
-        :data:`~lightning_bnfreeze.step_size.AUTO_STEP` on every rank, the source's statistics come back now, as the
-        released norm layers are then to keep frozen ones (``bn="auto"`` still decides from the release's own
+        the first step the first release would take from this step's gradients (:class:`FirstStepGradients`); at
+        most :data:`~lightning_bnfreeze.step_size.AUTO_STEP` on every rank, the source's statistics come back now, as
+        the released norm layers are then to keep frozen ones (``bn="auto"`` still decides from the release's own
         first step, and adapts again if it is larger). A step that a gradient scaler skips (an overflow) leaves the
         decision to the first one it takes."""
-        probe = self._probe
-        if probe is None or optimizer is not self.unfreezer.groups.optimizer:
+        step = self.first_step_gradients.read(trainer, optimizer)
+        if step is None:
             return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-        try:
-            step = probe.step(
-                self.unfreezer.groups.head, lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"), scale or 1.0
-            )
-        except BaseException:
-            self._close_probe()
-            raise
-        overflow = trainer.strategy.reduce_boolean_decision(not math.isfinite(step), all=False)
-        if scale is not None and overflow:  # a step the gradient scaler skips: the first one it takes decides
-            probe.drop_gradients()
-            self._probe_step = trainer.global_step + 1
-            return
-        self._close_probe()
         would = f"from the first step's gradients, the first release's first step would move its weights by {step:.2%}"
         if trainer.strategy.reduce_boolean_decision(SMALLEST_REFERENCE < step <= AUTO_STEP, all=True):
             why = f"{would} (<= {AUTO_STEP:.1%}), so the released norm layers will keep frozen statistics (bn='auto')"
@@ -164,16 +137,11 @@ class FitReleases:
         if self._unsettled:
             self._settle(trainer)
         self.unfreezer.before_step(trainer.global_step)
-        if self.unfreezer.history:  # a release came first: its own first step decides
-            self._close_probe()
-        if self._probe_due and not self.unfreezer.history:
-            self._probe, self._probe_step = GradientProbe(self.unfreezer.largest_rates([0])), trainer.global_step
-        self._probe_due = False
+        self.first_step_gradients.before_step(trainer.global_step)
 
     def after_step(self, trainer: pl.Trainer) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
-        if trainer.global_step > self._probe_step:  # its optimizer step did not read it (another optimizer's)
-            self._close_probe()
+        self.first_step_gradients.after_step(trainer.global_step)
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
         for note in notes:
@@ -201,14 +169,9 @@ class FitReleases:
 
     def close(self) -> None:
         """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients."""
-        self._close_probe()
+        self.first_step_gradients.close()
         self.unfreezer.close()
         self.unfreezer.norms = None
-
-    def _close_probe(self) -> None:
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
 
     def _restore_source_statistics(self, trainer: pl.Trainer, why: str) -> None:
         """The source's statistics, adapted for the head, come back to the backbone; ``why`` says why."""

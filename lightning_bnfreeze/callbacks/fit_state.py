@@ -51,7 +51,7 @@ class FitState:
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
         self.fit.source_statistics = _source_statistics(self._saved)
-        self.fit.gradients_pending = _gradients_pending(self._saved)
+        self.fit.first_step_gradients.due = _gradients_pending(self._saved)
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -62,7 +62,7 @@ class FitState:
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
             self.fit.source_statistics = _source_statistics(state)
-            self.fit.gradients_pending = _gradients_pending(state)
+            self.fit.first_step_gradients.due = _gradients_pending(state)
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -73,7 +73,7 @@ class FitState:
         """The fit's state; before a fit, the state loaded (saved again as it was read)."""
         if self.fit is not None:
             unfreezer, adabn = self.fit.unfreezer.state_dict(), self.fit.on_training_norms
-            source, pending = self.fit.source_statistics, self.fit.gradients_pending
+            source, pending = self.fit.source_statistics, self.fit.first_step_gradients.pending
             statistics = None if source is None else [[mean.tolist(), var.tolist()] for mean, var in source]
         else:
             saved = self._saved or {}
