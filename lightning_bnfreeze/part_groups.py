@@ -14,13 +14,11 @@ from typing import Any
 from torch import nn
 
 from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.first_steps import Part
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
 from lightning_bnfreeze.step_size import step_now
 
-__all__ = ["PartGroups", "PartKey"]
-
-PartKey = tuple[int, int]
-"""A released part: ``(release index, position in the release)``."""
+__all__ = ["PartGroups"]
 
 
 class PartGroups:
@@ -30,13 +28,13 @@ class PartGroups:
     def __init__(self, groups: ReleasedGroups, gradients: GradientSync) -> None:
         self.groups = groups
         self.gradients = gradients
-        self._of: dict[PartKey, list[ReleasedGroup]] = {}
+        self._of: dict[Part, list[ReleasedGroup]] = {}
 
-    def __contains__(self, key: PartKey) -> bool:
+    def __contains__(self, key: Part) -> bool:
         return key in self._of
 
     def add(
-        self, key: PartKey, params: Sequence[nn.Parameter], name: str, lr_factor: float, step: int
+        self, key: Part, params: Sequence[nn.Parameter], name: str, lr_factor: float, step: int
     ) -> list[ReleasedGroup]:
         """Make ``params`` the part ``key``: trainable in groups named ``name`` at ``lr_factor`` times the head's
         rate, released at optimizer step ``step``."""
@@ -44,12 +42,12 @@ class PartGroups:
         self.gradients.track(params)
         return self._of[key]
 
-    def rates(self, key: PartKey) -> list[tuple[dict[str, Any], float]]:
+    def rates(self, key: Part) -> list[tuple[dict[str, Any], float]]:
         """The part's param groups, each with its full rate (no warm-up)."""
         head_lr = float(self.groups.head["lr"])
         return [(group.group, head_lr * group.lr_factor) for group in self._of.get(key, [])]
 
-    def step_now(self, key: PartKey) -> float:
+    def step_now(self, key: Part) -> float:
         """How far the part's weights would move in a first step taken now (:func:`~.step_size.step_now`)."""
         return step_now(self.rates(key))
 
@@ -57,7 +55,7 @@ class PartGroups:
         """The largest first step that the parts of the releases before ``index`` would take now (``None``: none)."""
         return max((self.step_now(key) for key in self._of if key[0] < index), default=None)
 
-    def set_lr_factor(self, key: PartKey, lr_factor: float) -> None:
+    def set_lr_factor(self, key: Part, lr_factor: float) -> None:
         """The part's groups at ``lr_factor`` times the head's rate from now on."""
         for group in self._of.get(key, []):
             group.lr_factor = lr_factor
