@@ -37,6 +37,7 @@ __all__ = [
     "dynamo_counters",
     "forget_checkpoint_hook",
     "forget_compiled_call",
+    "gradient_scale",
     "lightning_compile_context",
     "lightning_compiled",
     "nested_schedulers",
@@ -212,6 +213,14 @@ def training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tupl
 def batches_done_in_epoch(trainer: pl.Trainer) -> int:
     """Training batches completed in the current epoch."""
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+
+def gradient_scale(trainer: pl.Trainer) -> float | None:
+    """The loss scale of the fit's gradient scaler (fp16 mixed precision); ``None`` without one. Lightning's
+    ``MixedPrecision`` plugin keeps the scaler as ``scaler`` (its constructor's argument, not a documented
+    attribute)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
 
 def callback_state_key(callback: pl.Callback, **identity: Any) -> str:

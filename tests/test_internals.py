@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -59,6 +60,7 @@ def test_every_entry_has_a_test() -> None:
         "parse_configure_optimizers",
         "training_batches",
         "batches_done_in_epoch",
+        "gradient_scale",
         "callback_state_key",
         "before_checkpoint_load",
         "forget_checkpoint_hook",
@@ -441,6 +443,28 @@ def test_batches_done_in_epoch_counts_the_completed_training_batches() -> None:
         assert progress.at_batch_start == [0, 1, 2, 3, 4, 5] * 2
         assert progress.at_validation_end == [2, 4, 6] * 2
         assert progress.at_epoch_end == [6, 6]
+
+
+class Scales(Callback):
+    def __init__(self) -> None:
+        self.scales: list[float | None] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.scales.append(internals.gradient_scale(trainer))
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "32-true"])
+def test_gradient_scale_is_the_loss_scale_of_the_fits_gradient_scaler(precision: str) -> None:
+    scales = Scales()
+    plugins = [MixedPrecision(precision, "cpu")] if precision == "16-mixed" else []
+    trainer = pl.Trainer(max_steps=2, callbacks=[scales], plugins=plugins, **QUIET)  # type: ignore[arg-type]
+    trainer.fit(Transferred(), loader(0))
+    with relies_on("gradient_scale", "MixedPrecision.scaler"):
+        if precision == "32-true":
+            assert scales.scales == [None, None]
+        else:  # the bias's fp16 gradient (the batch size times the initial scale) overflows: the scaler halves it
+            initial = float(torch.amp.GradScaler("cpu").get_scale())
+            assert scales.scales == [initial, initial / 2]
 
 
 class Keyed(Callback):

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from torch.optim import Optimizer
 
 from lightning_bnfreeze.first_step_estimates import GradientProbe
+from lightning_bnfreeze.internals import gradient_scale
 from lightning_bnfreeze.release import Unfreezer
 
 __all__ = ["FirstStepGradients"]
@@ -48,8 +49,7 @@ class FirstStepGradients:
         probe = self._probe
         if probe is None or optimizer is not self.unfreezer.groups.optimizer:
             return None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        scale = gradient_scale(trainer)
         try:
             step = probe.step(
                 self.unfreezer.groups.head, lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"), scale or 1.0
