@@ -77,19 +77,19 @@ class FirstSteps:
         """Whether ``max_step="auto"`` still waits for :meth:`resolve`."""
         return self.max_step == AUTO
 
-    def resolve(self, shift: float | None) -> str:
+    def resolve(self, shift: float | None, unknown: str = "no norm layer with running statistics measured it") -> str:
         """``max_step="auto"``: ``"released"`` and :data:`~lightning_bnfreeze.step_size.NEAR_DECAY` for later
         releases (:meth:`rate_factor`) when the target's norm statistics are less than
         :data:`~lightning_bnfreeze.domain_shift.NEAR_SOURCE` from the backbone's (``shift``), else ``None`` and no
-        decay (also for ``shift=None``: nothing measured); what to say of it."""
+        decay (also for ``shift=None``: nothing measured, as ``unknown`` says); what to say of it."""
         near = shift is not None and shift < NEAR_SOURCE
         self.max_step, self.source_shift = (RELEASED if near else None), shift
         self.near_decay = NEAR_DECAY if near else 1.0
         self.near_step_cap = near
         if shift is None:
             return (
-                "how far the target is from the backbone's source is unknown (no norm layer with running statistics"
-                " measured it): released blocks train at their full rates (max_step=None)"
+                f"how far the target is from the backbone's source is unknown ({unknown}): released blocks train at"
+                " their full rates (max_step=None)"
             )
         if near:
             return (

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import AdaBN, GradualUnfreeze, Schedule
+from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
 from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
+from lightning_bnfreeze.callbacks.adaptation import ForwardError
 from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
 from tests.helpers import QUIET_TRAINER_ARGS
 from tests.unfreeze_helpers import FirstStepEstimates
@@ -233,6 +234,53 @@ def test_a_module_without_forward_keeps_the_source_statistics_and_says_so() -> N
         fit(model, [unfreeze(), found])
 
     assert torch.equal(found.statistics[0][0], source[0][0])
+
+
+class DictBatches(TwoNorms):
+    """Trains on ``{"image": ..., "label": ...}`` batches; its ``forward`` takes images only, and it defines no
+    ``adapt_norm_step``: nothing can run it on a batch as ``training_step`` gets it."""
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:  # type: ignore[override]
+        return nn.functional.cross_entropy(self(batch["image"]), batch["label"])
+
+
+def dict_data() -> DataLoader:
+    return DataLoader([{"image": image, "label": label} for image, label in data().dataset], batch_size=4)
+
+
+@pytest.mark.parametrize("max_step", ["auto", None], ids=["measured-at-fit-start", "at-the-decision"])
+def test_a_model_that_cannot_run_on_a_batch_warns_once_naming_the_hook_and_keeps_its_statistics(
+    max_step: str | None,
+) -> None:
+    """Far from the source, ``max_step="auto"`` runs the model at fit start; with ``max_step`` set, ``adapt="auto"``
+    first runs it when ``bn="auto"`` decides that released norm layers train. Either way the fit goes on without
+    re-estimated statistics, and one warning names the hook that would run it."""
+    model, found = DictBatches(lr=FAST), Found()
+    callback = GradualUnfreeze(what=Schedule({RELEASE_EPOCH: ["backbone.1", "backbone.2"]}), max_step=max_step)
+    source = statistics(model)
+    trainer = pl.Trainer(callbacks=[callback, found], **{**QUIET_TRAINER_ARGS, "max_epochs": 2})
+
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, dict_data())
+
+    lines = [str(w.message) for w in warned if "adapt_norm_step(self, batch)" in str(w.message)]
+    assert len(lines) == 1, lines
+    assert "DictBatches on each training batch (a dict), and it raised" in lines[0]
+    assert callback.history[0].train_norms == (True, True)  # the decision that adapts, without raising
+    for (mean, var), (source_mean, source_var) in zip(found.statistics, source, strict=True):
+        assert torch.equal(mean, source_mean) and torch.equal(var, source_var)
+
+
+def test_an_adabn_asked_for_raises_before_the_first_step_naming_the_hook() -> None:
+    model = DictBatches(lr=FAST)
+    weights = [param.detach().clone() for param in model.parameters()]
+    trainer = pl.Trainer(callbacks=[BNFreezeCallback(modules="backbone", adapt=AdaBN())], **QUIET_TRAINER_ARGS)
+
+    with pytest.raises(ForwardError, match=r"AdaBN runs DictBatches on each training batch .*`adapt_norm_step"):
+        trainer.fit(model, dict_data())
+
+    assert trainer.global_step == 0
+    assert all(torch.equal(param, weight) for param, weight in zip(model.parameters(), weights, strict=True))
 
 
 def test_at_most_auto_batches_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

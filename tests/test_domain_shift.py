@@ -134,9 +134,10 @@ def test_a_forward_that_cannot_take_the_batch_warns_and_runs_without_a_cap() -> 
 
     model.training_step = training_step  # type: ignore[method-assign]
     callback = GradualUnfreeze()
-    with pytest.warns(UserWarning, match="max_step='auto' could not measure the target's shift"):
+    with pytest.warns(UserWarning, match=r"adapt_norm_step\(self, batch\)` .*until then max_step='auto' runs without"):
         fit(model, callback)
     assert callback._running().unfreezer.first_steps.max_step is None
+    assert callback._running().on_training_norms is None  # adapt="auto" would raise: off for this fit
 
 
 def test_a_lightning_module_without_forward_warns_naming_the_fix_and_runs_without_a_cap() -> None:

@@ -25,6 +25,7 @@ from lightning_bnfreeze.internals import NormBase, training_batches
 __all__ = [
     "ADAPT_HOOK",
     "SHIFT_BATCHES",
+    "ForwardError",
     "TrainDataAdaptation",
     "adapt_on_train_data",
     "on_training_batches",
@@ -39,6 +40,11 @@ SHIFT_BATCHES = 4
 
 ADAPT_HOOK = "adapt_norm_step"
 """A LightningModule method ``adapt_norm_step(batch)``, if defined, runs the model on one batch."""
+
+
+class ForwardError(TypeError):
+    """The LightningModule raised on a training batch given as a forward without :data:`ADAPT_HOOK` gives it (a dict
+    batch to a ``forward(x)``, say); the message names the hook that fixes it."""
 
 
 class TrainDataAdaptation:
@@ -126,7 +132,11 @@ def shift_on_train_data(
 ) -> float | None:
     """How far the first :data:`SHIFT_BATCHES` training batches are from ``layers``' running statistics
     (:func:`~lightning_bnfreeze.domain_shift.norm_statistics_shift`, over all ranks), read as
-    :func:`adapt_on_train_data` reads them; ``None``, with a warning, where they cannot be read or run."""
+    :func:`adapt_on_train_data` reads them; ``None``, with a warning, where they cannot be read or run.
+
+    Raises:
+        ForwardError: the model raised on a batch given as without :data:`ADAPT_HOOK`.
+    """
     if not any(layer.running_mean is not None for layer in layers):
         return None
     if not runs_on_batches(pl_module):
@@ -142,6 +152,8 @@ def shift_on_train_data(
 
     try:
         return on_training_batches(trainer, pl_module, SHIFT_BATCHES, owner, "max_step='auto'", measure)
+    except ForwardError:
+        raise
     except (RuntimeError, TypeError) as error:
         rank_zero_warn(
             f"{owner}: max_step='auto' could not measure the target's shift ({error}): no cap (max_step=None);"
@@ -165,6 +177,7 @@ def on_training_batches(
     Raises:
         RuntimeError: no training dataloader to read.
         TypeError: several training dataloaders and no ``adapt_norm_step``.
+        ForwardError: without ``adapt_norm_step``, the model raised on a batch.
     """
     try:
         batches, several = training_batches(trainer, pl_module)
@@ -177,7 +190,7 @@ def on_training_batches(
                 f"{owner}: {purpose} with several training dataloaders (a {several}): define `{ADAPT_HOOK}(batch)` on"
                 " the LightningModule to run the model on a batch as `training_step` gets it."
             )
-        forward = _default_forward(pl_module)
+        forward = _default_forward(pl_module, owner, purpose)
     root = trainer.strategy.root_device
     with (
         torch.random.fork_rng(devices=[root] if root.type == "cuda" else []),  # the training data order stays
@@ -187,9 +200,24 @@ def on_training_batches(
         return run(islice(batches, count), forward, group)
 
 
-def _default_forward(pl_module: pl.LightningModule) -> Callable[[Any], Any]:
+def _default_forward(pl_module: pl.LightningModule, owner: str, purpose: str) -> Callable[[Any], Any]:
+    """``pl_module`` on the batch, or on its first item for a tuple or list; what it raises, as a :class:`ForwardError`
+    (not running out of memory)."""
+
     def forward(batch: Any) -> Any:
-        return pl_module(batch[0] if isinstance(batch, list | tuple) else batch)
+        given = batch[0] if isinstance(batch, list | tuple) else batch
+        try:
+            return pl_module(given)
+        except torch.OutOfMemoryError:
+            raise
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as error:
+            what = "the first item of each training batch" if given is not batch else "each training batch"
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ForwardError(
+                f"{owner}: {purpose} runs {type(pl_module).__name__} on {what} (a {type(given).__name__}), and it"
+                f" raised {type(error).__name__}: {message}. Define `{ADAPT_HOOK}(self, batch)` on the"
+                " LightningModule to run the model on a batch as `training_step` gets it"
+            ) from error
 
     return forward
 

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from lightning_bnfreeze.adapt import AdaBN, restore_norm_statistics, saved_norm_statistics
 from lightning_bnfreeze.callbacks.adaptation import (
     ADAPT_HOOK,
+    ForwardError,
     TrainDataAdaptation,
     adapt_on_train_data,
     runs_on_batches,
@@ -62,11 +63,23 @@ class FitReleases:
         first_steps = self.unfreezer.first_steps
         if not first_steps.unresolved:
             return
-        shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
+        try:
+            shift = shift_on_train_data(trainer, trainer.lightning_module, layers, "GradualUnfreeze")
+        except ForwardError as error:
+            adapt = ", and adapt='auto' re-estimates no norm statistics" if self.on_training_norms is not None else ""
+            self._cannot_run(error, f"until then max_step='auto' runs without a cap (max_step=None){adapt}")
+            announce(trainer, f"GradualUnfreeze: {first_steps.resolve(None, 'the model could not run on a batch')}.")
+            return
         announce(trainer, f"GradualUnfreeze: {first_steps.resolve(shift)}.")
         if shift is None or shift < NEAR_SOURCE:
             return
         self._adapt_for_the_head(trainer)
+
+    def _cannot_run(self, error: ForwardError, consequence: str) -> None:
+        """The model raised on a training batch (``error`` names the fix): ``adapt="auto"`` is off for the rest of the
+        fit, as it would raise too; one warning says so, with what else it turns off (``consequence``)."""
+        self.on_training_norms = None
+        rank_zero_warn(f"{error}; {consequence}.")
 
     def _adapt_for_the_head(self, trainer: pl.Trainer) -> None:
         """``adapt="auto"`` with ``bn="auto"`` far from the source: every norm layer of the backbone takes the target's
@@ -91,13 +104,14 @@ class FitReleases:
                 f" {AUTO_STEP:.1%}), so the released norm layers will keep frozen statistics (bn='auto').",
             )
             return
-        self.source_statistics = saved_norm_statistics(layers)
-        self.first_step_gradients.due = bound is None
         why = (
             ": the backbone's, far from its source, before the first step (adapt='auto'); the source's come back if"
             " the released norm layers keep frozen statistics"
         )
-        adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
+        source = saved_norm_statistics(layers)
+        if self._adapt(trainer, layers, config, why):
+            self.source_statistics = source
+            self.first_step_gradients.due = bound is None
 
     def before_optimizer_step(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         """The first optimizer step of a fit adapted for the head under an optimizer whose first step is not bounded:
@@ -202,7 +216,17 @@ class FitReleases:
             )
             return
         why = ": the backbone's, as its released norm layers start training (adapt='auto')"
-        adapt_on_train_data(trainer, pl_module, layers, config, "GradualUnfreeze", why)
+        self._adapt(trainer, layers, config, why)
+
+    def _adapt(self, trainer: pl.Trainer, layers: Sequence[NormBase], config: AdaBN, why: str) -> bool:
+        """``layers`` adapted to the training batches (``why`` ends the line that says so); ``False``, with their
+        statistics as they were and :meth:`_cannot_run`'s warning, where the model raised on a batch."""
+        try:
+            adapt_on_train_data(trainer, trainer.lightning_module, layers, config, "GradualUnfreeze", why)
+        except ForwardError as error:
+            self._cannot_run(error, "the norm statistics stay as they were; set `adapt=None` to silence this")
+            return False
+        return True
 
     def check_metrics(self, trainer: pl.Trainer) -> None:
         """A metric-driven trigger's check (``Plateau``), after validation or at the training epoch's end."""
