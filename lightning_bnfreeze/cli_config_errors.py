@@ -91,27 +91,31 @@ class _Rejected(Exception):
 def _construction_error(config: Namespace) -> str | None:
     """Build the library's classes of ``config`` again, innermost first: the one that raises, and its message."""
     entries = [(key, entry) for key, entry in _class_entries(config) if _library_class(entry.class_path)]
-    try:
-        for key, entry in entries:
-            if not any(key.startswith(f"{outer}.") for outer, _ in entries):  # the outermost: their insides first
-                _build(entry, key)
-    except _Rejected as rejected:
-        return str(rejected)
+    for key, entry in entries:
+        if any(key.startswith(f"{outer}.") for outer, _ in entries):
+            continue  # built inside the outermost, their insides first
+        try:
+            _build(entry, key)
+        except _Rejected as rejected:
+            return str(rejected)
+        except Exception:  # not the library's word: a user's class that cannot be built
+            continue
     return None
 
 
 def _build(entry: Namespace, key: str) -> object:
-    """The object ``entry`` describes, its library-made arguments built first (raising :class:`_Rejected`)."""
-    cls = _library_class(entry.class_path)
+    """The object ``entry`` describes, the objects of its arguments built first (any class: a user's ``Trigger`` in
+    ``when``); raises :class:`_Rejected` where a library class rejects its arguments, else what was raised."""
+    cls = import_object(entry.class_path)
     init_args = entry.get("init_args")
     kwargs = {
-        name: _build(value, f"{key}.init_args.{name}") if _is_library_entry(value) else value
+        name: _build(value, f"{key}.init_args.{name}") if _is_entry(value) else value
         for name, value in (vars(init_args).items() if isinstance(init_args, Namespace) else ())
     }
     try:
-        return cls(**kwargs)  # type: ignore[misc]
+        return cls(**kwargs)
     except (ValueError, TypeError) as error:
-        if not _raised_by_library(error):
+        if _library_class(entry.class_path) is None or not _raised_by_library(error):
             raise
         raise _Rejected(key, entry.class_path, error) from error
 
@@ -128,8 +132,8 @@ def _class_entries(value: object, key: str = "") -> Iterator[tuple[str, Namespac
             yield from _class_entries(child, f"{key}[{index}]")
 
 
-def _is_library_entry(value: object) -> bool:
-    return isinstance(value, Namespace) and _library_class(str(value.get("class_path"))) is not None
+def _is_entry(value: object) -> bool:
+    return isinstance(value, Namespace) and isinstance(value.get("class_path"), str)
 
 
 def _library_class(path: str) -> type | None:

@@ -109,6 +109,14 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
             " `lr_scale` must be a positive number, got 0.0.",
             id="rejected-value",
         ),
+        pytest.param(  # the user's trigger is built too: `when` is what the constructor gets from LightningCLI
+            GRADUAL_UNFREEZE.format(
+                "lr_scale: 0\n        when: {class_path: tests.unfreeze_helpers.BelowLoss, init_args: {threshold: 0.5}}"
+            ),
+            "error: trainer.callbacks[0] (lightning_bnfreeze.GradualUnfreeze):"
+            " `lr_scale` must be a positive number, got 0.0.",
+            id="rejected-value-beside-a-users-trigger",
+        ),
         pytest.param(
             GRADUAL_UNFREEZE.format("bn: yes please"),
             "error: trainer.callbacks[0] (lightning_bnfreeze.GradualUnfreeze): `bn` must be one of"
