@@ -269,7 +269,7 @@ class Unfreezer:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
 
         Raises:
-            ValueError: the checkpoint holds more releases than the plan has.
+            ValueError: the checkpoint holds more releases than the plan has, or a release of another size.
         """
         history = [ReleaseRecord.from_dict(record) for record in state.get("history", ())]
         if len(history) > len(self.plan.releases):
@@ -277,6 +277,13 @@ class Unfreezer:
                 f"GradualUnfreeze: the checkpoint holds {len(history)} releases, but the plan has"
                 f" {len(self.plan.releases)}: resume with the configuration the checkpoint was saved with."
             )
+        for record, parts in zip(history, self.plan.releases, strict=False):
+            if len(record.lr_factors) != len(parts):
+                raise ValueError(
+                    f"GradualUnfreeze: the checkpoint's release {record.index} freed {len(record.lr_factors)} part(s),"
+                    f" but the plan's release {record.index} frees {len(parts)} ({', '.join(p.name for p in parts)}):"
+                    " resume with the `what` and `when` the checkpoint was saved with."
+                )
         self._history = history
         last = state.get("last_release")
         self._last_release = None if last is None else (float(last[0]), int(last[1]))

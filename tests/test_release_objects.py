@@ -199,6 +199,15 @@ def test_a_checkpoint_with_more_releases_than_the_plan_is_refused() -> None:
         unfreezer(what=LayerDecay(0.5)).load_state_dict(u.state_dict())
 
 
+def test_a_checkpoint_whose_releases_free_other_parts_is_refused_before_anything_is_restored() -> None:
+    u = unfreezer(what=Blocks(per_release=1))
+    epochs(u, 2)
+    other = unfreezer(what=Blocks(per_release=2))
+    with pytest.raises(ValueError, match=r"release 0 freed 1 part\(s\), but the plan's release 0 frees 2 \(backbone"):
+        other.load_state_dict(u.state_dict())
+    assert other.history == () and other.state_dict()["trigger"] == unfreezer().state_dict()["trigger"]
+
+
 def move(u: Unfreezer, part: str, relative: float) -> None:
     """An optimizer step that moves the part's weights (ndim >= 2) by ``relative`` of their norm."""
     with torch.no_grad():
