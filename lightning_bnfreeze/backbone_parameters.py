@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_bnfreeze.checks import check_choice, check_integer, check_positive
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.lr_schedulers import check_extendable
-from lightning_bnfreeze.names import get_module
+from lightning_bnfreeze.names import closest_names, get_module
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.release import NORM_MODES, Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule, pick_optimizer
@@ -62,6 +62,23 @@ class BackboneParameters:
     def is_trainable(self, name: str) -> bool:
         """Whether the parameter ``name`` (full name) trains from the first step."""
         return any(fnmatchcase(name, pattern) for pattern in self.trainable)
+
+    def check_trainable(self, root: nn.Module) -> None:
+        """Raise unless each ``trainable`` pattern matches a parameter of the backbone (a typo would leave the
+        adapters it meant frozen).
+
+        Raises:
+            ValueError: a pattern that matches nothing, with the closest names.
+        """
+        names = [name for name, _ in self.named(root)]
+        for pattern in self.trainable:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                close = closest_names(pattern, names) or names[:1]
+                hint = f" Its parameters' names are like {', '.join(map(repr, close))}." if close else ""
+                raise ValueError(
+                    f"`trainable` holds the pattern {pattern!r}, which matches no parameter of `{self.name}`"
+                    f" (patterns match full parameter names, `*` crossing dots).{hint}"
+                )
 
     def to_freeze(self, root: nn.Module) -> list[nn.Parameter]:
         """The parameters frozen until their release."""

@@ -93,6 +93,17 @@ def test_a_parameter_enabled_by_hand_inside_the_frozen_backbone_is_warned_about_
     assert not model.get_parameter(ADAPTER[0]).requires_grad  # frozen until its block is released, as said
 
 
+def test_a_trainable_pattern_that_matches_no_backbone_parameter_raises_at_setup_naming_it() -> None:
+    model = lora_model()
+    weights = {name: param.detach().clone() for name, param in model.named_parameters()}
+    callback = GradualUnfreeze(what=Schedule({1: "backbone.3"}), trainable=["*lroa_*"])
+    trainer = make_trainer([callback], max_epochs=1)
+    with pytest.raises(ValueError, match=r"`trainable` holds the pattern '\*lroa_\*', which matches no parameter of"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    assert all(torch.equal(param, weights[name]) for name, param in model.named_parameters())
+
+
 def test_contrast_an_adapter_named_in_trainable_raises_no_warning(recwarn: pytest.WarningsRecorder) -> None:
     model = lora_model(hand_frozen=True)
     callback = GradualUnfreeze(what=Schedule({1: "backbone.3"}), trainable=["*lora_*"], bn="train")

@@ -85,7 +85,7 @@ class GradualUnfreeze(NormFreezingCallback):
             is judged as if taken at the full rate).
         trainable: parameters inside the backbone that train from the first step and are never frozen
             (adapters such as LoRA): shell-style patterns over the full parameter names, ``*`` matching
-            across dots (``["*lora_*"]``).
+            across dots (``["*lora_*"]``); a pattern that matches no parameter of the backbone raises at setup.
         adapt: re-estimate norm statistics on the training data (:class:`~lightning_bnfreeze.AdaBN`). ``"auto"``
             (default): when ``bn="auto"`` decides that the released norm layers train, every norm layer of the
             backbone first takes the target's statistics (``AdaBN(AUTO_BATCHES)``: 50 training batches, blended with
@@ -267,6 +267,7 @@ class GradualUnfreeze(NormFreezingCallback):
         if getattr(self.what, "names", None) is None:
             warn_about_forward_order(self._plan, pl_module)
         warn_about_late_releases(self.when, self._plan, trainer)
+        self._params.check_trainable(pl_module)
         warn_about_adapters(self._params.named(pl_module), self._params.is_trainable)
         for param in self._params.to_freeze(pl_module):
             param.requires_grad = False
