@@ -65,6 +65,7 @@ class FirstSteps:
         self._deciding = (0.0, "", False)  # and what that step did, and whether it was large, until the mode is decided
         self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
+        self.modes_matter = True  # False: no norm layer of the backbone keeps running statistics: modes go unsaid
 
     @property
     def first_step(self) -> float | None:
@@ -158,7 +159,8 @@ class FirstSteps:
             self._deciding = max(self._deciding, (change, moved, large))
         elif self._first_index is not None and part[0] > self._first_index:
             self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, keeps))
-        return scale, FirstStepNote.judge(moved, self.bn, large, scale < 1, self.norms_train)
+        bn = self.bn if self.modes_matter else ""  # the mode changes nothing: no warning about it
+        return scale, FirstStepNote.judge(moved, bn, large, scale < 1, self.norms_train)
 
     def rate_factor(self, index: int) -> float:
         """The factor of release ``index``'s rates: ``near_decay ** k`` for the ``k``-th release after the first one

@@ -27,10 +27,13 @@ def format_plan(
     groups: Mapping[str, Sequence[str]] | None = None,
     max_step: MaxStep = None,
     adapt_auto: bool = False,
+    statistics: bool = True,
 ) -> str:
     """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
     and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups;
-    a line on what ``max_step`` may change in the planned rates, and with ``bn="auto"`` one on ``adapt="auto"``.
+    a line on what ``max_step`` may change in the planned rates, and with ``bn="auto"`` one on ``adapt="auto"``;
+    ``statistics=False`` (no norm layer of the backbone keeps running statistics): a line saying that norm modes,
+    the shift ``max_step="auto"`` measures and ``adapt="auto"`` have nothing to act on.
 
     With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
     """
@@ -45,14 +48,21 @@ def format_plan(
         else:
             at = str(times[k])
         for i, part in enumerate(parts):
-            row = [at if i == 0 else "", part.name, f"{part.numel:,}", f"{lr_scale * part.lr_factor:.4g}", _NORMS[bn]]
+            norms = _NORMS[bn] if statistics else "-"
+            row = [at if i == 0 else "", part.name, f"{part.numel:,}", f"{lr_scale * part.lr_factor:.4g}", norms]
             if groups is not None:
                 row.append(", ".join(groups.get(part.name, ())) or "head's")
             rows.append(row)
     table = format_table(rows)
     if times is None:
         table += f"\nReleases in this order, each when {trigger!r} says."
-    if max_step == AUTO and len(plan.releases) > 1:
+    if not statistics:
+        table += (
+            f"\nNo norm layer of {plan.backbone!r} keeps running statistics: `bn` changes nothing"
+            + (", max_step='auto' runs without a cap (max_step=None)" if max_step == AUTO else "")
+            + "."
+        )
+    elif max_step == AUTO and len(plan.releases) > 1:
         table += (
             f"\nmax_step='auto': near the source, once the first release moves fast, release k (from 0) trains at"
             f" {NEAR_DECAY:g}**k x the lr above, less if its first step moves more than {NEAR_DECAY:g}**k x the"
@@ -60,7 +70,7 @@ def format_plan(
         )
     elif max_step is not None and max_step != AUTO:
         table += f"\nmax_step={max_step!r}: a release's rate may be scaled down after its first step."
-    if bn == "auto" and adapt_auto:
+    if bn == "auto" and adapt_auto and statistics:
         table += "\nadapt='auto': as norm layers start training, the backbone's take the training data's statistics"
         table += (
             " (far from the source: before the first step, unless Adam or AdamW cannot move any release by more than"

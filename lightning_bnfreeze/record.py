@@ -66,8 +66,8 @@ class FirstStepNote(NamedTuple):
     @classmethod
     def judge(cls, moved: str, bn: str, large: bool, capped: bool, trains: bool | None = None) -> FirstStepNote | None:
         """What to say of a first step (``moved``: what it did; ``large``: above :data:`AUTO_STEP`) under ``bn``
-        (``trains``: the mode ``bn="auto"`` decided, if it has): a mode the real-weights benchmark saw fail there,
-        a capped rate."""
+        (``""``: a backbone whose norm mode changes nothing; ``trains``: the mode ``bn="auto"`` decided, if it has): a
+        mode the real-weights benchmark saw fail there, a capped rate."""
         if bn == "auto" and trains is False and large:
             advice = _failed("frozen statistics collapsed to chance", "`max_step='released'` or `bn='train'`")
             return cls(f"{moved} (> {AUTO_STEP:.1%}), faster than the first release, whose step kept frozen statistics"

@@ -118,8 +118,10 @@ class Unfreezer:
                 self.groups.restore_order(added, record.positions)
 
     def start_norms(self, norms: BackboneNorms) -> None:
-        """From now on keep the backbone's norm layers as the releases say."""
+        """From now on keep the backbone's norm layers as the releases say (without one that keeps running statistics,
+        the first steps' notes say nothing of norm modes)."""
         self.norms = norms
+        self.first_steps.modes_matter = any(layer.running_mean is not None for layer in norms.layers)
         self.update_norms()
 
     def moment(self, epoch: float, step: int, metrics: Mapping[str, float] | None = None) -> Moment:
@@ -212,7 +214,7 @@ class Unfreezer:
                 self._scale_part(index, position, scale)
             notes += [note] if note is not None else []
         for since, train, note in self.first_steps.decide():  # bn="auto": the mode from release `since` on
-            notes.append(note)
+            notes += [note] if self.first_steps.modes_matter else []
             self._history[since:] = [
                 replace(r, train_norms=(train,) * len(r.train_norms)) for r in self._history[since:]
             ]

@@ -22,7 +22,9 @@ import lightning_bnfreeze.released_groups as released_groups_module
 from lightning_bnfreeze import Blocks, BNFreezeCallback, Every, GradualUnfreeze, LayerDecay, Schedule
 from lightning_bnfreeze.step_size import NEAR_DECAY
 from tests.unfreeze_helpers import (
+    FEATURES,
     HEAD_NORM,
+    IMAGE_SIZE,
     STEPS_PER_EPOCH,
     EpochProbe,
     LrProbe,
@@ -234,6 +236,31 @@ def test_one_info_line_per_release(caplog: pytest.LogCaptureFixture, monkeypatch
     assert "norm statistics are" in lines[0] and "max_step=" in lines[0]  # max_step="auto", at fit start
     assert "epoch 1" in lines[1] and "backbone.3" in lines[1] and "600" in lines[1]
     assert "epoch 2" in lines[2] and "backbone.1" in lines[2] and "backbone.0" in lines[2]
+
+
+def layer_norm_model() -> UnfreezeModel:
+    """A backbone of Linear + LayerNorm blocks (as a transformer's): no norm layer keeps running statistics."""
+    torch.manual_seed(0)
+    size = 3 * IMAGE_SIZE * IMAGE_SIZE
+    blocks = [nn.Sequential(nn.Linear(n, FEATURES), nn.LayerNorm(FEATURES), nn.ReLU()) for n in (size, FEATURES)]
+    return UnfreezeModel(backbone=(nn.Sequential(nn.Flatten(), *blocks), FEATURES), optimizer="adam", lr=0.05)
+
+
+def test_without_running_statistics_nothing_is_said_of_norm_modes(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    callback = GradualUnfreeze(what=Blocks(per_release=1))
+    with caplog.at_level(logging.INFO):
+        fit(layer_norm_model(), [callback])
+    lines = [r.getMessage() for r in caplog.records if "GradualUnfreeze" in r.getMessage()]
+    assert callback.first_step is not None and callback.first_step > 0.005  # bn="auto" had a fast step to decide on
+    assert not [line for line in lines if "norm layers" in line or "statistics in" in line], lines
+    assert "released backbone.2" in "".join(lines)
+
+    table = callback.dry_run(layer_norm_model())
+    assert "No norm layer of 'backbone' keeps running statistics: `bn` changes nothing, max_step='auto'" in table
+    assert "train while the releases move fast" not in table and "adapt='auto'" not in table
 
 
 def test_trainable_parameter_count_is_logged_each_epoch_and_groups_show_in_lr_monitor(tmp_path: Any) -> None:

@@ -44,6 +44,7 @@ from lightning_bnfreeze.internals import (
 )
 from lightning_bnfreeze.lr_preview import Budget, LrPreview, SchedulerStep, simulate
 from lightning_bnfreeze.names import get_module
+from lightning_bnfreeze.norm import named_norm_layers
 from lightning_bnfreeze.plan import Blocks, LayerDecay, ReleasePlan, Schedule, What, what_and_when
 from lightning_bnfreeze.plan_table import format_plan
 from lightning_bnfreeze.record import ReleaseRecord
@@ -217,8 +218,10 @@ class GradualUnfreeze(NormFreezingCallback):
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
                 groups = groups_preview(self._on_copy(pl_module, Budget(1, 1))[0])
+        backbone = get_module(pl_module, self.backbone, "backbone")
+        statistics = any(layer.running_mean is not None for _, layer in named_norm_layers(backbone))
         table = format_plan(
-            plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step, self.adapt == "auto"
+            plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step, self.adapt == "auto", statistics
         )
         if not plan.blocks:
             return table
