@@ -122,6 +122,12 @@ class Trigger:
         """What the trigger's times count: ``"epoch"`` or ``"step"``."""
         return "step" if self.checked_at == "step" else "epoch"
 
+    def __repr__(self) -> str:
+        """The class and its public attributes, as the dry run shows a trigger of your own:
+        ``BelowLoss(threshold=0.5, monitor='val_loss')``."""
+        arguments = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if not name.startswith("_"))
+        return f"{type(self).__name__}({arguments})"
+
 
 class Every(Trigger):
     """A release every ``epochs`` epochs (at the epoch's start) or every ``steps`` optimizer steps.

@@ -228,6 +228,13 @@ def test_a_users_own_trigger_releases_where_it_says() -> None:
     assert [len(r.names) for r in probe.records] == [1] * 12 + [2] * 8 + [3] * 4
 
 
+def test_the_dry_run_names_a_users_own_trigger_with_its_arguments() -> None:
+    callback = GradualUnfreeze(when=BelowLoss(0.5, monitor="score"))
+    assert "Releases in this order, each when BelowLoss(threshold=0.5, monitor='score') says." in callback.dry_run(
+        ScriptedScore([0.9])
+    )
+
+
 class SetupCounter(pl.Callback):
     def __init__(self) -> None:
         self.setups = 0
