@@ -34,6 +34,10 @@ _GIVEN = re.compile(r"\s*Given value: (?P<value>.*)")
 _REQUIRED = re.compile(r"the following arguments are required: (?P<names>.+)")
 _NOT_ACCEPTED = re.compile(r"Option '(?P<key>\w+)' is not accepted")
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+_CLASS_HINT = (
+    " (a config written for LightningCLI(MyModel, MyDataModule) names no class: name them first,"
+    " `--model my_project.MyModel --data my_project.MyDataModule --config config.yaml`)"
+)
 
 
 def parse_error(message: str) -> str | None:
@@ -61,7 +65,7 @@ def parse_error(message: str) -> str | None:
         what = f"`{argument}` must be {kinds}, got {value!r}."
     elif required := _REQUIRED.fullmatch(leaf):
         names = ", ".join(f"`{name.strip()}`" for name in required["names"].split(","))
-        what = f"{names} is required (no default): give it."
+        what = f"{names} is required (no default): give it{_CLASS_HINT if names in ('`model`', '`data`') else ''}."
     elif (unknown := _NOT_ACCEPTED.fullmatch(leaf)) and path and path[-1][0] == "class":
         what = _unknown_argument(unknown["key"], path[-1][1], message)
     else:
@@ -121,6 +125,8 @@ def _unknown_argument(key: str, class_path: str, message: str) -> str:
     close = closest_names(key, names, count=1)
     if close:
         return f"no argument `{key}`{value}; did you mean `{close[0]}`?"
+    if not names:
+        return f"no argument `{key}`{value}; {class_path} takes none{_CLASS_HINT}."
     return f"no argument `{key}`{value}; its arguments are {', '.join(f'`{name}`' for name in names)}."
 
 

@@ -74,7 +74,8 @@ the meta device (no weights, no download) as the `backbone` of a stand-in Lightn
 AdamW at --lr, no LR scheduler), and takes GradualUnfreeze's arguments as options.
 --config CONFIG builds the model and the trainer's callbacks of a LightningCLI config (with neither
 callback in it: what BNFreezeCallback() would freeze); `--config CONFIG --help` lists LightningCLI's
-arguments, which may follow it."""
+arguments, which may follow it. A config written for LightningCLI(MyModel, MyDataModule) names no
+classes: name them first, --model my_project.MyModel --data my_project.MyDataModule --config CONFIG."""
 EPILOG = f"""\
 Values are YAML, as in a config; an object is a class name or {{class_path: NAME, init_args: {{...}}}}.
 Examples:

@@ -186,6 +186,29 @@ def test_config_without_the_callbacks_shows_what_bn_freeze_callback_would_freeze
     assert frozen_backbone.endswith("9 of 9 norm layer(s) frozen.")
 
 
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [("model: {lr: 0.05}\n", "takes none"), ("", "`model` is required (no default): give it")],
+    ids=["its-arguments", "nothing"],
+)
+def test_a_config_written_for_a_cli_with_its_model_class_needs_the_class_first(
+    model: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``LightningCLI(MyModel)``'s config names no class: the error says how to name it, and named first (before
+    ``--config``, as LightningCLI reads its arguments in order), the plan shows."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"{model}trainer:\n  max_epochs: 4\n  callbacks:\n"
+        "    - {class_path: lightning_bnfreeze.GradualUnfreeze, init_args: {lr_scale: 0.5}}\n"
+    )
+    with pytest.raises(SystemExit):
+        dry_run.main(["--config", str(config)])
+    message = capsys.readouterr().err
+    assert error in message and "names no class: name them first, `--model my_project.MyModel --data" in message
+    plan = dry_run.main(["--model", "tests.unfreeze_helpers.CLIModel", "--config", str(config)])
+    assert plan.startswith("GradualUnfreeze(backbone='backbone'):") and "0.5" in plan
+
+
 def test_keras_rule_explains_layers_without_parameters() -> None:
     """An InstanceNorm without affine parameters follows its nearest parent that has some."""
     inner = nn.Sequential(nn.Conv2d(1, 2, 1), nn.InstanceNorm2d(2, track_running_stats=True))
