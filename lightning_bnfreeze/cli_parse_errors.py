@@ -29,10 +29,14 @@ _NOISE = re.compile(
 _DEAD_END = re.compile(  # alternatives that were not meant: their lines, and those under them, say nothing
     r"Not a valid subclass of |Expected a <class 'NoneType'>|Import path \S+ does not correspond to a subclass of "
 )
-_EXPECTED = re.compile(r"Expected a <class '(?P<type>\w+)'>(\. Got value: (?P<value>.*))?")
+_EXPECTED = re.compile(
+    r"Expected a (?:<class '(?P<type>\w+)'>(\. Got value: (?P<value>.*))?"
+    r"|typing\.Literal\[(?P<literal>.*)\]|dot import path string: (?P<path>.*))"
+)
 _GIVEN = re.compile(r"\s*Given value: (?P<value>.*)")
 _REQUIRED = re.compile(r"the following arguments are required: (?P<names>.+)")
 _NOT_ACCEPTED = re.compile(r"Option '(?P<key>\w+)' is not accepted")
+_YAML_ERROR = "Problems parsing config"
 _TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 _CLASS_HINT = (
     " (a config written for LightningCLI(MyModel, MyDataModule) names no class: name them first,"
@@ -48,6 +52,9 @@ def parse_error(message: str) -> str | None:
         >>> parse_error('Parser key "trainer.max_epochs":\\n  Expected a <class \\'int\\'>. Got value: ten')
         "`trainer.max_epochs` must be an integer, got 'ten'."
     """
+    if message.startswith(_YAML_ERROR):  # a config that is no YAML: where, as the last mark YAML names
+        lines = re.findall(r"line (\d+), column (\d+)", message)
+        return message.splitlines()[0] + (f" (line {lines[-1][0]}, column {lines[-1][1]})" if lines else "")
     found = _first_cause(message)
     if found is None:
         return None
@@ -61,8 +68,7 @@ def parse_error(message: str) -> str | None:
         else:
             argument = name if argument is None else f"{argument}.{name}"
     if _EXPECTED.fullmatch(leaf) and argument:
-        kinds = " or ".join(_TYPES.get(name, f"a {name}") for name in types)
-        what = f"`{argument}` must be {kinds}, got {value!r}."
+        what = f"`{argument}` must be {' or '.join(types)}, got {value!r}."
     elif required := _REQUIRED.fullmatch(leaf):
         names = ", ".join(f"`{name.strip()}`" for name in required["names"].split(","))
         what = f"{names} is required (no default): give it{_CLASS_HINT if names in ('`model`', '`data`') else ''}."
@@ -100,7 +106,7 @@ def _first_cause(message: str) -> tuple[list[tuple[str, str]], str, list[str], s
         path = [(kind, name) for _, kind, name in stack]
         if leaf is not None:
             if (expected := _EXPECTED.fullmatch(text)) and path == leaf[0] and indent == leaf[2]:
-                types.append(expected["type"])
+                types.append(_kind(expected))
         elif key := _KEY.fullmatch(text):
             stack.append((indent, "key", key["key"]))
         elif class_path := _CLASS.fullmatch(text):
@@ -108,8 +114,17 @@ def _first_cause(message: str) -> tuple[list[tuple[str, str]], str, list[str], s
         else:
             leaf = (path, text, indent)
             expected = _EXPECTED.fullmatch(text)
-            types, value = ([expected["type"]], expected["value"] or "") if expected else ([], "")
+            types, value = ([_kind(expected)], expected["value"] or expected["path"] or "") if expected else ([], "")
     return None if leaf is None else (leaf[0], leaf[1], types, value)
+
+
+def _kind(expected: re.Match[str]) -> str:
+    """What an ``Expected a ...`` line asks for, in words: ``a number``, ``one of 'auto', 'released'``, ..."""
+    if expected["literal"] is not None:
+        return f"one of {expected['literal']}" if "," in expected["literal"] else expected["literal"]
+    if expected["type"] is None:
+        return "a class ({class_path: ..., init_args: {...}})"
+    return _TYPES.get(expected["type"], f"a {expected['type']}")
 
 
 def _unknown_argument(key: str, class_path: str, message: str) -> str:

@@ -220,6 +220,28 @@ def test_control_plain_lightning_cli_buries_the_message(tmp_path: Path, monkeypa
         ),
         ("Unrecognized arguments: --trainer.max_epoch=3", "Unrecognized arguments: --trainer.max_epoch=3"),
         ("", None),
+        pytest.param(
+            'Problems parsing config: mapping values are not allowed in this context\n  in "<unicode string>", line 3,'
+            " column 6",
+            "Problems parsing config: mapping values are not allowed in this context (line 3, column 6)",
+            id="no-yaml",
+        ),
+        pytest.param(  # jsonargparse 4.53's message for GradualUnfreeze(max_step="releasd")
+            'Parser key "max_step":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class'
+            " 'float'>, typing.Literal['auto', 'released'], <class 'NoneType'>]\n  Errors:\n    - Expected a <class"
+            " 'float'>\n    - Expected a typing.Literal['auto', 'released']\n    - Expected a <class 'NoneType'>\n"
+            "  Given value type: <class 'str'>\n  Given value: releasd",
+            "`max_step` must be a number or one of 'auto', 'released', got 'releasd'.",
+            id="a-literal-among-the-union",
+        ),
+        pytest.param(  # GradualUnfreeze(adapt="yes"): a class, a literal, None
+            'Parser key "adapt":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class'
+            " 'lightning_bnfreeze.adapt.AdaBN'>, typing.Literal['auto'], <class 'NoneType'>]\n  Errors:\n    -"
+            " Expected a dot import path string: yes\n    - Expected a typing.Literal['auto']\n    - Expected a <class"
+            " 'NoneType'>. Got value: True\n  Given value type: <class 'str'>\n  Given value: yes",
+            "`adapt` must be a class ({class_path: ..., init_args: {...}}) or 'auto', got 'yes'.",
+            id="a-class-or-a-literal",
+        ),
     ],
 )
 def test_other_parse_errors_are_one_line_too(message: str, line: str | None) -> None:
