@@ -90,6 +90,18 @@ def test_the_default_cadence_counts_optimizer_steps() -> None:
     assert [record.step for record in callback.history] == [2, 5]
 
 
+def test_step_releases_past_the_fits_last_step_are_warned_about_without_max_steps() -> None:
+    """Without ``max_steps`` the fit's last step is ``max_epochs`` times the epoch's steps, known once it starts."""
+    callback = GradualUnfreeze(what=Blocks(per_release=1), when=Every(steps=3, first=2))  # at steps 2, 5, 8
+    last = 2 * STEPS_PER_EPOCH
+    assert 5 < last <= 8
+    with pytest.warns(
+        UserWarning, match=rf"release step\(s\) \[8\] are at or past the fit's last optimizer step \({last},"
+    ):
+        make_trainer([callback], max_epochs=2).fit(build_model())
+    assert [record.step for record in callback.history] == [2, 5]
+
+
 def test_every_takes_epochs_or_steps_not_both() -> None:
     with pytest.raises(ValueError, match=r"`Every` takes `epochs` or `steps`, not both.*epochs=1, steps=2"):
         Every(epochs=1, steps=2)

@@ -45,16 +45,23 @@ def warn_about_forward_order(plan: ReleasePlan, pl_module: pl.LightningModule) -
         rank_zero_warn(f"GradualUnfreeze: {message} Name them with `what=Blocks(names=[...])` (input side first).")
 
 
-def warn_about_late_releases(trigger: Trigger, plan: ReleasePlan, trainer: pl.Trainer) -> None:
-    """Releases due at or after the fit's last epoch or step: those blocks would never train."""
+def warn_about_late_releases(trigger: Trigger, plan: ReleasePlan, trainer: pl.Trainer, started: bool = False) -> None:
+    """Releases due at or after the fit's last epoch or step: those blocks would never train. Before the fit
+    (``started=False``): epochs, and steps under ``max_steps``; once it started, steps without it (the fit's last
+    step is known then, from the training data)."""
     unit = trigger.unit
-    last = trainer.max_steps if unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
+    counted = unit == "step" and trainer.max_steps < 0  # the last step: max_epochs times the epoch's steps
+    if counted != started:
+        return
+    if counted:
+        last = trainer.estimated_stepping_batches
+        end = f"the fit's last optimizer step ({last:g}, from `max_epochs={trainer.max_epochs}`)"
+    else:
+        last = trainer.max_steps if unit == "step" else -1 if trainer.max_epochs is None else trainer.max_epochs
+        end = f"`max_{unit}s={last}`"
     late = [time for time in trigger.times(len(plan.releases)) or [] if time >= last >= 0]
     if late:
-        rank_zero_warn(
-            f"GradualUnfreeze: release {unit}(s) {late} are at or past `max_{unit}s={last}`:"
-            " those blocks will never train."
-        )
+        rank_zero_warn(f"GradualUnfreeze: release {unit}(s) {late} are at or past {end}: those blocks never train.")
 
 
 def warn_about_adapters(named: list[tuple[str, nn.Parameter]], is_trainable: Callable[[str], bool]) -> None:

@@ -302,6 +302,8 @@ class GradualUnfreeze(NormFreezingCallback):
         # check for modules in eval mode.
         forget_checkpoint_hook(trainer.strategy)  # the checkpoint, if any, is restored by now
         fit = self._running()
+        assert self._plan is not None
+        warn_about_late_releases(self.when, self._plan, trainer, started=True)
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
         fit.unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
         self._freezer = fit.unfreezer.norms.freezer if fit.unfreezer.norms is not None else None
