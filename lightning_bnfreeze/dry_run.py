@@ -145,9 +145,14 @@ def release_object(argument: str, text: str) -> object:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Errors in one line, without the usage."""
+    """Errors in one line, without the usage; an option spelled with underscores gets its spelling with dashes."""
 
     def error(self, message: str) -> NoReturn:
+        known = {option for action in self._actions for option in action.option_strings}
+        given = message.partition("unrecognized arguments: ")[2].split()
+        dashed = [option.replace("_", "-") for option in given if option.startswith("--")]
+        hint = [option for option in dashed if option.partition("=")[0] in known and option not in given]
+        message += f"; did you mean {', '.join(hint)}?" if hint else ""
         self.exit(2, f"error: {message} (--help: the options)\n")
 
 

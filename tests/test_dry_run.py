@@ -124,7 +124,10 @@ def test_one_spelling_of_each_option(old: list[str], capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         dry_run.main(["--model", "torchvision:resnet18", *old])
     assert exit_info.value.code == 2
-    assert f"unrecognized arguments: {' '.join(old)}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"unrecognized arguments: {' '.join(old)}" in error
+    dashed = old[0].replace("_", "-")
+    assert (f"did you mean {dashed}?" in error) == (dashed in ("--max-epochs", "--lr-scale"))  # it exists
 
 
 def test_timm_model_preview_draws_the_learning_rates(tmp_path: Path) -> None:
