@@ -263,6 +263,20 @@ def test_without_running_statistics_nothing_is_said_of_norm_modes(
     assert "train while the releases move fast" not in table and "adapt='auto'" not in table
 
 
+def test_a_second_fit_on_a_trainer_that_trained_warns_that_the_callback_starts_over(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    model = build_model()
+    trainer = make_trainer([unfreeze()], max_epochs=1)
+    trainer.fit(model)
+    assert not [w for w in recwarn if "took" in str(w.message)]  # a first fit: nothing to say
+    trainer.fit_loop.max_epochs = 2
+    with pytest.warns(
+        UserWarning, match=rf"this Trainer took {STEPS_PER_EPOCH} optimizer steps before this fit.*ckpt_path"
+    ):
+        trainer.fit(model)
+
+
 def test_trainable_parameter_count_is_logged_each_epoch_and_groups_show_in_lr_monitor(tmp_path: Any) -> None:
     model = build_model()
     logger = CSVLogger(tmp_path, name="", version=0)

@@ -17,6 +17,7 @@ from lightning_bnfreeze.triggers import Trigger
 __all__ = [
     "checks_on_train_epoch_end",
     "epochs_done",
+    "warn_about_a_trained_trainer",
     "warn_about_adapters",
     "warn_about_early_stopping",
     "warn_about_forward_order",
@@ -31,6 +32,17 @@ def warn_about_early_stopping(trainer: pl.Trainer) -> None:
         rank_zero_warn(
             "GradualUnfreeze: Lightning's EarlyStopping stops the fit as usual, also while blocks are still frozen;"
             " to make the next release instead, use lightning_bnfreeze.ReleasingEarlyStopping (same arguments)."
+        )
+
+
+def warn_about_a_trained_trainer(trainer: pl.Trainer) -> None:
+    """A Trainer that has taken optimizer steps before (``trainer.fit`` called again to go on): for the callback
+    the fit starts over."""
+    if trainer.global_step > 0:
+        rank_zero_warn(
+            f"GradualUnfreeze: this Trainer took {trainer.global_step} optimizer steps before this fit: the callback"
+            " starts over, freezing the backbone again and making every release due by now at once. To go on with a"
+            " fit, resume it from its checkpoint instead: `trainer.fit(model, ckpt_path=...)`."
         )
 
 

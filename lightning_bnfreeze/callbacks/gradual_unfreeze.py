@@ -24,6 +24,7 @@ from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_config
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
 from lightning_bnfreeze.callbacks.fit_checks import (
     checks_on_train_epoch_end,
+    warn_about_a_trained_trainer,
     warn_about_adapters,
     warn_about_early_stopping,
     warn_about_forward_order,
@@ -258,6 +259,7 @@ class GradualUnfreeze(NormFreezingCallback):
             return
         super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
+        warn_about_a_trained_trainer(trainer)
         self._state.reset()
         self._adaptation.reset()
         self.when.reset()
