@@ -148,7 +148,7 @@ class _Parser(argparse.ArgumentParser):
     """Errors in one line, without the usage; an option spelled with underscores gets its spelling with dashes."""
 
     def error(self, message: str) -> NoReturn:
-        known = {option for action in self._actions for option in action.option_strings}
+        known = {*MODEL_ONLY, "--batches-per-epoch", "--preview"}
         given = message.partition("unrecognized arguments: ")[2].split()
         dashed = [option.replace("_", "-") for option in given if option.startswith("--")]
         hint = [option for option in dashed if option.partition("=")[0] in known and option not in given]
