@@ -62,7 +62,7 @@ class FirstSteps:
         self._first_index: int | None = None  # bn="auto": the first release whose weights moved,
         self._first_step = 0.0  # the largest first step of its parts,
         self._first_fast = False  # whether that step was above AUTO_STEP (on any rank),
-        self._deciding = (0.0, "", False)  # and what that step did, and whether it was large, until the mode is decided
+        self._deciding: list[tuple[float, str, bool]] = []  # its parts: step, what it did, large; until decided
         self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
         self.modes_matter = True  # False: no norm layer of the backbone keeps running statistics: modes go unsaid
@@ -156,7 +156,7 @@ class FirstSteps:
         if self._first_index in (None, part[0]) and change > SMALLEST_REFERENCE:  # the first release that moved
             self._first_index, self._first_step = part[0], max(self._first_step, change)
             self._first_fast = self._first_fast or large
-            self._deciding = max(self._deciding, (change, moved, large))
+            self._deciding.append((change, moved, large))
         elif self._first_index is not None and part[0] > self._first_index:
             self._measured[part[0]] = max(self._measured.get(part[0], (0.0, "", False)), (change, moved, keeps))
         bn = self.bn if self.modes_matter else ""  # the mode changes nothing: no warning about it
@@ -177,9 +177,9 @@ class FirstSteps:
         if self.bn != "auto":
             return []
         changes = []
-        if self.norms_train is None and self._deciding[1]:
-            self.norms_train = self._deciding[2]
-            changes.append((0, self.norms_train, FirstStepNote.decide(self._deciding[1], self.norms_train)))
+        if self.norms_train is None and self._deciding:
+            _, moved, self.norms_train = max(self._deciding)
+            changes.append((0, self.norms_train, FirstStepNote.decide(moved, self.norms_train, len(self._deciding))))
         for index, (_, moved, keeps) in sorted(measured.items()):
             if self.norms_train and not keeps:
                 self.norms_train = False
@@ -208,6 +208,6 @@ class FirstSteps:
         self.near_decay = float(state.get("near_decay", 1.0))  # before 0.6: no decay
         self.near_step_cap = bool(state.get("near_step_cap", False))  # before 0.7: the decayed rate alone
         self.norms_train = state.get("norms_train", decided) if self.bn == "auto" else None
-        self._deciding = (0.0, "", False)
+        self._deciding = []
         if self.unresolved and "first_step" in state:  # a saved fit (from 0.4: no "max_step", which was None then)
             self.max_step, self.source_shift = state.get("max_step"), state.get("source_shift")

@@ -81,8 +81,10 @@ class FirstStepNote(NamedTuple):
         return cls(moved, False) if capped else None
 
     @classmethod
-    def decide(cls, moved: str, trains: bool) -> FirstStepNote:
-        """What ``bn="auto"`` decided from the first release's first step (``moved``: its largest part's)."""
+    def decide(cls, moved: str, trains: bool, parts: int = 1) -> FirstStepNote:
+        """What ``bn="auto"`` decided from the first release's first step (``moved``: the largest of its ``parts``
+        parts')."""
+        moved += f", the largest of its release's {parts}" if parts > 1 else ""
         if trains:
             text = (
                 "norm layers train in every released block from now on, and in each later release until one moves less"

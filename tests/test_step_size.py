@@ -80,6 +80,22 @@ def test_a_part_of_norm_layers_alone_is_not_judged(bn: str) -> None:
     assert steps.norms_train is (True if bn == "auto" else None)
 
 
+def test_the_decision_names_the_largest_of_its_releases_first_steps() -> None:
+    """Two parts released together: the one that moved further decides, and the line says it was the larger."""
+    steps = FirstSteps("auto")
+    slow, fast = nn.Linear(4, 4), nn.Linear(4, 4)
+    steps.expect(0, 2)
+    steps.snapshot(lambda part: [slow.weight, fast.weight][part[1] : part[1] + 1])
+    with torch.no_grad():
+        slow.weight.mul_(1.001)
+        fast.weight.mul_(1.05)
+    for position, name in enumerate(("slow", "fast")):
+        steps.judge((0, position), name, momentum=0.0, ramp=1.0)
+    ((since, trains, note),) = steps.decide()
+    assert (since, trains) == (0, True)
+    assert note.text.startswith("fast: its first step moved its weights by 5.00%, the largest of its release's 2 (>")
+
+
 @pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
 @pytest.mark.parametrize("scale", [0.0, 1e-12, 1e-8, 1.0, 1e3], ids=lambda s: f"gradients-{s:g}")
 def test_adam_step_bound_holds_whatever_the_gradient(optimizer: type[torch.optim.Adam], scale: float) -> None:
