@@ -184,6 +184,11 @@ class BackboneNorms:
         self.layers = tuple(layer for name, layer in named_norm_layers(root) if name in self._governing)
         """Every norm layer of the backbone, frozen or not."""
 
+    @property
+    def with_statistics(self) -> list[NormLayer]:
+        """Every norm layer of the backbone that keeps running statistics."""
+        return [layer for layer in self.layers if layer.running_mean is not None]
+
     def holds_norms(self, params: Iterable[nn.Parameter]) -> bool:
         """Whether releasing ``params`` releases some norm layer (they govern one)."""
         return any(id(param) in self._governed for param in params)

@@ -121,7 +121,7 @@ class Unfreezer:
         """From now on keep the backbone's norm layers as the releases say (without one that keeps running statistics,
         the first steps' notes say nothing of norm modes)."""
         self.norms = norms
-        self.first_steps.modes_matter = any(layer.running_mean is not None for layer in norms.layers)
+        self.first_steps.modes_matter = bool(norms.with_statistics)
         self.update_norms()
 
     def moment(self, epoch: float, step: int, metrics: Mapping[str, float] | None = None) -> Moment:

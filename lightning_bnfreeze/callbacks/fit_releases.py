@@ -200,7 +200,7 @@ class FitReleases:
     def _backbone_layers(self) -> list[NormBase]:
         """Every norm layer of the backbone that keeps running statistics."""
         norms = self.unfreezer.norms
-        return [layer for layer in norms.layers if layer.running_mean is not None] if norms is not None else []
+        return norms.with_statistics if norms is not None else []
 
     def _adapt_as_norms_start_training(self, trainer: pl.Trainer) -> None:
         """``adapt="auto"``, as ``bn="auto"`` decides that released norm layers train: every norm layer of the
