@@ -65,7 +65,7 @@ class FirstSteps:
         self._deciding: list[tuple[float, str, bool]] = []  # its parts: step, what it did, large; until decided
         self._measured: dict[int, tuple[float, str, bool]] = {}  # the same for each later release measured last
         self.norms_train: bool | None = None  # bn="auto": the mode of the releases from now on
-        self.modes_matter = True  # False: no norm layer of the backbone keeps running statistics: modes go unsaid
+        self.modes_matter = True  # False: no norm layer of the backbone keeps running statistics: no note on modes
 
     @property
     def first_step(self) -> float | None:
@@ -170,9 +170,10 @@ class FirstSteps:
             return 1.0
         return self.near_decay ** (index - self._first_index)
 
-    def decide(self) -> list[tuple[int, bool, FirstStepNote]]:
+    def decide(self) -> list[tuple[int, bool, FirstStepNote | None]]:
         """With ``bn="auto"``, after first steps were judged: each change of :attr:`norms_train` (the first decision,
-        training stopped by a slow release), as the release it applies from, the mode, and what to say of it."""
+        training stopped by a slow release), as the release it applies from, the mode, and what to say of it (``None``
+        while the modes matter not: see :attr:`modes_matter`)."""
         measured, self._measured = self._measured, {}
         if self.bn != "auto":
             return []
@@ -184,7 +185,7 @@ class FirstSteps:
             if self.norms_train and not keeps:
                 self.norms_train = False
                 changes.append((index, False, FirstStepNote.stop(moved)))
-        return changes
+        return [(index, train, note if self.modes_matter else None) for index, train, note in changes]
 
     def state_dict(self) -> dict[str, Any]:
         return {

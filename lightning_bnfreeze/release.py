@@ -214,7 +214,7 @@ class Unfreezer:
                 self._scale_part(index, position, scale)
             notes += [note] if note is not None else []
         for since, train, note in self.first_steps.decide():  # bn="auto": the mode from release `since` on
-            notes += [note] if self.first_steps.modes_matter else []
+            notes += [note] if note is not None else []
             self._history[since:] = [
                 replace(r, train_norms=(train,) * len(r.train_norms)) for r in self._history[since:]
             ]
