@@ -1,19 +1,21 @@
 """Transfer accuracy of fine-tuning recipes: benches x tasks x optimizers x learning rates x K x seeds, paired.
 
-Within a setting (bench, task, optimizer, head learning rate, K labelled images per class, epochs)
-every recipe gets the same data split, batch order and initial weights per seed; only the recipe
-differs. The metric is the accuracy of the final weights on the held-out test images. Run from the
-repository root (``pip install -e '.[bench]'``)::
+Within a setting (bench, task, optimizer, head learning rate, K labelled images per class, epochs) every
+recipe gets the same data split, batch order and initial weights per seed; only the recipe differs. A
+fit's floating-point results, hence every fit past its first steps, differ between processors: runs are
+paired by seed and processor (a run is done when it ran on this one). The metric is the accuracy of the
+final weights on the held-out test images. Run from the repository root (``pip install -e '.[bench]'``)::
 
     OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.transfer --bench real --jobs 2 \\
         --tasks digits textures --optimizers adamw --lrs 1e-4 3e-4 1e-3 3e-3 --seeds 0 1 2 3 4
     python -m benchmarks.transfer --bench real --report        # benchmarks/transfer_real.md (+ .png)
     python -m benchmarks.transfer --quick                      # every bench, one short run per recipe (CI)
 
-Raw results are appended to ``benchmarks/raw/transfer_<bench>.jsonl`` as runs finish; a rerun skips the runs
-done, unless the library's defaults changed what ``ours`` runs (a fingerprint of its resolved arguments). Those files
-are committed: a report is rebuilt from them, and a new release reruns only ``ours`` (the peers' rows stay valid).
-See ``benchmarks.tasks`` for the benches and ``benchmarks.recipes`` for the recipes.
+Raw results are appended to ``benchmarks/raw/transfer_<bench>.jsonl`` as runs finish; a rerun skips the runs done on
+this processor, unless the library's defaults changed what ``ours`` runs (a fingerprint of its resolved arguments).
+Those files are committed: a report is rebuilt from them, and a new release reruns only ``ours`` (the peers' rows
+stay valid on the processor they ran on). See ``benchmarks.tasks`` for the benches and ``benchmarks.recipes`` for
+the recipes.
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
 
 Key = tuple[Any, ...]
 SETTING = ("bench", "task", "optimizer", "lr", "k", "epochs")
+Unit = tuple[int, str | None]  # what a pair shares: the seed and the processor
+
+
+def _unit(row: dict[str, Any]) -> Unit:
+    return row["seed"], row.get("cpu")
 
 
 def _key(row: dict[str, Any]) -> Key:
@@ -162,11 +169,18 @@ def _fingerprint_today(recipe: str) -> str | None:
         return None
 
 
+def pending(settings: list[dict[str, Any]], raw: Path, cpu: str) -> list[dict[str, Any]]:
+    """The settings that ``raw`` holds no run of on processor ``cpu``."""
+    done = {_key(row) for row in load(raw) if row.get("cpu") == cpu}
+    return [setting for setting in settings if _key(setting) not in done]
+
+
 def run(settings: list[dict[str, Any]], raw: Path, jobs: int) -> None:
-    """Run the settings not in ``raw`` yet, appending each result as it finishes."""
-    done = {_key(row) for row in load(raw)}
-    todo = [s for s in settings if _key(s) not in done]
-    print(f"{len(todo)} runs to do ({len(settings) - len(todo)} done)", flush=True)
+    """Run the settings not in ``raw`` yet on this processor, appending each result as it finishes."""
+    from benchmarks.common import cpu_model
+
+    todo = pending(settings, raw, cpu_model())
+    print(f"{len(todo)} runs to do ({len(settings) - len(todo)} done on this processor)", flush=True)
     raw.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
@@ -191,23 +205,24 @@ def _msd(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
-def _paired(acc: dict[str, dict[int, float]], recipe: str, other: str) -> dict[int, float]:
-    """``recipe``'s accuracy minus ``other``'s on each seed both ran, by seed in order (empty if either is missing)."""
-    seeds = sorted(set(acc.get(recipe, {})) & set(acc.get(other, {})))
-    return {seed: acc[recipe][seed] - acc[other][seed] for seed in seeds}
+def _paired(acc: dict[str, dict[Unit, float]], recipe: str, other: str) -> dict[Unit, float]:
+    """``recipe``'s accuracy minus ``other``'s on each seed both ran on one processor, by seed in order (empty if
+    either is missing)."""
+    units = sorted(set(acc.get(recipe, {})) & set(acc.get(other, {})), key=lambda unit: (unit[0], str(unit[1])))
+    return {unit: acc[recipe][unit] - acc[other][unit] for unit in units}
 
 
 def summarise(rows: list[dict[str, Any]], ours: str = "ours") -> list[dict[str, Any]]:
     """Per setting: each recipe's accuracies by seed, the best peer, ours against it and against the probe.
 
-    Ours is paired with each peer on every seed both ran, so a peer run on fewer seeds does not shrink the other
-    comparisons; the best peer is the one ours trails most (with the same seeds everywhere: the highest mean).
-    """
+    Ours is paired with each peer on every seed both ran on one processor, so a peer run on fewer seeds does not
+    shrink the other comparisons; the best peer is the one ours trails most (with the same seeds everywhere: the
+    highest mean)."""
     from benchmarks.recipes import PEERS
 
-    by_setting: dict[Key, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    by_setting: dict[Key, dict[str, dict[Unit, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        by_setting[tuple(row[name] for name in SETTING)][row["recipe"]][row["seed"]] = 100.0 * row["test_acc"]
+        by_setting[tuple(row[name] for name in SETTING)][row["recipe"]][_unit(row)] = 100.0 * row["test_acc"]
     summaries = []
     for setting, acc in sorted(by_setting.items(), key=lambda item: tuple(map(str, item[0]))):
         summary: dict[str, Any] = {"setting": dict(zip(SETTING, setting, strict=True)), "accuracy": acc}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import benchmarks.transfer
-from benchmarks.transfer import fingerprint, load, machines
+from benchmarks.transfer import fingerprint, load, machines, pending
 
 
 def test_rows_of_stale_or_unparsable_recipes_are_left_out(tmp_path: Path) -> None:
@@ -138,5 +138,28 @@ def test_a_peer_run_on_fewer_seeds_does_not_shrink_the_comparison_with_another()
 
     # ours trails full fine-tuning on the three seeds both ran (-2.0 on average) more than LLRD on its one (+3.0)
     assert summary["best_peer"] == "full"
-    assert summary["seeds"] == [0, 1, 2]
+    assert summary["seeds"] == [(0, None), (1, None), (2, None)]  # seeds, on processors not recorded
     assert summary["vs_best"] == pytest.approx([2.0, 2.0, -10.0])
+
+
+def test_runs_are_paired_on_one_processor_only() -> None:
+    # seed 0 of the default and the peers ran on one processor, a variant's seed 0 on another: a fit's floating-point
+    # results differ between processors, so the variant has no pair there
+    rows = [{**row, "cpu": "Intel Xeon"} for row in setting_rows({0: 0.92, 1: 0.92})]
+    variant = {**rows[2], "recipe": "ours:first=0", "cpu": "AMD EPYC", "test_acc": 0.5}
+    rows += [variant, {**variant, "seed": 1, "cpu": "Intel Xeon", "test_acc": 0.8}]
+
+    (summary,) = benchmarks.transfer.summarise(rows, ours="ours:first=0")
+
+    assert summary["seeds"] == [(1, "Intel Xeon")]
+    assert summary["vs_best"] == pytest.approx([-10.0])
+
+
+def test_a_run_is_done_when_it_ran_on_this_processor(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.jsonl"
+    rows = [{**row, "cpu": "Intel Xeon"} for row in setting_rows({0: 0.92})]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = [{key: value for key, value in row.items() if key not in ("test_acc", "seconds", "cpu")} for row in rows]
+
+    assert pending(settings, raw, "Intel Xeon") == []
+    assert pending(settings, raw, "AMD EPYC") == settings
