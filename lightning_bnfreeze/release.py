@@ -264,8 +264,23 @@ class Unfreezer:
             "history": [record.to_dict() for record in self._history],
             "last_release": None if self._last_release is None else list(self._last_release),
             "trigger": self.trigger.state_dict(),
+            "settings": {"lr_scale": self.lr_scale, "bn": self.bn},
             **self.first_steps.state_dict(),
         }
+
+    def changed_settings(self, state: Mapping[str, Any]) -> str | None:
+        """A line on what a checkpoint's releases keep that this object's settings would do otherwise (``None``:
+        nothing, a checkpoint without releases, or one of an older release, which does not hold its settings)."""
+        saved = state.get("settings", {})
+        names = [name for name in ("lr_scale", "bn") if name in saved and saved[name] != getattr(self, name)]
+        if not names or not state.get("history"):
+            return None
+        then = ", ".join(f"{name}={saved[name]!r}" for name in names)
+        now = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return (
+            f"GradualUnfreeze: the checkpoint was saved with {then}, this callback has {now}: the parts it released"
+            " keep the rates and norm modes it saved; later releases take the new settings."
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).

@@ -147,3 +147,17 @@ def test_a_callback_fitted_before_resumes_the_checkpoint_it_is_given(
     assert len(used.history) == 2
     resumed = train("sgd-auto-bn", ckpt_path=directory / "epoch=1.ckpt", callback=used)
     assert_resumed_like(resumed, reference, torch.load(directory / "epoch=1.ckpt", weights_only=True)["global_step"])
+
+
+def test_resuming_with_another_lr_scale_warns_and_keeps_the_released_parts_rates(
+    uninterrupted: dict[str, tuple[Run, Path]],
+) -> None:
+    reference, directory = uninterrupted["sgd-auto-bn"]
+    callback = GradualUnfreeze(what=Schedule(SCHEDULE, decay=0.4), lr_scale=0.6)  # the checkpoint's: 0.3
+    with pytest.warns(UserWarning, match=r"saved with lr_scale=0.3, this callback has lr_scale=0.6: the parts it"):
+        resumed = train("sgd-auto-bn", ckpt_path=directory / "epoch=1.ckpt", callback=callback)
+
+    head = reference.optimizer["param_groups"][0]["lr"]
+    rates = {g["name"]: g["lr"] / head for g in resumed.optimizer["param_groups"]}
+    assert rates["backbone.3"] == pytest.approx(0.3)  # released before the checkpoint: its saved rate
+    assert rates["backbone.1"] == rates["backbone.0"] == pytest.approx(0.6 * 0.4)  # released after: the new one

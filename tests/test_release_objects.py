@@ -208,6 +208,25 @@ def test_a_checkpoint_whose_releases_free_other_parts_is_refused_before_anything
     assert other.history == () and other.state_dict()["trigger"] == unfreezer().state_dict()["trigger"]
 
 
+def test_a_checkpoint_saved_with_other_settings_is_named_with_what_its_releases_keep() -> None:
+    u = unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train")
+    before = u.state_dict()
+    epochs(u, 1)
+    saved = u.state_dict()
+
+    line = unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="train").changed_settings(saved)
+    assert line == (
+        "GradualUnfreeze: the checkpoint was saved with lr_scale=0.5, this callback has lr_scale=0.25: the parts it"
+        " released keep the rates and norm modes it saved; later releases take the new settings."
+    )
+    line = unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="frozen").changed_settings(saved)
+    assert line is not None
+    assert "saved with lr_scale=0.5, bn='train', this callback has lr_scale=0.25, bn='frozen'" in line
+    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train").changed_settings(saved) is None
+    # nothing released yet: nothing keeps the old settings
+    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25).changed_settings(before) is None
+
+
 def move(u: Unfreezer, part: str, relative: float) -> None:
     """An optimizer step that moves the part's weights (ndim >= 2) by ``relative`` of their norm."""
     with torch.no_grad():

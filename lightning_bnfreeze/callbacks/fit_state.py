@@ -3,11 +3,11 @@
 The state is held from ``load_state_dict`` until ``on_fit_start`` builds the fit's releases from it (their param
 groups must exist before Lightning restores the optimizer), or, under ``ModelParallelStrategy``, applied to them
 later, when the strategy restores the checkpoint. Keys: ``"unfreezer"`` (the releases done, the groups' rates, the
-first-step decisions), ``"adapt_auto"`` (whether ``adapt="auto"`` applies: absent in checkpoints of 0.7 and older,
-which resume without it), ``"source_statistics"`` (far from the source, from fit start until ``bn="auto"`` decides: the
-backbone's statistics before ``adapt="auto"`` replaced them, as lists), ``"first_step_gradients"`` (whether the first
-release's gradients are still to be read: steps that a gradient scaler skipped; absent before 0.11) and the
-adaptation's.
+first-step decisions, the ``lr_scale`` and ``bn`` they ran with), ``"adapt_auto"`` (whether ``adapt="auto"``
+applies: absent in checkpoints of 0.7 and older, which resume without it), ``"source_statistics"`` (far from the
+source, from fit start until ``bn="auto"`` decides: the backbone's statistics before ``adapt="auto"`` replaced them,
+as lists), ``"first_step_gradients"`` (whether the first release's gradients are still to be read: steps that a
+gradient scaler skipped; absent before 0.11) and the adaptation's.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
@@ -46,7 +47,7 @@ class FitState:
     def start(self, unfreezer: Unfreezer, statistics_changed: Callable[[], None]) -> FitReleases:
         """The fit's releases, as the checkpoint being resumed left them (if any): frozen, groups rebuilt."""
         if self._saved is not None:
-            unfreezer.load_state_dict(self._saved["unfreezer"])
+            _take(unfreezer, self._saved["unfreezer"])
         unfreezer.freeze()
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
@@ -58,7 +59,7 @@ class FitState:
         """The checkpoint's ``state`` once the fit has started (``ModelParallelStrategy`` restores after
         ``on_fit_start``)."""
         if state is not None and self.fit is not None:
-            self.fit.unfreezer.load_state_dict(state["unfreezer"])
+            _take(self.fit.unfreezer, state["unfreezer"])
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
             self.fit.source_statistics = _source_statistics(state)
@@ -97,6 +98,13 @@ class FitState:
         self._adaptation.load_state_dict(state_dict)
         if self.fit is None:  # before `on_fit_start`: it rebuilds the groups from this
             self._saved = state_dict
+
+
+def _take(unfreezer: Unfreezer, saved: dict[str, Any]) -> None:
+    """Load the checkpoint's releases, with a warning if the callback's settings differ from those they ran with."""
+    if (changed := unfreezer.changed_settings(saved)) is not None:
+        rank_zero_warn(changed)
+    unfreezer.load_state_dict(saved)
 
 
 def _source_statistics(saved: dict[str, Any] | None) -> list[tuple[Tensor, Tensor]] | None:
