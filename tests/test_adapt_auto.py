@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
+from lightning_bnfreeze import AdaBN, BNFreezeCallback, Every, GradualUnfreeze, Schedule
 from lightning_bnfreeze.adapt import DEFAULT_PRIOR, adapt_norm_statistics
 from lightning_bnfreeze.callbacks.adaptation import ForwardError
 from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
@@ -391,6 +391,42 @@ def test_far_from_the_source_adam_at_a_small_rate_with_a_large_max_lr_is_adapted
     source = statistics(model)
     fit(model, [far(), at_start], epochs=1)
     assert not torch.equal(at_start.statistics[0][0], source[0][0])
+
+
+@pytest.mark.parametrize(
+    ("callback", "suggested"),
+    [
+        (GradualUnfreeze(), "`when=Every(epochs=1, first=0)`"),
+        (GradualUnfreeze(when=Every(epochs=2)), "`when=Every(epochs=2, first=0)`"),
+        (GradualUnfreeze(when=Every(first=0)), None),  # released from the start already
+        (far(), None),  # an explicit schedule: its own times
+    ],
+)
+def test_far_from_the_source_a_fast_first_release_after_the_head_alone_suggests_releasing_from_the_start(
+    callback: GradualUnfreeze, suggested: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        fit(TwoNorms(lr=FAST), [callback], epochs=3)
+
+    assert callback.source_shift is not None and callback.source_shift >= 0.7
+    assert callback.first_step is not None and callback.first_step > AUTO_STEP
+    said = [r.getMessage() for r in caplog.records if "releasing from the first step" in r.getMessage()]
+    if suggested is None:
+        assert said == []
+    else:
+        (line,) = said
+        assert line.startswith(f"GradualUnfreeze: far from the source ({callback.source_shift:.2f} >= 0.7)")
+        assert f"first step moved its weights by {callback.first_step:.2%} (> 0.5%)" in line
+        assert suggested in line
+
+
+def test_a_slow_first_release_far_from_the_source_suggests_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    callback = GradualUnfreeze()
+    with caplog.at_level(logging.INFO):
+        fit(TwoNorms(lr=SLOW), [callback], epochs=2)
+
+    assert callback.first_step is not None and callback.first_step < AUTO_STEP
+    assert not [r for r in caplog.records if "releasing from the first step" in r.getMessage()]
 
 
 @pytest.mark.parametrize(("adapt", "bn"), [(None, "auto"), ("auto", "train"), ("auto", "frozen")])
