@@ -186,9 +186,9 @@ class FitReleases:
             self._adapt_as_norms_start_training(trainer)
 
     def _suggest_an_earlier_start(self, trainer: pl.Trainer) -> None:
-        """The first release's first step was just measured: far from the source (``max_step="auto"``'s measure) and
-        above :data:`~lightning_bnfreeze.step_size.AUTO_STEP`, with an `Every` that keeps the head alone first, one
-        line says what did better there on the real-weights benchmark (``ours:first=0``): releasing from the start."""
+        """The first release's first step was just measured: far from the source (``max_step="auto"``'s measure),
+        above :data:`~lightning_bnfreeze.step_size.AUTO_STEP` and after the head trained alone (an :class:`Every` with
+        ``first > 0``), one line says what did better there on the real-weights benchmark (``ours:first=0``)."""
         first_steps, trigger = self.unfreezer.first_steps, self.unfreezer.trigger
         step, shift = first_steps.first_step, first_steps.source_shift
         if step is None or step <= AUTO_STEP or shift is None or shift < NEAR_SOURCE:
