@@ -277,6 +277,31 @@ def test_a_second_fit_on_a_trainer_that_trained_warns_that_the_callback_starts_o
         trainer.fit(model)
 
 
+def test_a_second_fit_on_the_same_trainer_that_resumes_a_checkpoint_says_nothing_of_starting_over(
+    tmp_path: Any, recwarn: pytest.WarningsRecorder
+) -> None:
+    model = build_model()
+    trainer = make_trainer([unfreeze()], max_epochs=1)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, ckpt_path=tmp_path / "last.ckpt")
+    assert not [w for w in recwarn if "took" in str(w.message)]
+
+
+def test_nothing_to_train_until_the_first_release_is_refused_before_anything_is_frozen() -> None:
+    model = build_model()
+    model.head.requires_grad_(False)  # every trainable parameter is in the backbone
+    with pytest.raises(ValueError, match=r"nothing would train until the first release: .* `backbone` \('backbone'\)"):
+        fit(model, [GradualUnfreeze()])
+    assert all(param.requires_grad for param in model.backbone.parameters())  # nothing was frozen
+
+    fit(model, [GradualUnfreeze(when=Every(first=0))], max_epochs=1)  # released before the first step: it trains
+    model = build_model()
+    model.head.requires_grad_(False)
+    fit(model, [unfreeze({0: "backbone.3"})], max_epochs=1)  # so does an explicit schedule's at epoch 0
+
+
 def test_trainable_parameter_count_is_logged_each_epoch_and_groups_show_in_lr_monitor(tmp_path: Any) -> None:
     model = build_model()
     logger = CSVLogger(tmp_path, name="", version=0)

@@ -15,6 +15,7 @@ from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.triggers import Trigger
 
 __all__ = [
+    "check_something_trains",
     "checks_on_train_epoch_end",
     "epochs_done",
     "warn_about_a_trained_trainer",
@@ -35,10 +36,31 @@ def warn_about_early_stopping(trainer: pl.Trainer) -> None:
         )
 
 
+def check_something_trains(
+    pl_module: pl.LightningModule, backbone: str, frozen: list[nn.Parameter], trigger: Trigger
+) -> None:
+    """Before the backbone's parameters (``frozen``) are frozen: if nothing else would train until the first release,
+    and the trigger releases after the first step (or only on a metric), the first step's loss would have no
+    gradient; raise, naming the ways out."""
+    to_freeze = {id(param) for param in frozen}
+    if any(param.requires_grad for param in pl_module.parameters() if id(param) not in to_freeze):
+        return
+    times = trigger.times(1)
+    if times == [0] or (times is None and trigger.checked_at != "metrics"):  # released before the first step, or may be
+        return
+    raise ValueError(
+        f"GradualUnfreeze: nothing would train until the first release: every trainable parameter of the"
+        f" LightningModule is in `backbone` ({backbone!r}), frozen at fit start (its classifier too?). Keep the head"
+        f" outside it (e.g. a timm model built with num_classes=0 as the backbone, and an nn.Linear of your own),"
+        f" name it in `trainable` (e.g. trainable=['{backbone}.fc.*']), or release from the start"
+        " (when=Every(first=0))."
+    )
+
+
 def warn_about_a_trained_trainer(trainer: pl.Trainer) -> None:
-    """A Trainer that has taken optimizer steps before (``trainer.fit`` called again to go on): for the callback
-    the fit starts over."""
-    if trainer.global_step > 0:
+    """At the start of training, a Trainer that took optimizer steps in an earlier fit and resumes no checkpoint
+    (``trainer.fit`` called again to go on): for the callback the fit starts over."""
+    if trainer.global_step > 0 and trainer.ckpt_path is None:
         rank_zero_warn(
             f"GradualUnfreeze: this Trainer took {trainer.global_step} optimizer steps before this fit: the callback"
             " starts over, freezing the backbone again and making every release due by now at once. To go on with a"
@@ -85,7 +107,8 @@ def warn_about_adapters(named: list[tuple[str, nn.Parameter]], is_trainable: Cal
         rank_zero_warn(
             f"GradualUnfreeze: {len(names)} backbone parameter(s) require grad while most do not ({shown}):"
             " an adapter? They are frozen until their block is released; to train them from the first step,"
-            f" name them in `trainable` (e.g. trainable={names[:1]!r})."
+            f" name them in `trainable` (e.g. trainable={names[:1]!r}). Blocks that an earlier fit of this model"
+            " released look the same: then nothing is to be done."
         )
 
 

@@ -23,6 +23,7 @@ from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
 from lightning_bnfreeze.callbacks.fit_checks import (
+    check_something_trains,
     checks_on_train_epoch_end,
     warn_about_a_trained_trainer,
     warn_about_adapters,
@@ -259,7 +260,6 @@ class GradualUnfreeze(NormFreezingCallback):
             return
         super().setup(trainer, pl_module, stage)
         check_strategy(trainer.strategy, "GradualUnfreeze")
-        warn_about_a_trained_trainer(trainer)
         self._state.reset()
         self._adaptation.reset()
         self.when.reset()
@@ -274,7 +274,9 @@ class GradualUnfreeze(NormFreezingCallback):
         warn_about_late_releases(self.when, self._plan, trainer)
         self._params.check_trainable(pl_module)
         warn_about_adapters(self._params.named(pl_module), self._params.is_trainable)
-        for param in self._params.to_freeze(pl_module):
+        frozen = self._params.to_freeze(pl_module)
+        check_something_trains(pl_module, self.backbone, frozen, self.when)
+        for param in frozen:
             param.requires_grad = False
 
     @override
@@ -305,6 +307,7 @@ class GradualUnfreeze(NormFreezingCallback):
         forget_checkpoint_hook(trainer.strategy)  # the checkpoint, if any, is restored by now
         fit = self._running()
         assert self._plan is not None
+        warn_about_a_trained_trainer(trainer)  # here, where the trainer knows whether the fit resumes a checkpoint
         warn_about_late_releases(self.when, self._plan, trainer, started=True)
         register_sharded_parameters(pl_module)  # FSDP2: those it trains, whatever the sanity check left registered
         fit.unfreezer.start_norms(BackboneNorms(pl_module, self.backbone, holder=self))
