@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from math import isfinite
 
-__all__ = ["check_choice", "check_integer", "check_positive"]
+__all__ = ["check_bool", "check_choice", "check_integer", "check_positive"]
 
 
 def check_integer(argument: str, value: object, least: int) -> None:
@@ -24,3 +24,10 @@ def check_choice(argument: str, value: object, choices: Collection[object]) -> N
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{argument}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_bool(argument: str, value: object, none: bool = False) -> None:
+    """Raise unless ``value`` is ``True`` or ``False`` (or, with ``none``, ``None``)."""
+    if not isinstance(value, bool) and not (none and value is None):
+        allowed = "True, False or None" if none else "True or False"
+        raise ValueError(f"`{argument}` must be {allowed}, got {value!r}.")

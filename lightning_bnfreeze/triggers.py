@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from math import inf, isfinite
 from typing import Any, ClassVar
 
-from lightning_bnfreeze.checks import check_choice, check_integer
+from lightning_bnfreeze.checks import check_bool, check_choice, check_integer
 from lightning_bnfreeze.names import closest_names
 
 __all__ = ["CHECK_POINTS", "MODES", "UNITS", "At", "Every", "Moment", "Plateau", "Trigger"]
@@ -241,6 +241,7 @@ class Plateau(Trigger):
         check_choice("unit", unit, UNITS)
         check_integer("patience", patience, 1)
         check_integer("min_phase", min_phase, 0)
+        check_bool("check_on_train_epoch_end", check_on_train_epoch_end, none=True)
         if max_phase is not None:
             check_integer("max_phase", max_phase, 1)
             if max_phase < min_phase:

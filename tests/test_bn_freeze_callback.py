@@ -581,6 +581,11 @@ def test_train_affine_without_modules_raises_at_construction() -> None:
         BNFreezeCallback(train_affine=True)
 
 
+def test_train_affine_that_is_no_bool_raises_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"`train_affine` must be True or False, got 'false'"):
+        BNFreezeCallback(modules="backbone", train_affine="false")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("modules", [None, "backbone"])
 def test_model_without_norm_layers_warns_once_and_trains(modules: str | None) -> None:
     torch.manual_seed(0)

@@ -108,6 +108,7 @@ def test_the_trigger_state_round_trips() -> None:
         ({"monitor": "m", "max_phase": 0}, "max_phase"),
         ({"monitor": "m", "min_phase": 3, "max_phase": 2}, "max_phase"),
         ({"monitor": "m", "unit": "batch"}, "unit"),
+        ({"monitor": "m", "check_on_train_epoch_end": "false"}, "check_on_train_epoch_end"),
     ],
 )
 def test_bad_plateau_arguments_raise_at_construction(kwargs: dict[str, Any], argument: str) -> None:

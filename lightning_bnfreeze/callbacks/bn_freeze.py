@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
+from lightning_bnfreeze.checks import check_bool
 from lightning_bnfreeze.freezer import KerasFreezer, NormFreezer, norm_layer_names, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import callback_state_key
@@ -73,6 +74,7 @@ class BNFreezeCallback(NormFreezingCallback):
         train_affine: bool = False,
         adapt: AdaBN | None = None,
     ) -> None:
+        check_bool("train_affine", train_affine)
         if modules is None and train_affine:
             raise ValueError(
                 "`train_affine=True` needs `modules`: with `modules=None` a norm layer is frozen because its"
