@@ -103,5 +103,6 @@ def get_module(root: nn.Module, name: str, argument: str) -> nn.Module:
         hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
         raise ValueError(
             f"`{argument}` is {name!r}, which is no module of the LightningModule.{hint}"
-            f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}."
+            f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}. (Built in the"
+            " LightningModule's `setup`? Callbacks set up before it: build it in `__init__` or `configure_model`.)"
         ) from None

@@ -161,6 +161,23 @@ def test_an_unknown_backbone_lists_the_top_level_modules_with_parameters() -> No
         fit(build_model(), [GradualUnfreeze(backbone="encoder")])
 
 
+class BuiltInSetup(UnfreezeModel):
+    """Its backbone is built in ``setup``, which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built = self.backbone
+        del self.backbone
+
+    def setup(self, stage: str) -> None:
+        self.backbone = self.built
+
+
+def test_a_backbone_built_in_the_module_s_setup_is_named_as_the_cause() -> None:
+    with pytest.raises(ValueError, match=r"Built in the LightningModule's `setup`\? Callbacks set up before it"):
+        fit(BuiltInSetup(), [GradualUnfreeze()])
+
+
 # --------------------------------------------------------------------------------------------- several optimizers
 
 
