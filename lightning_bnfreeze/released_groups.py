@@ -98,6 +98,7 @@ class ReleasedGroups:
         self.records: list[ReleasedGroup] = []
         self.rule: OriginRule | None = None
         self._origin: dict[int, int] = {}  # id(parameter) -> index of the user's group it was in
+        self._withdrawn_from: list[int] = []  # the user's groups other than the head's that held withdrawn ones
         self._head: dict[str, Any] = optimizer.param_groups[0]
 
     @property
@@ -124,6 +125,13 @@ class ReleasedGroups:
         held = [group for group in self.optimizer.param_groups if group["params"]]
         self._head = held[0] if held else self.optimizer.param_groups[0]
         self._head.setdefault("name", "head")
+        origins = {self._origin[id(param)] for _, param in named if id(param) in self._origin}
+        self._withdrawn_from = sorted(i for i in origins if self.optimizer.param_groups[i] is not self._head)
+
+    def own_rates(self) -> dict[str, float]:
+        """The learning rate of each user group other than the head's that held backbone parameters (or that the
+        rule puts them in), by its label: the rate the user gave them, which released groups do not take."""
+        return {self._origin_label(i): self.optimizer.param_groups[i]["lr"] for i in self._withdrawn_from}
 
     @property
     def head_index(self) -> int:

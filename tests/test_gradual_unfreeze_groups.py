@@ -63,6 +63,42 @@ def test_released_parameters_keep_the_hyperparameters_of_the_group_they_came_fro
     assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in biases["params"])
 
 
+class OwnBackboneRate(UnfreezeModel):
+    """SGD with the head at 0.01 and the backbone, in a group of its own, at ``backbone_lr``."""
+
+    def __init__(self, backbone_lr: float) -> None:
+        super().__init__()
+        self.backbone_lr = backbone_lr
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            [
+                {"params": self.head.parameters(), "name": "head"},
+                {"params": self.backbone.parameters(), "name": "backbone", "lr": self.backbone_lr},
+            ],
+            lr=0.01,
+        )
+
+
+@pytest.mark.parametrize(
+    ("backbone_lr", "lr_scale", "warns"), [(1e-4, 1.0, True), (1e-4, 0.01, False), (0.01, 0.5, False)]
+)
+def test_a_rate_of_the_backbone_s_own_group_that_released_blocks_do_not_take_is_named(
+    backbone_lr: float, lr_scale: float, warns: bool, recwarn: pytest.WarningsRecorder
+) -> None:
+    trainer = fit(OwnBackboneRate(backbone_lr), [GradualUnfreeze(what=Schedule({1: "backbone.3"}), lr_scale=lr_scale)])
+
+    said = [str(w.message) for w in recwarn if "held backbone parameters" in str(w.message)]
+    if warns:
+        (line,) = said
+        assert "param group(s) 'backbone' (lr 0.0001) held backbone parameters" in line
+        assert "train at the head's lr (0.01) times lr_scale (1) and the plan's factors" in line
+        assert line.endswith("For the group's rate, set lr_scale=0.01.")
+    else:  # the group's rate is what released blocks take, or the head's (no rate of its own)
+        assert said == []
+    assert groups_by_name(trainer.optimizers[0])["backbone.3"]["lr"] == pytest.approx(0.01 * lr_scale)
+
+
 def test_contrast_a_single_origin_gives_one_group_named_after_the_part() -> None:
     model = build_model(optimizer="adam")
     trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}))], max_epochs=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -22,6 +23,7 @@ __all__ = [
     "warn_about_adapters",
     "warn_about_early_stopping",
     "warn_about_forward_order",
+    "warn_about_group_rates",
     "warn_about_late_releases",
 ]
 
@@ -54,6 +56,26 @@ def check_something_trains(
         f" outside it (e.g. a timm model built with num_classes=0 as the backbone, and an nn.Linear of your own),"
         f" name it in `trainable` (e.g. trainable=['{backbone}.fc.*']), or release from the start"
         " (when=Every(first=0))."
+    )
+
+
+def warn_about_group_rates(own_rates: dict[str, float], head_lr: float, lr_scale: float) -> None:
+    """The user's param groups gave backbone parameters learning rates of their own (``own_rates``, by group), other
+    than the head's ``head_lr`` and than it times ``lr_scale``: released blocks train at the latter, and one warning
+    says so."""
+    other = {
+        label: lr
+        for label, lr in own_rates.items()
+        if not any(math.isclose(lr, rate, rel_tol=1e-6) for rate in (head_lr, head_lr * lr_scale))
+    }
+    if not other or head_lr <= 0:
+        return
+    groups = ", ".join(f"{label!r} (lr {lr:g})" for label, lr in other.items())
+    first = next(iter(other.values()))
+    rank_zero_warn(
+        f"GradualUnfreeze: your param group(s) {groups} held backbone parameters; released blocks take their other"
+        f" hyperparameters, but train at the head's lr ({head_lr:g}) times lr_scale ({lr_scale:g}) and the plan's"
+        f" factors. For the group's rate, set lr_scale={first / head_lr:.3g}."
     )
 
 

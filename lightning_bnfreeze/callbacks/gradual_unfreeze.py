@@ -29,6 +29,7 @@ from lightning_bnfreeze.callbacks.fit_checks import (
     warn_about_adapters,
     warn_about_early_stopping,
     warn_about_forward_order,
+    warn_about_group_rates,
     warn_about_late_releases,
 )
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
@@ -290,6 +291,7 @@ class GradualUnfreeze(NormFreezingCallback):
             pl_module, self._plan, self.when, optimizer, schedulers, self._settings,
             GradientSync(trainer.strategy.model), agree,
         )  # fmt: skip
+        warn_about_group_rates(unfreezer.groups.own_rates(), unfreezer.groups.head["lr"], self.lr_scale)
         backbone = [(name, p) for name, p in self._params.named(pl_module) if id(p) in unfreezer.frozen_ids]
         for other in trainer.optimizers:
             if other is not optimizer:
