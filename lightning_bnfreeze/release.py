@@ -25,7 +25,7 @@ from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.part_groups import PartGroups
-from lightning_bnfreeze.plan import ReleasePlan
+from lightning_bnfreeze.plan import ReleasedPart, ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
 from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of
@@ -189,7 +189,7 @@ class Unfreezer:
         if self.norms is not None:
             self.norms.enforce()
         params = dict(self.root.named_parameters())
-        self.first_steps.snapshot(lambda part: (params[name] for name in self.plan.releases[part[0]][part[1]].params))
+        self.first_steps.snapshot(lambda part: self._frozen_of(self.plan.releases[part[0]][part[1]], params))
 
     def after_step(self, step: int) -> list[FirstStepNote]:
         """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last, cap
@@ -241,7 +241,7 @@ class Unfreezer:
         head_lr = largest_lr(self.groups.head) * self.lr_scale
         params = dict(self.root.named_parameters())
         return [
-            ([params[name] for name in part.params], head_lr * part.lr_factor)
+            (self._frozen_of(part, params), head_lr * part.lr_factor)
             for index in releases
             for part in self.plan.releases[index]
         ]
@@ -314,9 +314,13 @@ class Unfreezer:
         params = dict(self.root.named_parameters())
         added = []
         for position, (part, factor) in enumerate(zip(self.plan.releases[index], factors, strict=True)):
-            group = [params[name] for name in part.params if id(params[name]) not in self._trainable]
-            added += self._parts.add((index, position), group, part.name, factor, step)
+            added += self._parts.add((index, position), self._frozen_of(part, params), part.name, factor, step)
         return added
+
+    def _frozen_of(self, part: ReleasedPart, params: Mapping[str, nn.Parameter]) -> list[nn.Parameter]:
+        """The parameters of ``part`` that its release frees: not those named always trainable, which train in their
+        own group from the first step (their steps are neither a release's nor measured as one)."""
+        return [params[name] for name in part.params if id(params[name]) not in self._trainable]
 
     def _scale_part(self, index: int, position: int, scale: float) -> None:
         """Scale a released part's learning-rate factor (its record and its groups) by ``scale``."""

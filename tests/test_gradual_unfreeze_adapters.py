@@ -4,6 +4,7 @@ the optimizer's first param group."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,6 +84,21 @@ def test_trainable_parameters_train_from_the_first_step_and_stay_in_the_optimize
     assert {id(p) for p in groups["backbone.1"]["params"]} == {
         id(p) for name, p in model.named_parameters() if inside(name, "backbone.1") and name not in ADAPTER
     }
+
+
+def test_a_part_that_trains_from_the_first_step_is_not_measured_as_a_release(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A classifier left in the backbone and named in ``trainable`` (here ``backbone.3``): its steps since the first
+    are the head's, not a release's first step, and decide no norm mode; the next part released does."""
+    model = lora_model()
+    callback = GradualUnfreeze(what=Schedule({1: "backbone.3", 2: "backbone.1"}), trainable=["backbone.3.*"])
+    with caplog.at_level(logging.INFO):
+        make_trainer([callback], max_epochs=3).fit(model)
+
+    said = [r.getMessage() for r in caplog.records if "its first step" in r.getMessage()]
+    assert [line.split(":")[1].strip() for line in said] == ["backbone.1"]
+    assert callback.history[0].train_norms == callback.history[1].train_norms  # decided at the second release
 
 
 def test_a_parameter_enabled_by_hand_inside_the_frozen_backbone_is_warned_about_at_setup() -> None:
