@@ -227,7 +227,8 @@ class Schedule(What):
             for pattern in as_name_list(entry, where):
                 matches = match_names(pattern, names)
                 if not matches:
-                    raise ValueError(unknown_name_message(pattern, names, where))
+                    label = _block_label(get_module(root, backbone, "backbone"), backbone, pattern)
+                    raise ValueError(unknown_name_message(pattern, names, where) + label)
                 for name in matches:
                     if not (name == backbone or name.startswith(prefix)):
                         raise ValueError(
@@ -280,3 +281,14 @@ def _check_no_overlap(name: str, at: int, explicit: dict[str, int]) -> None:
                 f"`releases[{at}]` holds {name!r}, which overlaps {other!r} of `releases[{other_at}]`:"
                 f" {inner!r} lies inside {outer!r}. List each name once, or use a glob."
             )
+
+
+def _block_label(module: nn.Module, backbone: str, name: str) -> str:
+    """If ``name`` is the label of a block found automatically (as the dry run and the release lines show it, e.g.
+    ``"backbone.stem"``), a sentence naming the modules it stands for; else ``""``."""
+    for granularity in GRANULARITIES:
+        block = next((b for b in find_blocks(module, backbone, granularity) if b.name == name), None)
+        if block is not None:
+            members = ", ".join(map(repr, block.members))
+            return f" {name!r} is the label of a block found automatically, made of {members}: name those."
+    return ""

@@ -440,3 +440,20 @@ def test_the_library_modules_import_neither_timm_nor_transformers(module: str) -
     roots = {name.split(".")[0] for name in imported}
     assert roots <= {"__future__", "collections", "dataclasses", "itertools", "math", "re", "typing", "torch",
                      "lightning_bnfreeze"}, roots  # fmt: skip
+
+
+def test_a_block_label_named_in_a_schedule_is_said_to_be_one_with_the_modules_it_stands_for() -> None:
+    from lightning_bnfreeze import Schedule
+
+    root = nn.Module()
+    root.backbone = torchvision_model("resnet18")  # its first block, `backbone.stem`, is conv1 and bn1
+    assert find_blocks(root.backbone, "backbone")[0].name == "backbone.stem"
+    with pytest.raises(ValueError, match="matches nothing") as error:
+        Schedule({2: "backbone.stem"}).plan(root, "backbone")
+    assert str(error.value).endswith(
+        "'backbone.stem' is the label of a block found automatically, made of 'backbone.conv1', 'backbone.bn1':"
+        " name those."
+    )
+    with pytest.raises(ValueError, match="matches nothing") as error:  # contrast: no block's label
+        Schedule({2: "backbone.stme"}).plan(root, "backbone")
+    assert "label" not in str(error.value)
