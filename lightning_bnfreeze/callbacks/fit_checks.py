@@ -38,9 +38,7 @@ def warn_about_early_stopping(trainer: pl.Trainer) -> None:
         )
 
 
-def check_something_trains(
-    pl_module: pl.LightningModule, backbone: str, frozen: list[nn.Parameter], trigger: Trigger
-) -> None:
+def check_something_trains(pl_module: nn.Module, backbone: str, frozen: list[nn.Parameter], trigger: Trigger) -> None:
     """Before the backbone's parameters (``frozen``) are frozen: if nothing else would train until the first release,
     and the trigger releases after the first step (or only on a metric), the first step's loss would have no
     gradient; raise, naming the ways out."""

@@ -215,8 +215,13 @@ class GradualUnfreeze(NormFreezingCallback):
         return self.what.plan(pl_module, self.backbone)
 
     def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
-        """The plan as text: the blocks found, each release (time, parts, parameters, learning-rate factor, group)."""
+        """The plan as text: the blocks found, each release (time, parts, parameters, learning-rate factor, group).
+
+        Raises:
+            ValueError: what a fit would refuse at setup: an unknown name, nothing to train until the first release.
+        """
         plan = self.plan(pl_module)
+        check_something_trains(pl_module, self.backbone, self._params.to_freeze(pl_module), self.when)
         groups = None  # the groups each part joins, if `configure_optimizers` runs on a copy without a trainer
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
