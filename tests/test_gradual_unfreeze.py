@@ -223,6 +223,17 @@ def test_adding_bn_freeze_callback_changes_nothing(bn: str) -> None:
         assert_same_nested(state, alone[0])
 
 
+@pytest.mark.parametrize(("bn", "held"), [("frozen", " (1 of them still frozen by another callback"), ("train", ";")])
+def test_bn_freeze_callback_says_which_layers_it_lets_go_another_still_freezes(
+    bn: str, held: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    with caplog.at_level(logging.INFO):
+        fit(build_model(), [unfreeze(bn=bn), BNFreezeCallback()], max_epochs=2)
+    (line,) = {r.getMessage() for r in caplog.records if "BNFreezeCallback: 0 norm layer(s) frozen" in r.getMessage()}
+    assert line.startswith(f"BNFreezeCallback: 0 norm layer(s) frozen, 1 released{held}")
+
+
 # --------------------------------------------------------------------------------------------- logging
 
 

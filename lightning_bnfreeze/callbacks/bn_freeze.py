@@ -24,7 +24,7 @@ from lightning_bnfreeze.freezer import KerasFreezer, NormFreezer, norm_layer_nam
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import callback_state_key
 from lightning_bnfreeze.names import as_name_list, resolve_names
-from lightning_bnfreeze.norm import named_norm_layers
+from lightning_bnfreeze.norm import is_norm_frozen, named_norm_layers
 from lightning_bnfreeze.step_size import AUTO_STEP, FirstStep, momentum_of
 
 __all__ = ["BNFreezeCallback"]
@@ -198,7 +198,10 @@ class BNFreezeCallback(NormFreezingCallback):
         frozen, released = self._keras.update()
         if frozen or released:
             self.remember_statistics()
+            root = self._keras.freezer.root
+            held = sum(is_norm_frozen(root.get_submodule(name)) for name in released)
+            others = f" ({held} of them still frozen by another callback: GradualUnfreeze's `bn`?)" if held else ""
             rank_zero_info(
-                f"BNFreezeCallback: {len(frozen)} norm layer(s) frozen, {len(released)} released"
-                f" ({len(self._keras.freezer.frozen)} frozen in all), as their parameters' `requires_grad` says."
+                f"BNFreezeCallback: {len(frozen)} norm layer(s) frozen, {len(released)} released{others};"
+                f" {len(self._keras.freezer.frozen)} frozen by it in all, as their parameters' `requires_grad` says."
             )
