@@ -268,27 +268,32 @@ class Unfreezer:
             **self.first_steps.state_dict(),
         }
 
-    def changed_settings(self, state: Mapping[str, Any]) -> str | None:
-        """A line on what a checkpoint's releases keep that this object's settings would do otherwise (``None``:
-        nothing, a checkpoint without releases, or one of an older release, which does not hold its settings)."""
-        saved = state.get("settings", {})
-        names = [name for name in ("lr_scale", "bn") if name in saved and saved[name] != getattr(self, name)]
-        if not names or not state.get("history"):
+    def changed_rate(self, state: Mapping[str, Any]) -> str | None:
+        """A line on a checkpoint whose releases ran at another ``lr_scale``: they keep their saved rates, later
+        releases take this one (``None``: the same, no release yet, or a checkpoint that does not hold it)."""
+        saved = state.get("settings", {}).get("lr_scale")
+        if saved is None or saved == self.lr_scale or not state.get("history"):
             return None
-        then = ", ".join(f"{name}={saved[name]!r}" for name in names)
-        now = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return (
-            f"GradualUnfreeze: the checkpoint was saved with {then}, this callback has {now}: the parts it released"
-            " keep the rates and norm modes it saved; later releases take the new settings."
+            f"GradualUnfreeze: the checkpoint was saved with lr_scale={saved!r}, this callback has"
+            f" lr_scale={self.lr_scale!r}: the parts it released keep the rates it saved; later releases take"
+            f" {self.lr_scale!r}."
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
 
         Raises:
-            ValueError: the checkpoint holds more releases than the plan has, or a release of another size.
+            ValueError: the checkpoint holds more releases than the plan has, a release of another size, or releases
+                made under another ``bn`` (a norm policy does not change halfway: ``"auto"``'s decision is its state).
         """
         history = [ReleaseRecord.from_dict(record) for record in state.get("history", ())]
+        saved_bn = state.get("settings", {}).get("bn", self.bn)
+        if history and saved_bn != self.bn:
+            raise ValueError(
+                f"GradualUnfreeze: the checkpoint's releases ran with bn={saved_bn!r}, this callback has"
+                f" bn={self.bn!r}: resume with bn={saved_bn!r}."
+            )
         if len(history) > len(self.plan.releases):
             raise ValueError(
                 f"GradualUnfreeze: the checkpoint holds {len(history)} releases, but the plan has"

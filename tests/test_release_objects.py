@@ -208,23 +208,31 @@ def test_a_checkpoint_whose_releases_free_other_parts_is_refused_before_anything
     assert other.history == () and other.state_dict()["trigger"] == unfreezer().state_dict()["trigger"]
 
 
-def test_a_checkpoint_saved_with_other_settings_is_named_with_what_its_releases_keep() -> None:
+def test_a_checkpoint_saved_at_another_lr_scale_is_named_with_what_its_releases_keep() -> None:
     u = unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train")
     before = u.state_dict()
     epochs(u, 1)
     saved = u.state_dict()
 
-    line = unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="train").changed_settings(saved)
-    assert line == (
+    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="train").changed_rate(saved) == (
         "GradualUnfreeze: the checkpoint was saved with lr_scale=0.5, this callback has lr_scale=0.25: the parts it"
-        " released keep the rates and norm modes it saved; later releases take the new settings."
+        " released keep the rates it saved; later releases take 0.25."
     )
-    line = unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="frozen").changed_settings(saved)
-    assert line is not None
-    assert "saved with lr_scale=0.5, bn='train', this callback has lr_scale=0.25, bn='frozen'" in line
-    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train").changed_settings(saved) is None
-    # nothing released yet: nothing keeps the old settings
-    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25).changed_settings(before) is None
+    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train").changed_rate(saved) is None
+    # nothing released yet: nothing keeps the old rate
+    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25).changed_rate(before) is None
+
+
+@pytest.mark.parametrize("bn", ["frozen", "auto"])
+def test_a_checkpoint_whose_releases_ran_under_another_bn_is_refused_before_anything_is_restored(bn: str) -> None:
+    u = unfreezer(what=Blocks(per_release=1), bn="train")
+    before = u.state_dict()
+    epochs(u, 1)
+    other = unfreezer(what=Blocks(per_release=1), bn=bn)
+    with pytest.raises(ValueError, match=rf"releases ran with bn='train', this callback has bn='{bn}': resume with"):
+        other.load_state_dict(u.state_dict())
+    assert other.history == ()
+    other.load_state_dict(before)  # contrast: no release yet, nothing decided under the other policy
 
 
 def move(u: Unfreezer, part: str, relative: float) -> None:

@@ -47,7 +47,7 @@ class FitState:
     def start(self, unfreezer: Unfreezer, statistics_changed: Callable[[], None]) -> FitReleases:
         """The fit's releases, as the checkpoint being resumed left them (if any): frozen, groups rebuilt."""
         if self._saved is not None:
-            _take(unfreezer, self._saved["unfreezer"])
+            _load_releases(unfreezer, self._saved["unfreezer"])
         unfreezer.freeze()
         unfreezer.restore()
         self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
@@ -59,7 +59,7 @@ class FitState:
         """The checkpoint's ``state`` once the fit has started (``ModelParallelStrategy`` restores after
         ``on_fit_start``)."""
         if state is not None and self.fit is not None:
-            _take(self.fit.unfreezer, state["unfreezer"])
+            _load_releases(self.fit.unfreezer, state["unfreezer"])
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
             self.fit.source_statistics = _source_statistics(state)
@@ -100,9 +100,9 @@ class FitState:
             self._saved = state_dict
 
 
-def _take(unfreezer: Unfreezer, saved: dict[str, Any]) -> None:
-    """Load the checkpoint's releases, with a warning if the callback's settings differ from those they ran with."""
-    if (changed := unfreezer.changed_settings(saved)) is not None:
+def _load_releases(unfreezer: Unfreezer, saved: dict[str, Any]) -> None:
+    """Load the checkpoint's releases into ``unfreezer``, with a warning if they ran at another ``lr_scale``."""
+    if (changed := unfreezer.changed_rate(saved)) is not None:
         rank_zero_warn(changed)
     unfreezer.load_state_dict(saved)
 
