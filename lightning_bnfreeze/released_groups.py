@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from lightning_bnfreeze.lr_schedulers import extend_for_new_group
 from lightning_bnfreeze.param_groups import add_group_like, remove_parameters
 
-__all__ = ["ReleasedGroup", "ReleasedGroups", "origin_rule", "pick_optimizer"]
+__all__ = ["ReleasedGroup", "ReleasedGroups", "initial_lr", "origin_rule", "pick_optimizer"]
 
 # Saved position of each restored group, per optimizer, shared by every ReleasedGroups on it: several
 # callbacks restoring groups into one optimizer together put them back in the order they were saved.
@@ -130,8 +130,9 @@ class ReleasedGroups:
 
     def own_rates(self) -> dict[str, float]:
         """The learning rate of each user group other than the head's that held backbone parameters (or that the
-        rule puts them in), by its label: the rate the user gave them, which released groups do not take."""
-        return {self._origin_label(i): self.optimizer.param_groups[i]["lr"] for i in self._withdrawn_from}
+        rule puts them in), by its label, before any LR scheduler changed it: the rate the user gave them, which
+        released groups do not take."""
+        return {self._origin_label(i): initial_lr(self.optimizer.param_groups[i]) for i in self._withdrawn_from}
 
     @property
     def head_index(self) -> int:
@@ -239,3 +240,8 @@ def pick_optimizer(optimizers: Sequence[Optimizer], backbone: Iterable[nn.Parame
             " set `optimizer_index` to choose the one that receives released parameters."
         )
     return holders[0]
+
+
+def initial_lr(group: dict[str, Any]) -> float:
+    """A param group's learning rate before any LR scheduler changed it (``initial_lr``, which they set)."""
+    return float(group.get("initial_lr", group["lr"]))

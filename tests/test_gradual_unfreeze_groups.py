@@ -64,39 +64,54 @@ def test_released_parameters_keep_the_hyperparameters_of_the_group_they_came_fro
 
 
 class OwnBackboneRate(UnfreezeModel):
-    """SGD with the head at 0.01 and the backbone, in a group of its own, at ``backbone_lr``."""
+    """SGD with the head at 0.01 and the backbone's blocks in groups of their own at ``rates`` (block 3 at the first,
+    the others at the last); ``warm_up``: a LambdaLR from 0, which sets every group's lr to 0 before the first step."""
 
-    def __init__(self, backbone_lr: float) -> None:
+    def __init__(self, *rates: float, warm_up: bool = False) -> None:
         super().__init__()
-        self.backbone_lr = backbone_lr
+        self.rates, self.warm_up = rates, warm_up
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(
+        rest = [p for name, p in self.backbone.named_parameters() if not name.startswith("3.")]
+        optimizer = torch.optim.SGD(
             [
                 {"params": self.head.parameters(), "name": "head"},
-                {"params": self.backbone.parameters(), "name": "backbone", "lr": self.backbone_lr},
+                {"params": self.backbone[3].parameters(), "name": "backbone", "lr": self.rates[0]},
+                {"params": rest, "name": "stem", "lr": self.rates[-1]},
             ],
             lr=0.01,
         )
+        if not self.warm_up:
+            return optimizer
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))]
 
 
 @pytest.mark.parametrize(
-    ("backbone_lr", "lr_scale", "warns"), [(1e-4, 1.0, True), (1e-4, 0.01, False), (0.01, 0.5, False)]
+    ("rates", "lr_scale", "warm_up", "said"),
+    [
+        ((1e-4,), 1.0, False, "For the group's rate, set lr_scale=0.01."),
+        ((1e-4,), 1.0, True, "For the group's rate, set lr_scale=0.01."),  # read before the warm-up's zero
+        ((1e-4, 1e-3), 1.0, False, "For rates that fall block by block, use what=LayerDecay(...)."),
+        ((1e-4,), 0.01, False, None),  # the group's rate is what released blocks take
+        ((0.01,), 0.5, False, None),  # at the head's rate: no rate of its own
+    ],
 )
 def test_a_rate_of_the_backbone_s_own_group_that_released_blocks_do_not_take_is_named(
-    backbone_lr: float, lr_scale: float, warns: bool, recwarn: pytest.WarningsRecorder
+    rates: tuple[float, ...], lr_scale: float, warm_up: bool, said: str | None, recwarn: pytest.WarningsRecorder
 ) -> None:
-    trainer = fit(OwnBackboneRate(backbone_lr), [GradualUnfreeze(what=Schedule({1: "backbone.3"}), lr_scale=lr_scale)])
+    callback = GradualUnfreeze(what=Schedule({1: "backbone.3"}), lr_scale=lr_scale)
+    trainer = fit(OwnBackboneRate(*rates, warm_up=warm_up), [callback])
 
-    said = [str(w.message) for w in recwarn if "held backbone parameters" in str(w.message)]
-    if warns:
-        (line,) = said
-        assert "param group(s) 'backbone' (lr 0.0001) held backbone parameters" in line
+    lines = [str(w.message) for w in recwarn if "set a learning rate for backbone parameters" in str(w.message)]
+    if said is None:
+        assert lines == []
+    else:
+        (line,) = lines
+        assert "your param group(s) 'backbone' (lr 0.0001)" in line
         assert "train at the head's lr (0.01) times lr_scale (1) and the plan's factors" in line
-        assert line.endswith("For the group's rate, set lr_scale=0.01.")
-    else:  # the group's rate is what released blocks take, or the head's (no rate of its own)
-        assert said == []
-    assert groups_by_name(trainer.optimizers[0])["backbone.3"]["lr"] == pytest.approx(0.01 * lr_scale)
+        assert line.endswith(said)
+    if not warm_up:
+        assert groups_by_name(trainer.optimizers[0])["backbone.3"]["lr"] == pytest.approx(0.01 * lr_scale)
 
 
 def test_contrast_a_single_origin_gives_one_group_named_after_the_part() -> None:

@@ -59,8 +59,8 @@ def check_something_trains(pl_module: nn.Module, backbone: str, frozen: list[nn.
 
 def warn_about_group_rates(own_rates: dict[str, float], head_lr: float, lr_scale: float) -> None:
     """The user's param groups gave backbone parameters learning rates of their own (``own_rates``, by group), other
-    than the head's ``head_lr`` and than it times ``lr_scale``: released blocks train at the latter, and one warning
-    says so."""
+    than the head's ``head_lr`` and than it times ``lr_scale`` (all before any scheduler): released blocks train at
+    the latter, and one warning says so, with what gives the group's rate."""
     other = {
         label: lr
         for label, lr in own_rates.items()
@@ -69,11 +69,17 @@ def warn_about_group_rates(own_rates: dict[str, float], head_lr: float, lr_scale
     if not other or head_lr <= 0:
         return
     groups = ", ".join(f"{label!r} (lr {lr:g})" for label, lr in other.items())
-    first = next(iter(other.values()))
+    rates = set(other.values())
+    if len(rates) > 1:
+        remedy = "For rates that fall block by block, use what=LayerDecay(...)."
+    elif (rate := rates.pop()) > 0:
+        remedy = f"For the group's rate, set lr_scale={rate / head_lr:.3g}."
+    else:
+        remedy = "A block that must not train: leave it out of the release plan (Blocks(names=...) or a Schedule)."
     rank_zero_warn(
-        f"GradualUnfreeze: your param group(s) {groups} held backbone parameters; released blocks take their other"
-        f" hyperparameters, but train at the head's lr ({head_lr:g}) times lr_scale ({lr_scale:g}) and the plan's"
-        f" factors. For the group's rate, set lr_scale={first / head_lr:.3g}."
+        f"GradualUnfreeze: your param group(s) {groups} set a learning rate for backbone parameters; released blocks"
+        f" take those groups' other hyperparameters, but train at the head's lr ({head_lr:g}) times lr_scale"
+        f" ({lr_scale:g}) and the plan's factors. {remedy}"
     )
 
 

@@ -52,7 +52,7 @@ from lightning_bnfreeze.plan import Blocks, LayerDecay, ReleasePlan, Schedule, W
 from lightning_bnfreeze.plan_table import format_plan
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
-from lightning_bnfreeze.released_groups import ReleasedGroups
+from lightning_bnfreeze.released_groups import ReleasedGroups, initial_lr
 from lightning_bnfreeze.triggers import Every, Trigger
 
 __all__ = ["GradualUnfreeze"]
@@ -296,7 +296,7 @@ class GradualUnfreeze(NormFreezingCallback):
             pl_module, self._plan, self.when, optimizer, schedulers, self._settings,
             GradientSync(trainer.strategy.model), agree,
         )  # fmt: skip
-        warn_about_group_rates(unfreezer.groups.own_rates(), unfreezer.groups.head["lr"], self.lr_scale)
+        warn_about_group_rates(unfreezer.groups.own_rates(), initial_lr(unfreezer.groups.head), self.lr_scale)
         backbone = [(name, p) for name, p in self._params.named(pl_module) if id(p) in unfreezer.frozen_ids]
         for other in trainer.optimizers:
             if other is not optimizer:
