@@ -101,8 +101,15 @@ def get_module(root: nn.Module, name: str, argument: str) -> nn.Module:
         children = [child_name for child_name, child in root.named_children() if any(True for _ in child.parameters())]
         close = closest_names(name, [module_name for module_name, _ in root.named_modules()])
         hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
+        later = (
+            ""
+            if close
+            else (
+                " (Built in the LightningModule's `setup`? Callbacks set up before it: build it in `__init__` or"
+                " `configure_model`.)"
+            )
+        )
         raise ValueError(
             f"`{argument}` is {name!r}, which is no module of the LightningModule.{hint}"
-            f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}. (Built in the"
-            " LightningModule's `setup`? Callbacks set up before it: build it in `__init__` or `configure_model`.)"
+            f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}.{later}"
         ) from None

@@ -189,7 +189,7 @@ class Unfreezer:
         if self.norms is not None:
             self.norms.enforce()
         params = dict(self.root.named_parameters())
-        self.first_steps.snapshot(lambda part: self._frozen_of(self.plan.releases[part[0]][part[1]], params))
+        self.first_steps.snapshot(lambda part: self._released_params(self.plan.releases[part[0]][part[1]], params))
 
     def after_step(self, step: int) -> list[FirstStepNote]:
         """After a batch, with ``step`` optimizer steps done: measure the first step of the parts released last, cap
@@ -241,7 +241,7 @@ class Unfreezer:
         head_lr = largest_lr(self.groups.head) * self.lr_scale
         params = dict(self.root.named_parameters())
         return [
-            (self._frozen_of(part, params), head_lr * part.lr_factor)
+            (self._released_params(part, params), head_lr * part.lr_factor)
             for index in releases
             for part in self.plan.releases[index]
         ]
@@ -253,8 +253,11 @@ class Unfreezer:
         modes = {True: ", norm layers train", False: ", norm layers frozen", None: ""}
         if self.bn == "auto" and self.first_steps.norms_train is None:
             modes[False] = ", norm layers frozen until the first release's first step says"
+        params = dict(self.root.named_parameters())
         described = [
             f"{part.name} ({part.numel:,} params, lr {head_lr * factor:.3g} = {factor:.3g} x head{modes[train]})"
+            if self._released_params(part, params)
+            else f"{part.name} ({part.numel:,} params, training from the first step: `trainable`)"
             for part, factor, train in zip(parts, record.lr_factors, self._norm_modes(record), strict=True)
         ]
         return f"{record.when(self.trigger.unit)}: released {'; '.join(described)}."
@@ -319,10 +322,10 @@ class Unfreezer:
         params = dict(self.root.named_parameters())
         added = []
         for position, (part, factor) in enumerate(zip(self.plan.releases[index], factors, strict=True)):
-            added += self._parts.add((index, position), self._frozen_of(part, params), part.name, factor, step)
+            added += self._parts.add((index, position), self._released_params(part, params), part.name, factor, step)
         return added
 
-    def _frozen_of(self, part: ReleasedPart, params: Mapping[str, nn.Parameter]) -> list[nn.Parameter]:
+    def _released_params(self, part: ReleasedPart, params: Mapping[str, nn.Parameter]) -> list[nn.Parameter]:
         """The parameters of ``part`` that its release frees: not those named always trainable, which train in their
         own group from the first step (their steps are neither a release's nor measured as one)."""
         return [params[name] for name in part.params if id(params[name]) not in self._trainable]

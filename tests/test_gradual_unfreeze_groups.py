@@ -227,6 +227,9 @@ class BuiltInSetup(UnfreezeModel):
 def test_a_backbone_built_in_the_module_s_setup_is_named_as_the_cause() -> None:
     with pytest.raises(ValueError, match=r"Built in the LightningModule's `setup`\? Callbacks set up before it"):
         fit(BuiltInSetup(), [GradualUnfreeze()])
+    with pytest.raises(ValueError, match="Closest names: 'backbone'") as error:  # contrast: a typo
+        fit(build_model(), [GradualUnfreeze(backbone="backbon")])
+    assert "setup" not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------- several optimizers

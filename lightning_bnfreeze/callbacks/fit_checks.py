@@ -53,7 +53,7 @@ def check_something_trains(pl_module: nn.Module, backbone: str, frozen: list[nn.
         f" LightningModule is in `backbone` ({backbone!r}), frozen at fit start (its classifier too?). Keep the head"
         f" outside it (e.g. a timm model built with num_classes=0 as the backbone, and an nn.Linear of your own),"
         f" name it in `trainable` (e.g. trainable=['{backbone}.fc.*']), or release from the start"
-        " (when=Every(first=0))."
+        " (when=Every(first=0), or a release at 0 in your Schedule)."
     )
 
 

@@ -20,7 +20,7 @@ from lightning_bnfreeze.adapt import AdaBN
 from lightning_bnfreeze.backbone_parameters import BackboneParameters, ReleaseSettings
 from lightning_bnfreeze.blocks import format_blocks
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
-from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model
+from lightning_bnfreeze.callbacks.base import NormFreezingCallback, after_configure_model, overrides_configure_model
 from lightning_bnfreeze.callbacks.compiling import FitCompilation, check_compile_option
 from lightning_bnfreeze.callbacks.fit_checks import (
     check_something_trains,
@@ -221,7 +221,8 @@ class GradualUnfreeze(NormFreezingCallback):
             ValueError: what a fit would refuse at setup: an unknown name, nothing to train until the first release.
         """
         plan = self.plan(pl_module)
-        check_something_trains(pl_module, self.backbone, self._params.to_freeze(pl_module), self.when)
+        if not overrides_configure_model(pl_module):  # else the head may come from there: the fit checks after it
+            check_something_trains(pl_module, self.backbone, self._params.to_freeze(pl_module), self.when)
         groups = None  # the groups each part joins, if `configure_optimizers` runs on a copy without a trainer
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
