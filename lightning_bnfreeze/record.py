@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.step_size import AUTO_STEP, STOP_STEP
 
 __all__ = ["FirstStepNote", "ReleaseRecord"]
@@ -97,6 +98,18 @@ class FirstStepNote(NamedTuple):
         """What ``bn="auto"`` says when a slow release stops batch statistics (``moved``: its largest part's step)."""
         return cls(
             f"{moved} (< {STOP_STEP:.1%}): its norm layers and every later release's keep frozen statistics", False
+        )
+
+    @classmethod
+    def earlier_start(cls, shift: float, step: float, unit: str, every: int) -> FirstStepNote:
+        """What did better than the head alone first (``ours:first=0``) on the real-weights benchmark, far from the
+        source (``shift``) when the first release's first step (``step``) was fast, for an ``Every(...)`` trigger."""
+        return cls(
+            f"far from the source ({shift:.2f} >= {NEAR_SOURCE}), the first release's first step moved its weights by"
+            f" {step:.2%} (> {AUTO_STEP:.1%}): at such rates releasing from the first step, with no {unit} of the head"
+            f" alone (`when=Every({unit}s={every}, first=0)`), did better in most such settings of the real-weights"
+            " benchmark (benchmarks/transfer_real.md)",
+            False,
         )
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_bnfreeze.checks import check_choice
 from lightning_bnfreeze.distributed import GradientSync
+from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.first_step_estimates import RatedPart, first_step_bound, largest_lr
 from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
@@ -28,8 +29,8 @@ from lightning_bnfreeze.part_groups import PartGroups
 from lightning_bnfreeze.plan import ReleasedPart, ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
-from lightning_bnfreeze.step_size import RELEASED, MaxStep, momentum_of
-from lightning_bnfreeze.triggers import Moment, Trigger
+from lightning_bnfreeze.step_size import AUTO_STEP, RELEASED, MaxStep, momentum_of
+from lightning_bnfreeze.triggers import Every, Moment, Trigger
 
 __all__ = ["NORM_MODES", "Unfreezer"]
 
@@ -199,6 +200,7 @@ class Unfreezer:
         Returns a note for each part whose rate the cap scaled, one for the norm mode decided, and a warning for each
         part whose norm mode is one the real-weights benchmark saw fail at such a step size.
         """
+        measured = self.first_steps.first_step is not None
         done = self.first_steps.taken(lambda index: self._history[index].step, step)
         reference = None
         if done and self.first_steps.max_step == RELEASED:
@@ -220,7 +222,19 @@ class Unfreezer:
             ]
         if done:
             self.update_norms()
+        if not measured and (note := self._earlier_start()) is not None:
+            notes.append(note)
         return notes
+
+    def _earlier_start(self) -> FirstStepNote | None:
+        """Just measured: far from the source (``max_step="auto"``'s measure), a first release whose first step was
+        above :data:`AUTO_STEP` after the head trained alone (an :class:`Every` that waits): what did better there."""
+        step, shift, trigger = self.first_steps.first_step, self.first_steps.source_shift, self.trigger
+        if step is None or step <= AUTO_STEP or shift is None or shift < NEAR_SOURCE:
+            return None
+        if not isinstance(trigger, Every) or trigger.first == 0:
+            return None
+        return FirstStepNote.earlier_start(shift, step, trigger.unit, trigger.every)
 
     def after_backward(self) -> None:
         """After a backward: reduce the released gradients a DDP reducer leaves out."""

@@ -30,7 +30,6 @@ from lightning_bnfreeze.internals import NormBase
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
-from lightning_bnfreeze.triggers import Every
 
 __all__ = ["FitReleases"]
 
@@ -158,7 +157,6 @@ class FitReleases:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
         self.first_step_gradients.after_step(trainer.global_step)
         undecided = self.unfreezer.first_steps.norms_train is None
-        unmeasured = self.unfreezer.first_steps.first_step is None
         notes = self.unfreezer.after_step(trainer.global_step)
         for note in notes:
             if note.warning:
@@ -167,8 +165,6 @@ class FitReleases:
                 announce(trainer, f"GradualUnfreeze: {note.text}.")
         if undecided and self.unfreezer.first_steps.norms_train is not None:
             self._settle_statistics(trainer, self.unfreezer.first_steps.norms_train)
-        if unmeasured and self.unfreezer.first_steps.first_step is not None:
-            self._suggest_an_earlier_start(trainer)
         if notes:
             self._statistics_changed()
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
@@ -184,24 +180,6 @@ class FitReleases:
             self.source_statistics = None
         elif norms_train:
             self._adapt_as_norms_start_training(trainer)
-
-    def _suggest_an_earlier_start(self, trainer: pl.Trainer) -> None:
-        """The first release's first step was just measured: far from the source (``max_step="auto"``'s measure),
-        above :data:`~lightning_bnfreeze.step_size.AUTO_STEP` and after the head trained alone (an :class:`Every` with
-        ``first > 0``), one line says what did better there on the real-weights benchmark (``ours:first=0``)."""
-        first_steps, trigger = self.unfreezer.first_steps, self.unfreezer.trigger
-        step, shift = first_steps.first_step, first_steps.source_shift
-        if step is None or step <= AUTO_STEP or shift is None or shift < NEAR_SOURCE:
-            return
-        if not isinstance(trigger, Every) or trigger.first == 0:
-            return
-        announce(
-            trainer,
-            f"GradualUnfreeze: far from the source ({shift:.2f} >= {NEAR_SOURCE}), the first release's first step moved"
-            f" its weights by {step:.2%} (> {AUTO_STEP:.1%}): at such rates releasing from the first step, with no"
-            f" {trigger.checked_at} of the head alone (`when=Every({trigger.checked_at}s={trigger.every}, first=0)`),"
-            " did better in most such settings of the real-weights benchmark (benchmarks/transfer_real.md).",
-        )
 
     def close(self) -> None:
         """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients."""
