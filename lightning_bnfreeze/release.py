@@ -197,8 +197,9 @@ class Unfreezer:
         it (``max_step``), and with ``bn="auto"`` decide every release's norm mode
         (:class:`~lightning_bnfreeze.first_steps.FirstSteps`).
 
-        Returns a note for each part whose rate the cap scaled, one for the norm mode decided, and a warning for each
-        part whose norm mode is one the real-weights benchmark saw fail at such a step size.
+        Returns a note for each part whose rate the cap scaled, one for the norm mode decided, a warning for each
+        part whose norm mode is one the real-weights benchmark saw fail at such a step size, and, far from the source
+        after a fast first step, what did better there (:meth:`_earlier_start`).
         """
         measured = self.first_steps.first_step is not None
         done = self.first_steps.taken(lambda index: self._history[index].step, step)
