@@ -26,6 +26,7 @@ from tests.unfreeze_helpers import (
     HEAD_NORM,
     IMAGE_SIZE,
     STEPS_PER_EPOCH,
+    BuiltLater,
     EpochProbe,
     LrProbe,
     UnfreezeModel,
@@ -300,18 +301,6 @@ def test_a_second_fit_on_the_same_trainer_that_resumes_a_checkpoint_says_nothing
     assert not [w for w in recwarn if "took" in str(w.message)]
 
 
-class HeadInConfigureModel(UnfreezeModel):
-    """Its head is built in ``configure_model``, which a dry run does not call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        del self.head
-
-    def configure_model(self) -> None:
-        if not hasattr(self, "head"):
-            self.head = nn.Linear(FEATURES, 2)
-
-
 def test_nothing_to_train_until_the_first_release_is_refused_before_anything_is_frozen() -> None:
     model = build_model()
     model.head.requires_grad_(False)  # every trainable parameter is in the backbone
@@ -319,7 +308,9 @@ def test_nothing_to_train_until_the_first_release_is_refused_before_anything_is_
         fit(model, [GradualUnfreeze()])
     with pytest.raises(ValueError, match=r"nothing would train until the first release"):
         GradualUnfreeze().dry_run(model)  # the dry run says what the fit would
-    assert "Releases:" in GradualUnfreeze().dry_run(HeadInConfigureModel())  # unless the head may come later
+    assert "Releases:" in GradualUnfreeze().dry_run(
+        BuiltLater("head", lambda: nn.Linear(FEATURES, 2))
+    )  # unless the head may come later
     assert all(param.requires_grad for param in model.backbone.parameters())  # nothing was frozen
 
     fit(model, [GradualUnfreeze(when=Every(first=0))], max_epochs=1)  # released before the first step: it trains

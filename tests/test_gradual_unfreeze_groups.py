@@ -18,6 +18,7 @@ from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, LayerDecay, Sched
 from tests.unfreeze_helpers import (
     FEATURES,
     STEPS_PER_EPOCH,
+    BuiltLater,
     UnfreezeModel,
     build_model,
     clone_params,
@@ -310,21 +311,9 @@ def test_two_instances_resume_their_groups_in_the_saved_order(tmp_path: Path) ->
 # --------------------------------------------------------------------------------------------- configure_model
 
 
-class ConfiguredBackboneModel(UnfreezeModel):
-    """The backbone is built in ``configure_model``, as FSDP2 models are."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        del self.backbone
-
-    def configure_model(self) -> None:
-        if not hasattr(self, "backbone"):
-            self.backbone = tiny_backbone()
-
-
 def test_a_backbone_built_in_configure_model_is_planned_frozen_and_released() -> None:
     torch.manual_seed(0)
-    model = ConfiguredBackboneModel()
+    model = BuiltLater("backbone", tiny_backbone)
     trainer = fit(model, [GradualUnfreeze(what=Schedule({1: "backbone.3"}))], max_epochs=2)
     groups = groups_by_name(trainer.optimizers[0])
     assert {id(p) for p in groups["backbone.3"]["params"]} == param_ids(model, "backbone.3")

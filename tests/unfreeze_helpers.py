@@ -174,6 +174,21 @@ class BelowLoss(Trigger):
         return "below threshold" if moment.metric(self.monitor) < self.threshold else None
 
 
+class BuiltLater(UnfreezeModel):
+    """An :class:`UnfreezeModel` whose module ``name`` is built by ``build`` in ``configure_model`` (as FSDP2 models
+    build theirs), which a dry run does not call."""
+
+    def __init__(self, name: str, build: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        delattr(self, name)
+        self.late = (name, build)
+
+    def configure_model(self) -> None:
+        name, build = self.late
+        if not hasattr(self, name):
+            setattr(self, name, build())
+
+
 class CLIModel(UnfreezeModel):
     """:class:`UnfreezeModel` with a LightningCLI-friendly signature."""
 
