@@ -20,7 +20,8 @@ class ReleaseRecord:
     ``epoch`` the epoch it happened in, ``reason`` what the trigger answered (``"scheduled"``,
     ``"plateau"``, ``"max_phase"``, ``"early_stopping"``, or a custom trigger's reason), ``value``
     the monitored metric's value (``None`` for a scheduled release), ``train_norms`` whether its
-    norm layers train, ``lr_factors`` each part's learning rate relative to the head's.
+    norm layers train, ``lr_factors`` each part's learning rate relative to the head's, ``parts``
+    their names (empty in older checkpoints, which kept none).
     """
 
     index: int
@@ -32,6 +33,7 @@ class ReleaseRecord:
     metric: str | None = None
     train_norms: tuple[bool, ...] = ()
     lr_factors: tuple[float, ...] = ()
+    parts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so that checkpoints load with ``torch.load(weights_only=True)``."""

@@ -175,8 +175,9 @@ class Unfreezer:
         self.first_steps.expect(index, len(parts))
         epoch = int(moment.epoch) if epoch is None else epoch
         record = ReleaseRecord(
-            index, epoch, moment.step, reason, self.groups.positions(added), value, metric, trains, factors
-        )
+            index, epoch, moment.step, reason, self.groups.positions(added), value, metric, trains, factors,
+            tuple(part.name for part in parts),
+        )  # fmt: skip
         self._history.append(record)
         self._last_release = (float(moment.epoch), moment.step)
         self.groups.tie_to_head(moment.step)
@@ -302,7 +303,7 @@ class Unfreezer:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
 
         Raises:
-            ValueError: the checkpoint holds more releases than the plan has, a release of another size, or releases
+            ValueError: the checkpoint holds more releases than the plan has, a release of other parts, or releases
                 made under another ``bn`` (a norm policy does not change halfway: ``"auto"``'s decision is its state).
         """
         history = [ReleaseRecord.from_dict(record) for record in state.get("history", ())]
@@ -318,10 +319,12 @@ class Unfreezer:
                 f" {len(self.plan.releases)}: resume with the configuration the checkpoint was saved with."
             )
         for record, parts in zip(history, self.plan.releases, strict=False):
-            if len(record.lr_factors) != len(parts):
+            names = tuple(part.name for part in parts)  # an older checkpoint kept no names: its sizes alone are checked
+            if len(record.lr_factors) != len(parts) or record.parts not in ((), names):
+                freed = f" ({', '.join(record.parts)})" if record.parts else ""
                 raise ValueError(
-                    f"GradualUnfreeze: the checkpoint's release {record.index} freed {len(record.lr_factors)} part(s),"
-                    f" but the plan's release {record.index} frees {len(parts)} ({', '.join(p.name for p in parts)}):"
+                    f"GradualUnfreeze: the checkpoint's release {record.index} freed {len(record.lr_factors)}"
+                    f" part(s){freed}, but the plan's release {record.index} frees {len(parts)} ({', '.join(names)}):"
                     " resume with the `what` and `when` the checkpoint was saved with."
                 )
         self._history = history

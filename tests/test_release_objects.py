@@ -203,9 +203,23 @@ def test_a_checkpoint_whose_releases_free_other_parts_is_refused_before_anything
     u = unfreezer(what=Blocks(per_release=1))
     epochs(u, 2)
     other = unfreezer(what=Blocks(per_release=2))
-    with pytest.raises(ValueError, match=r"release 0 freed 1 part\(s\), but the plan's release 0 frees 2 \(backbone"):
+    with pytest.raises(
+        ValueError, match=r"release 0 freed 1 part\(s\) \(backbone.3\), but the plan's release 0 frees 2"
+    ):
         other.load_state_dict(u.state_dict())
     assert other.history == () and other.state_dict()["trigger"] == unfreezer().state_dict()["trigger"]
+
+
+def test_a_checkpoint_whose_release_freed_other_parts_of_the_same_number_is_refused() -> None:
+    u = unfreezer(what=Schedule({1: "backbone.3"}))
+    epochs(u, 1)
+    other = unfreezer(what=Schedule({1: "backbone.1"}))  # one part, as saved, but another
+    with pytest.raises(ValueError, match=r"release 0 freed 1 part\(s\) \(backbone.3\), but .* frees 1 \(backbone.1\)"):
+        other.load_state_dict(u.state_dict())
+    assert other.history == ()
+    old = u.state_dict()
+    old["history"] = [{k: v for k, v in record.items() if k != "parts"} for record in old["history"]]
+    other.load_state_dict(old)  # a checkpoint that kept no names: its sizes alone can be checked
 
 
 def test_a_checkpoint_saved_at_another_lr_scale_is_named_with_what_its_releases_keep() -> None:
