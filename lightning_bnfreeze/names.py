@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 _GLOB_CHARS = frozenset("*?[")
+_BUILT_IN_SETUP = (  # no name close to the one missing: the module may not exist yet when callbacks set up
+    " (Built in the LightningModule's `setup`? Callbacks set up before it: build it in `__init__` or"
+    " `configure_model`.)"
+)
 
 
 def is_glob(pattern: str) -> bool:
@@ -101,14 +105,7 @@ def get_module(root: nn.Module, name: str, argument: str) -> nn.Module:
         children = [child_name for child_name, child in root.named_children() if any(True for _ in child.parameters())]
         close = closest_names(name, [module_name for module_name, _ in root.named_modules()])
         hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
-        later = (
-            ""
-            if close
-            else (
-                " (Built in the LightningModule's `setup`? Callbacks set up before it: build it in `__init__` or"
-                " `configure_model`.)"
-            )
-        )
+        later = "" if close else _BUILT_IN_SETUP
         raise ValueError(
             f"`{argument}` is {name!r}, which is no module of the LightningModule.{hint}"
             f" Its top-level modules with parameters: {', '.join(map(repr, children)) or '(none)'}.{later}"

@@ -308,9 +308,8 @@ def test_nothing_to_train_until_the_first_release_is_refused_before_anything_is_
         fit(model, [GradualUnfreeze()])
     with pytest.raises(ValueError, match=r"nothing would train until the first release"):
         GradualUnfreeze().dry_run(model)  # the dry run says what the fit would
-    assert "Releases:" in GradualUnfreeze().dry_run(
-        BuiltLater("head", lambda: nn.Linear(FEATURES, 2))
-    )  # unless the head may come later
+    head_later = BuiltLater("head", lambda: nn.Linear(FEATURES, 2))
+    assert "Releases:" in GradualUnfreeze().dry_run(head_later)  # unless the head may come later
     assert all(param.requires_grad for param in model.backbone.parameters())  # nothing was frozen
 
     fit(model, [GradualUnfreeze(when=Every(first=0))], max_epochs=1)  # released before the first step: it trains

@@ -101,10 +101,11 @@ class FitState:
 
 
 def _load_releases(unfreezer: Unfreezer, saved: dict[str, Any]) -> None:
-    """Load the checkpoint's releases into ``unfreezer``, with a warning if they ran at another ``lr_scale``."""
+    """Load the checkpoint's releases into ``unfreezer`` (it refuses those it cannot take), with a warning if they ran
+    at another ``lr_scale``."""
+    unfreezer.load_state_dict(saved)
     if (changed := unfreezer.changed_rate(saved)) is not None:
         rank_zero_warn(changed)
-    unfreezer.load_state_dict(saved)
 
 
 def _source_statistics(saved: dict[str, Any] | None) -> list[tuple[Tensor, Tensor]] | None:
