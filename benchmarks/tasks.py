@@ -11,6 +11,8 @@ Benches (``--bench``):
   measures 1.29 against Lite0's 0.89, ``benchmarks/domain_shift.md``).
 - ``cnn``: the digits example's small ResNet, pretrained on digits 0-4 (cached), on digits 5-9.
 - ``vit``: a small timm ``VisionTransformer`` over 2x2 patches (6 blocks, width 64), pretrained the same way.
+- ``minilm``: a real pretrained transformer, all-MiniLM-L6-v2, on ``fortunes``: which of five BSD fortune files a
+  text comes from (:mod:`benchmarks.text`).
 
 The cnn and vit tasks are :class:`examples.digits.DigitsTransfer` under a shift (``none``, ``contrast``,
 ``invert``). Every split is per class and deterministic by seed; the training images are ``k`` per class.
@@ -32,13 +34,14 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["BENCHES", "TransferModel", "make_data", "make_model"]
+__all__ = ["BENCHES", "TextTransferModel", "TransferModel", "make_data", "make_model"]
 
 BENCHES = {
     "real": ("digits", "textures"),
     "lite2": ("digits", "textures"),
     "cnn": ("none", "contrast", "invert"),
     "vit": ("none", "contrast", "invert"),
+    "minilm": ("fortunes",),
 }
 """Each bench's tasks (for ``cnn`` and ``vit``: the shifts of the digits 5-9 task)."""
 IMAGENET_BENCHES = {"real": 0, "lite2": 2}
@@ -140,10 +143,21 @@ class _Splits(pl.LightningDataModule):
         return DataLoader(self.test_set, batch_size=500)
 
 
+def text_splits(k: int, seed: int, val: int = 10, test: int = 100) -> list[TensorDataset]:
+    """Train (``k`` per class), validation and test sets of the ``fortunes`` task: token ids and masks."""
+    from benchmarks.text import fortunes
+
+    tokens, labels = fortunes()
+    generator = torch.Generator().manual_seed(seed)
+    return [TensorDataset(tokens[i], labels[i]) for i in _per_class(labels, (k, val, test), generator)]
+
+
 def make_data(bench: str, task: str, k: int, seed: int) -> pl.LightningDataModule:
     """The data module of one run."""
     if bench in IMAGENET_BENCHES:
         return _Splits(real_splits(task, k, seed))
+    if bench == "minilm":
+        return _Splits(text_splits(k, seed))
     from examples.digits import DigitsTransfer
 
     return DigitsTransfer(k_per_class=k, shift=task, seed=seed)  # type: ignore[arg-type]
@@ -194,6 +208,11 @@ def make_model(
 
         backbone = efficientnet_lite(IMAGENET_BENCHES[bench] if variant is None else variant)
         return TransferModel(backbone, backbone.num_features, 10, optimizer, lr, freeze, layer_decay, imagenet=True)
+    if bench == "minilm":
+        from benchmarks.text import FORTUNE_FILES, minilm
+
+        bert = minilm()
+        return TextTransferModel(bert, bert.config.hidden_size, len(FORTUNE_FILES), optimizer, lr, freeze, layer_decay)
     if bench == "cnn":
         from examples.digits import pretrained_backbone
 
@@ -288,3 +307,15 @@ class TransferModel(pl.LightningModule):
                 if chosen:
                     groups.append({"params": chosen, "lr": lr, "weight_decay": 0.0 if no_decay else 1e-4})
         return groups
+
+
+class TextTransferModel(TransferModel):
+    """:class:`TransferModel` over text: a ``transformers`` encoder as ``backbone``, its inputs token ids and
+    attention masks stacked as ``(N, 2, tokens)``, the head on the mean of the tokens' last hidden states."""
+
+    def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
+        ids, mask = tokens.unbind(1)
+        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        logits: Tensor = self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+        return logits

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
-EPOCHS = {"real": 15, "lite2": 15, "cnn": 20, "vit": 20}
+EPOCHS = {"real": 15, "lite2": 15, "cnn": 20, "vit": 20, "minilm": 15}
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[10], help="labelled training images per class")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 3 4 (--report: every seed run)")
     parser.add_argument("--recipes", nargs="+", default=[*PEERS, *REFERENCES, "ours"])
-    parser.add_argument("--epochs", type=int, help="default: 15 (real), 20 (cnn, vit)")
+    parser.add_argument("--epochs", type=int, help="default: 15 (real, lite2, minilm), 20 (cnn, vit)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
     parser.add_argument("--raw", type=Path, help="default: benchmarks/raw/transfer_<bench>.jsonl")
     parser.add_argument("--report", action="store_true", help="write benchmarks/transfer_<bench>.md from the raw runs")
