@@ -90,4 +90,3 @@ def fortunes() -> tuple[Tensor, Tensor]:
     ids = torch.tensor([encoding.ids for encoding in encodings])
     mask = torch.tensor([encoding.attention_mask for encoding in encodings])
     return torch.stack([ids, mask], dim=1), torch.tensor(labels)
-

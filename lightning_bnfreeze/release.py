@@ -29,6 +29,7 @@ from lightning_bnfreeze.part_groups import PartGroups
 from lightning_bnfreeze.plan import ReleasedPart, ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
 from lightning_bnfreeze.released_groups import ReleasedGroup, ReleasedGroups
+from lightning_bnfreeze.saved_releases import check_saved_releases
 from lightning_bnfreeze.step_size import AUTO_STEP, RELEASED, MaxStep, momentum_of
 from lightning_bnfreeze.triggers import Every, Moment, Trigger
 
@@ -287,46 +288,15 @@ class Unfreezer:
             **self.first_steps.state_dict(),
         }
 
-    def changed_rate(self, state: Mapping[str, Any]) -> str | None:
-        """A line on a checkpoint whose releases ran at another ``lr_scale``: they keep their saved rates, later
-        releases take this one (``None``: the same, no release yet, or a checkpoint that does not hold it)."""
-        saved = state.get("settings", {}).get("lr_scale")
-        if saved is None or saved == self.lr_scale or not state.get("history"):
-            return None
-        return (
-            f"GradualUnfreeze: the checkpoint was saved with lr_scale={saved!r}, this callback has"
-            f" lr_scale={self.lr_scale!r}: the parts it released keep the rates it saved; later releases take"
-            f" {self.lr_scale!r}."
-        )
-
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take back a checkpoint's history and trigger state (call :meth:`freeze` after, to rebuild the groups).
 
         Raises:
-            ValueError: the checkpoint holds more releases than the plan has, a release of other parts, or releases
-                made under another ``bn`` (a norm policy does not change halfway: ``"auto"``'s decision is its state).
+            ValueError: releases this plan under this ``bn`` would not have made
+                (:func:`~lightning_bnfreeze.saved_releases.check_saved_releases`).
         """
         history = [ReleaseRecord.from_dict(record) for record in state.get("history", ())]
-        saved_bn = state.get("settings", {}).get("bn", self.bn)
-        if history and saved_bn != self.bn:
-            raise ValueError(
-                f"GradualUnfreeze: the checkpoint's releases ran with bn={saved_bn!r}, this callback has"
-                f" bn={self.bn!r}: resume with bn={saved_bn!r}."
-            )
-        if len(history) > len(self.plan.releases):
-            raise ValueError(
-                f"GradualUnfreeze: the checkpoint holds {len(history)} releases, but the plan has"
-                f" {len(self.plan.releases)}: resume with the configuration the checkpoint was saved with."
-            )
-        for record, parts in zip(history, self.plan.releases, strict=False):
-            names = tuple(part.name for part in parts)  # an older checkpoint kept no names: its sizes alone are checked
-            if len(record.lr_factors) != len(parts) or record.parts not in ((), names):
-                freed = f" ({', '.join(record.parts)})" if record.parts else ""
-                raise ValueError(
-                    f"GradualUnfreeze: the checkpoint's release {record.index} freed {len(record.lr_factors)}"
-                    f" part(s){freed}, but the plan's release {record.index} frees {len(parts)} ({', '.join(names)}):"
-                    " resume with the `what` and `when` the checkpoint was saved with."
-                )
+        check_saved_releases(history, self.plan, self.bn, state.get("settings", {}).get("bn", self.bn))
         self._history = history
         last = state.get("last_release")
         self._last_release = None if last is None else (float(last[0]), int(last[1]))

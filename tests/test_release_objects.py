@@ -22,6 +22,7 @@ from lightning_bnfreeze.plan import What
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.released_groups import ReleasedGroups, origin_rule
+from lightning_bnfreeze.saved_releases import changed_rate
 from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE, STOP_STEP, adam_step_bound
 from tests.unfreeze_helpers import tiny_backbone
 
@@ -228,13 +229,13 @@ def test_a_checkpoint_saved_at_another_lr_scale_is_named_with_what_its_releases_
     epochs(u, 1)
     saved = u.state_dict()
 
-    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25, bn="train").changed_rate(saved) == (
+    assert changed_rate(saved, lr_scale=0.25) == (
         "GradualUnfreeze: the checkpoint was saved with lr_scale=0.5, this callback has lr_scale=0.25: the parts it"
         " released keep the rates it saved; later releases take 0.25."
     )
-    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.5, bn="train").changed_rate(saved) is None
+    assert changed_rate(saved, lr_scale=0.5) is None
     # nothing released yet: nothing keeps the old rate
-    assert unfreezer(what=Blocks(per_release=1), lr_scale=0.25).changed_rate(before) is None
+    assert changed_rate(before, lr_scale=0.25) is None
 
 
 @pytest.mark.parametrize("bn", ["frozen", "auto"])

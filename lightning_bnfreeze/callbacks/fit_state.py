@@ -23,6 +23,7 @@ from lightning_bnfreeze.adapt import AUTO_BATCHES, AdaBN
 from lightning_bnfreeze.callbacks.adaptation import TrainDataAdaptation
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.saved_releases import changed_rate
 
 __all__ = ["FitState"]
 
@@ -104,7 +105,7 @@ def _load_releases(unfreezer: Unfreezer, saved: dict[str, Any]) -> None:
     """Load the checkpoint's releases into ``unfreezer`` (it refuses those it cannot take), with a warning if they ran
     at another ``lr_scale``."""
     unfreezer.load_state_dict(saved)
-    if (changed := unfreezer.changed_rate(saved)) is not None:
+    if (changed := changed_rate(saved, unfreezer.lr_scale)) is not None:
         rank_zero_warn(changed)
 
 
