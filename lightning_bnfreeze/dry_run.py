@@ -71,7 +71,8 @@ norm layers and why.
 
 --model SOURCE:NAME builds a torchvision or timm model (torchvision:vit_b_16, timm:convnext_tiny) on
 the meta device (no weights, no download) as the `backbone` of a stand-in LightningModule (a head and
-AdamW at --lr, no LR scheduler), and takes GradualUnfreeze's arguments as options.
+AdamW at --lr, no LR scheduler), and takes GradualUnfreeze's arguments as options. A timm model comes
+without its classifier (num_classes=0), a torchvision model with it (its first release frees it).
 --config CONFIG builds the model and the trainer's callbacks of a LightningCLI config (with neither
 callback in it: what BNFreezeCallback() would freeze); `--config CONFIG --help` lists LightningCLI's
 arguments, which may follow it. A config written for LightningCLI(MyModel, MyDataModule) names no

@@ -71,7 +71,8 @@ def model_plan(options: argparse.Namespace) -> str:
 
 
 def build_model(spec: str) -> nn.Module:
-    """The torchvision or timm model named ``torchvision:NAME`` or ``timm:NAME``, built on the meta device.
+    """The torchvision or timm model named ``torchvision:NAME`` or ``timm:NAME``, built on the meta device; a timm
+    model without its classifier (``num_classes=0``), as one fine-tunes it under a head of one's own.
 
     Raises:
         ValueError: another source, or a name the library does not know (with the closest names).
@@ -87,7 +88,7 @@ def build_model(spec: str) -> nn.Module:
         import timm
 
         names = timm.list_models()
-        factory = lambda: timm.create_model(name, pretrained=False)  # noqa: E731
+        factory = lambda: timm.create_model(name, pretrained=False, num_classes=0)  # noqa: E731
     else:
         raise ValueError(f"`--model` must be torchvision:NAME or timm:NAME here, got {spec!r}.")
     if name.partition(".")[0] not in names:  # timm accepts a pretrained tag: `vit_base_patch16_224.augreg_in21k`
