@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze
+from lightning_bnfreeze.freezer import set_requires_grad
 from lightning_bnfreeze.names import closest_names
 from lightning_bnfreeze.norm_plan import norm_freeze_plan
 
@@ -138,8 +139,13 @@ def config_plan(args: list[str], options: argparse.Namespace, prog: str) -> str:
                 path = path if len(callbacks) == 1 else path.with_stem(f"{path.stem}-{callback.backbone}")
                 table += f"\nPlot: {preview.plot(path)}"
         tables.append(table)
+    # BNFreezeCallback() reads requires_grad: as at fit start, once each GradualUnfreeze froze its backbone.
+    set_requires_grad([param for callback in callbacks for param in callback.frozen_at_start(cli.model)], False)
+    frozen = ", ".join(repr(callback.backbone) for callback in callbacks)
+    at_start = f"At fit start, after GradualUnfreeze froze {frozen} (its releases let them go as above):\n"
     tables += [
-        norm_freeze_plan(cli.model, callback.modules, callback.train_affine)
+        (at_start if callbacks and callback.modules is None else "")
+        + norm_freeze_plan(cli.model, callback.modules, callback.train_affine)
         for callback in configured
         if isinstance(callback, BNFreezeCallback)
     ]

@@ -211,6 +211,25 @@ def test_a_config_written_for_a_cli_with_its_model_class_needs_the_class_first(
     assert plan.startswith("GradualUnfreeze(backbone='backbone'):") and "0.5" in plan
 
 
+def test_a_config_with_both_callbacks_shows_the_norm_layers_gradual_unfreeze_freezes_at_fit_start(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {class_path: tests.unfreeze_helpers.CLIModel}\ntrainer:\n  max_epochs: 4\n  callbacks:\n"
+        "    - {class_path: lightning_bnfreeze.GradualUnfreeze}\n"
+        "    - {class_path: lightning_bnfreeze.BNFreezeCallback}\n"
+    )
+    plan = dry_run.main(["--config", str(config)])
+    keras = plan.partition("At fit start, after GradualUnfreeze froze 'backbone' (its releases let them go as above):")[
+        2
+    ]
+    assert keras.startswith("\nBNFreezeCallback(modules=None)")
+    layers = [row for row in rows(keras) if row and row[0].startswith("backbone.")]
+    assert layers and all(row[2] == "frozen" for row in layers)
+    assert rows(keras)[-2][:4] == ["head.1", "BatchNorm1d", "not", "frozen"]  # the head trains
+
+
 def test_keras_rule_explains_layers_without_parameters() -> None:
     """An InstanceNorm without affine parameters follows its nearest parent that has some."""
     inner = nn.Sequential(nn.Conv2d(1, 2, 1), nn.InstanceNorm2d(2, track_running_stats=True))

@@ -214,6 +214,10 @@ class GradualUnfreeze(NormFreezingCallback):
         get_module(pl_module, self.backbone, "backbone")
         return self.what.plan(pl_module, self.backbone)
 
+    def frozen_at_start(self, pl_module: nn.Module) -> list[nn.Parameter]:
+        """The parameters this callback freezes at fit start: the backbone's, but those named in ``trainable``."""
+        return self._params.to_freeze(pl_module)
+
     def dry_run(self, pl_module: nn.Module, max_epochs: int = -1) -> str:
         """The plan as text: the blocks found, each release (time, parts, parameters, learning-rate factor, group).
 
@@ -222,7 +226,7 @@ class GradualUnfreeze(NormFreezingCallback):
         """
         plan = self.plan(pl_module)
         if not overrides_configure_model(pl_module):  # else the head may come from there: the fit checks after it
-            check_something_trains(pl_module, self.backbone, self._params.to_freeze(pl_module), self.when)
+            check_something_trains(pl_module, self.backbone, self.frozen_at_start(pl_module), self.when)
         groups = None  # the groups each part joins, if `configure_optimizers` runs on a copy without a trainer
         if isinstance(pl_module, pl.LightningModule):
             with suppress(AttributeError, TypeError, ValueError, RuntimeError, NotImplementedError):
@@ -281,7 +285,7 @@ class GradualUnfreeze(NormFreezingCallback):
         warn_about_late_releases(self.when, self._plan, trainer)
         self._params.check_trainable(pl_module)
         warn_about_adapters(self._params.named(pl_module), self._params.is_trainable)
-        frozen = self._params.to_freeze(pl_module)
+        frozen = self.frozen_at_start(pl_module)
         check_something_trains(pl_module, self.backbone, frozen, self.when)
         for param in frozen:
             param.requires_grad = False
