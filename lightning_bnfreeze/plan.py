@@ -103,9 +103,15 @@ class _FoundBlocks(What):
     def blocks(self, root: nn.Module, backbone: str) -> list[Block]:
         """The backbone's blocks, input side first."""
         module = get_module(root, backbone, "backbone")
-        if isinstance(self.names, list):
-            _check_no_block_labels(module, backbone, self.names)
-        return find_blocks(module, backbone, self.granularity, self.names)
+        try:
+            return find_blocks(module, backbone, self.granularity, self.names)
+        except ValueError as error:  # a name that matches nothing may be a block label, as the dry run shows them
+            entries = self.names if isinstance(self.names, list) else []  # (not a callable's names)
+            names = [name for entry in entries for name in ([entry] if isinstance(entry, str) else entry)]
+            label = next((_block_label(module, backbone, n) for n in names if repr(n) in str(error)), "")
+            if not label:
+                raise
+            raise ValueError(f"{error}{label}") from error
 
 
 class Blocks(_FoundBlocks):
@@ -283,16 +289,6 @@ def _check_no_overlap(name: str, at: int, explicit: dict[str, int]) -> None:
                 f"`releases[{at}]` holds {name!r}, which overlaps {other!r} of `releases[{other_at}]`:"
                 f" {inner!r} lies inside {outer!r}. List each name once, or use a glob."
             )
-
-
-def _check_no_block_labels(module: nn.Module, backbone: str, entries: list[str | list[str]]) -> None:
-    """Raise if a name of ``Blocks(names=...)`` that matches nothing is the label of a block found automatically."""
-    named = [*module.named_modules(prefix=backbone), *module.named_parameters(prefix=backbone)]
-    names = [name for name, _ in named]
-    for entry in entries:
-        for name in as_name_list(entry, "names"):
-            if not match_names(name, names) and (label := _block_label(module, backbone, name)):
-                raise ValueError(unknown_name_message(name, names, "names") + label)
 
 
 def _block_label(module: nn.Module, backbone: str, name: str) -> str:

@@ -443,7 +443,7 @@ def test_the_library_modules_import_neither_timm_nor_transformers(module: str) -
 
 
 def test_a_block_label_named_in_a_schedule_is_said_to_be_one_with_the_modules_it_stands_for() -> None:
-    from lightning_bnfreeze import Blocks, Schedule
+    from lightning_bnfreeze import Schedule
 
     root = nn.Module()
     root.backbone = torchvision_model("resnet18")  # its first block, `backbone.stem`, is conv1 and bn1
@@ -457,6 +457,16 @@ def test_a_block_label_named_in_a_schedule_is_said_to_be_one_with_the_modules_it
     with pytest.raises(ValueError, match="matches nothing") as error:  # contrast: no block's label
         Schedule({2: "backbone.stme"}).plan(root, "backbone")
     assert "label" not in str(error.value)
-    with pytest.raises(ValueError, match="matches nothing") as error:  # the blocks named in `Blocks` too
+
+
+def test_a_block_label_named_in_blocks_is_said_to_be_one_with_the_modules_it_stands_for() -> None:
+    from lightning_bnfreeze import Blocks
+
+    root = nn.Module()
+    root.backbone = torchvision_model("resnet18")
+    with pytest.raises(ValueError, match="matches nothing") as error:
         Blocks(names=["backbone.stem", "backbone.layer1"]).plan(root, "backbone")
     assert str(error.value).endswith("made of 'backbone.conv1', 'backbone.bn1': name those.")
+    with pytest.raises(ValueError, match="matches nothing") as error:  # contrast: no block's label
+        Blocks(names=["backbone.stme", "backbone.layer1"]).plan(root, "backbone")
+    assert "label" not in str(error.value)

@@ -221,13 +221,13 @@ def test_a_config_with_both_callbacks_shows_the_norm_layers_gradual_unfreeze_fre
         "    - {class_path: lightning_bnfreeze.BNFreezeCallback}\n"
     )
     plan = dry_run.main(["--config", str(config)])
-    keras = plan.partition("At fit start, after GradualUnfreeze froze 'backbone' (its releases let them go as above):")[
-        2
-    ]
-    assert keras.startswith("\nBNFreezeCallback(modules=None)")
-    layers = [row for row in rows(keras) if row and row[0].startswith("backbone.")]
+    norm_table = plan.partition(
+        "At fit start, after GradualUnfreeze froze 'backbone' (its releases let them go as above):"
+    )[2]
+    assert norm_table.startswith("\nBNFreezeCallback(modules=None)")
+    layers = [row for row in rows(norm_table) if row and row[0].startswith("backbone.")]
     assert layers and all(row[2] == "frozen" for row in layers)
-    assert rows(keras)[-2][:4] == ["head.1", "BatchNorm1d", "not", "frozen"]  # the head trains
+    assert rows(norm_table)[-2][:4] == ["head.1", "BatchNorm1d", "not", "frozen"]  # the head trains
 
 
 def test_keras_rule_explains_layers_without_parameters() -> None:
