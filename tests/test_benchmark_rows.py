@@ -42,6 +42,17 @@ def test_an_earlier_release_s_default_is_kept_as_a_variant_when_asked(tmp_path: 
     assert "| `ours@0.8.0` | 1 | 1 |" in text  # level with full fine-tuning, above the probe: it holds
 
 
+def test_a_release_that_moves_no_fit_keeps_the_rows_of_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_bnfreeze
+
+    today = fingerprint("ours")
+    assert repr(benchmarks.transfer.DEFAULT_BEHAVIOUR) in today
+    monkeypatch.setattr(lightning_bnfreeze, "__version__", "99.0.0")
+    assert fingerprint("ours") == today
+    monkeypatch.setattr(benchmarks.transfer, "DEFAULT_BEHAVIOUR", "99.0.0")  # a release that moves the default's fits
+    assert fingerprint("ours") != today
+
+
 def test_the_processors_the_rows_ran_on_are_counted() -> None:
     rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
 
