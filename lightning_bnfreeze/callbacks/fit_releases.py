@@ -24,6 +24,7 @@ from lightning_bnfreeze.callbacks.base import announce
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.first_step_gradients import FirstStepGradients
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
+from lightning_bnfreeze.callbacks.release_loss import ReleaseLossCheck
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
@@ -56,6 +57,7 @@ class FitReleases:
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
         # adapted for the head under an optimizer whose first step is not bounded: the first release's gradients
         self.first_step_gradients = FirstStepGradients(unfreezer)
+        self.loss_check = ReleaseLossCheck(unfreezer)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -153,8 +155,11 @@ class FitReleases:
         self.unfreezer.before_step(trainer.global_step)
         self.first_step_gradients.before_step(trainer.global_step)
 
-    def after_step(self, trainer: pl.Trainer) -> None:
-        """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's."""
+    def after_step(self, trainer: pl.Trainer, loss: Tensor | None = None) -> None:
+        """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's;
+        the batch's training ``loss``, if known, joins the first release's loss check."""
+        if loss is not None:
+            self.loss_check.record(trainer, loss)
         self.first_step_gradients.after_step(trainer.global_step)
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
@@ -273,6 +278,7 @@ class FitReleases:
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         announce(trainer, f"GradualUnfreeze: {self.unfreezer.describe(record)}")
+        self.loss_check.released(trainer, record)
 
     def _settle(self, trainer: pl.Trainer) -> None:
         """Norm layers as the releases leave them (and re-estimated, with ``AdaBN(on_release=True)``)."""

@@ -35,6 +35,7 @@ from lightning_bnfreeze.callbacks.fit_checks import (
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.callbacks.fit_state import FitState
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
+from lightning_bnfreeze.callbacks.release_loss import training_loss
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
 from lightning_bnfreeze.checks import check_integer
 from lightning_bnfreeze.distributed import GradientSync
@@ -78,7 +79,10 @@ class GradualUnfreeze(NormFreezingCallback):
             from epoch 1, the head training alone first), :class:`~lightning_bnfreeze.Plateau`, or your
             own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
-            1.0: on the real-weights benchmark no reduced rate held at every head learning rate (README).
+            1.0: on the real-weights CNN benchmarks no reduced rate held at every head learning rate; a pretrained
+            transformer takes the head's rate badly at large rates (README). If the training loss rises after the
+            first release (by :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE` over an epoch's batches), one warning
+            says so and suggests ``0.1``.
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
             first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
             release and each later one until a release's first step moves less than 0.2 % (it and every later
@@ -348,7 +352,7 @@ class GradualUnfreeze(NormFreezingCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._running().after_step(trainer)
+        self._running().after_step(trainer, training_loss(outputs))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -378,6 +382,12 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state.load_state_dict(state_dict)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self._fit is not None:  # a fit that ended normally: the loss check's last word
+            self._fit.loss_check.close()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
