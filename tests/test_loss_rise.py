@@ -123,7 +123,9 @@ def test_a_training_loss_that_rises_after_the_first_release_is_named_with_lr_sca
     (warning,) = fit_warnings(ScaledLoss(after_release=3.0), recwarn, what=Blocks(per_release=1), lr_scale=0.5)
     assert warning.startswith("GradualUnfreeze: the training loss rose after the first release (epoch 1): ")
     assert f"over its first {STEPS_PER_EPOCH} batches against" in warning  # an epoch's
-    assert f"over the {STEPS_PER_EPOCH} before it (" in warning and rise_of(warning) > 2
+    assert (
+        f"over the {STEPS_PER_EPOCH} before it (" in warning and rise_of(warning) > 1.5
+    )  # three times the loss, as the head learns
     assert (
         "Its rate (0.5 x the head's, lr_scale=0.5)" in warning and "try a smaller lr_scale (lr_scale=0.05)" in warning
     )
@@ -143,7 +145,7 @@ def test_only_the_first_release_is_watched(recwarn: pytest.WarningsRecorder) -> 
 
 def test_two_releases_at_once_are_watched_as_the_first(recwarn: pytest.WarningsRecorder) -> None:
     (warning,) = fit_warnings(ScaledLoss(after_release=3.0), recwarn, what=Blocks(per_release=1), when=At([1, 1]))
-    assert rise_of(warning) > 2
+    assert rise_of(warning) > 1.5  # three times the loss, as the head learns
 
 
 class ConstantLoss(UnfreezeModel):
