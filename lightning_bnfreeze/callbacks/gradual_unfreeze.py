@@ -82,7 +82,7 @@ class GradualUnfreeze(NormFreezingCallback):
             1.0: on the real-weights CNN benchmarks no reduced rate held at every head learning rate; a pretrained
             transformer takes the head's rate badly at large rates (README). If the training loss rises after the
             first release (by :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE` over an epoch's batches), one warning
-            says so and suggests ``0.1``.
+            says so and suggests a tenth of it.
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
             first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
             release and each later one until a release's first step moves less than 0.2 % (it and every later
