@@ -107,7 +107,7 @@ class _FoundBlocks(What):
             return find_blocks(module, backbone, self.granularity, self.names)
         except ValueError as error:  # a name that matches nothing may be a block label, as the dry run shows them
             entries = self.names if isinstance(self.names, list) else []  # (not a callable's names)
-            names = [name for entry in entries for name in ([entry] if isinstance(entry, str) else entry)]
+            names = [name for entry in entries for name in as_name_list(entry, "names")]
             label = next((_block_label(module, backbone, n) for n in names if repr(n) in str(error)), "")
             if not label:
                 raise

@@ -27,7 +27,6 @@ class ReleaseLossCheck:
     def __init__(self, unfreezer: Unfreezer) -> None:
         self.unfreezer = unfreezer
         self._watch: LossRise | None = None  # from the first batch or release on: the window needs the trainer
-        self._first_step: int | None = None  # the optimizer step of the first release
 
     def record(self, trainer: pl.Trainer, loss: Tensor) -> None:
         """A batch's training loss as the step output holds it (on its device: read only when judged)."""
@@ -39,9 +38,8 @@ class ReleaseLossCheck:
         """A release: the plan's first starts the watch; a later one, at a later step, ends it if still open."""
         watch = self._watching(trainer)
         if record.index == 0:
-            self._first_step = record.step
             watch.released()
-        elif self._first_step is not None and record.step > self._first_step:
+        elif record.step > self.unfreezer.history[0].step:  # (a watch of a resumed fit never started)
             self._warn(watch.judge())
 
     def close(self) -> None:
