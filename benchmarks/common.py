@@ -114,6 +114,24 @@ class StepTimer(Callback):
             self.steps.setdefault(trainer.current_epoch, []).append((wall, cpu))
 
 
+class BatchLosses(Callback):
+    """Every training batch's loss, in order (read once, at the fit's end)."""
+
+    def __init__(self) -> None:
+        self._losses: list[Tensor] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        from lightning_bnfreeze.callbacks.release_loss import training_loss
+
+        loss = training_loss(outputs)
+        assert loss is not None, "a training step without a loss"
+        self._losses.append(loss)
+
+    @property
+    def losses(self) -> list[float]:
+        return [float(loss) for loss in self._losses]
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 

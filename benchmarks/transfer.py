@@ -43,7 +43,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_BEHAVIOUR = "0.11.0"
 """The release whose default the ``ours`` rows with ``max_step="auto"`` ran: a change that moves any fit of the default
 (a rule, a constant, an order of operations) bumps it to the new release, and every such row reruns. Releases that
-move no fit (messages, checks, new options) keep it, and the rows stay."""
+move no fit (messages, checks, new options) keep it, and the rows stay. 0.13's ``on_loss_rise="retry"`` moves only
+the fits whose first release made the training loss rise (``benchmarks/release_loss.md``: on this project's benches,
+the transformer's at large rates): those rows (``minilm``'s) ran again, the others stay; the rows before 0.13 are
+``on_loss_rise="warn"``'s fits, which a row's ``history`` tells apart from a retried one by its ``retries``."""
 EPOCHS = {"real": 15, "lite2": 15, "cnn": 20, "vit": 20, "minilm": 15}
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -84,14 +87,16 @@ def fingerprint(recipe: str) -> str:
         # the near-source rule changes with releases (0.7: the decay also caps first steps); other values' rows stay
         + ((NEAR_SOURCE, NEAR_DECAY, DEFAULT_BEHAVIOUR) if callback.max_step == "auto" else ())
         + ((repr(callback.adapt),) if callback.adapt is not None else ())
+        + ((callback.on_loss_rise,) if callback.on_loss_rise != "retry" else ())
     )
 
 
-def run_one(setting: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune with one recipe in one setting; the held-out accuracy and a few facts about the run."""
+def run_one(setting: dict[str, Any], losses: bool = False) -> dict[str, Any]:
+    """Fine-tune with one recipe in one setting; the held-out accuracy and a few facts about the run (with
+    ``losses``, every training batch's loss)."""
     import lightning.pytorch as pl
 
-    from benchmarks.common import cpu_model
+    from benchmarks.common import BatchLosses, cpu_model
     from benchmarks.recipes import callbacks_of, model_options
     from benchmarks.tasks import make_data, make_model
 
@@ -103,6 +108,7 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
     model = make_model(setting["bench"], setting["optimizer"], setting["lr"], **model_options(recipe))
     with tempfile.TemporaryDirectory() as tmp:
         callbacks = callbacks_of(recipe, model, setting["lr"], setting["epochs"], tmp)
+        batches = BatchLosses()
         trainer = pl.Trainer(
             max_epochs=setting["epochs"],
             logger=False,
@@ -114,7 +120,7 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
             accelerator="cpu",
             devices=1,
             default_root_dir=tmp,
-            callbacks=callbacks,
+            callbacks=[*callbacks, *([batches] if losses else [])],
         )
         trainer.fit(model, datamodule=data)
         history = [record.to_dict() for cb in callbacks for record in getattr(cb, "history", ())]
@@ -125,6 +131,7 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         "test_acc": float(result["test_acc"]),
         "history": history,
         **({"source_shift": shifts[0]} if shifts else {}),
+        **({"losses": batches.losses} if losses else {}),
         "seconds": time.perf_counter() - start,
         "cpu": cpu_model(),  # floating-point results, hence every fit past its first steps, differ between CPUs
     }

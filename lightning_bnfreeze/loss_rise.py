@@ -1,8 +1,8 @@
-"""Whether the first release made the training loss rise, batch by batch (plain PyTorch).
+"""Whether a release made the training loss rise, batch by batch (plain PyTorch).
 
 Releasing a block should let the training loss fall faster, or at least not rise. When the mean training loss over
-the batches after the first release is :data:`LOSS_RISE` times the mean over as many batches before it, or more (or
-no longer finite), the release's rate was more than the backbone could take: a pretrained transformer in the
+the batches after a release is :data:`LOSS_RISE` times the mean over as many batches before it, or more (or no
+longer finite), the release's rate was more than the backbone could take: a pretrained transformer in the
 real-weights benchmark collapsed that way (``benchmarks/transfer_minilm.md``).
 """
 
@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 __all__ = ["LOSS_RISE", "MIN_BATCHES", "LossRise", "Rise"]
 
 LOSS_RISE = 1.1
-"""How many times the mean loss before the first release the mean after it must reach to be a rise. At the first
-release of the default, on every setting of the transfer benchmarks (seeds 0-2, ``benchmarks/first_release_loss.md``):
-at most 1.01x where the run ended above the linear probe; 1.25x to 1.51x where the pretrained transformer collapsed
-at its first release (AdamW at head lr 3e-3). Its collapse under SGD at 3e-2 comes later: unseen here."""
+"""How many times the mean loss before a release the mean after it must reach to be a rise. Calibrated on the first
+release of the default fit, on every setting of the transfer benchmarks (seeds 0-2, ``benchmarks/release_loss.md``)."""
 MIN_BATCHES = 2
-"""The fewest batches after the release that are judged."""
+"""The fewest batches after a release that are judged."""
 
 
 @dataclass(frozen=True)
 class Rise:
-    """The mean training loss over ``before_batches`` batches right before the first release and over
-    ``after_batches`` batches after it."""
+    """The mean training loss over ``before_batches`` batches right before a release and over ``after_batches``
+    batches after it."""
 
     before: float
     after: float
@@ -48,10 +47,10 @@ class Rise:
 
 
 class LossRise:
-    """The training losses around the first release, and whether they rose.
+    """The training losses around each release, and whether they rose.
 
     Args:
-        window: the most batches on each side of the release that are compared (an epoch's, say).
+        window: the most batches on each side of a release that are compared (an epoch's, say).
 
     Example::
 
@@ -67,17 +66,20 @@ class LossRise:
         if window < 1:
             raise ValueError(f"`window` must be a positive number of batches, got {window!r}.")
         # Tensors stay on their device: read once, when judged (no synchronisation at every step).
-        self._before: deque[float | Tensor] = deque(maxlen=window)
-        self._after: list[float | Tensor] | None = None  # from the first release on, until judged
-        self.judged = False
+        self._recent: deque[float | Tensor] = deque(maxlen=window)  # the last batches, a release's "before"
+        self._before: list[float | Tensor] = []  # the batches before the release watched
+        self._after: list[float | Tensor] | None = None  # the batches since it: ``None`` outside a watch
+
+    @property
+    def watching(self) -> bool:
+        """Whether a release is being watched (it started, and is not judged yet)."""
+        return self._after is not None
 
     def record(self, loss: float | Tensor) -> Rise | None:
-        """A batch's training loss; after the first release, once as many batches followed it as preceded it (at
-        most ``window``, at least :data:`MIN_BATCHES`): the :class:`Rise` (judged once)."""
-        if self.judged:
-            return None
+        """A batch's training loss; in a watch, once as many batches followed the release as preceded it (at most
+        ``window``, at least :data:`MIN_BATCHES`): the :class:`Rise` (:meth:`judge`)."""
         if self._after is None:
-            self._before.append(loss)
+            self._recent.append(loss)
             return None
         self._after.append(loss)
         if len(self._after) < max(len(self._before), MIN_BATCHES):
@@ -85,25 +87,49 @@ class LossRise:
         return self.judge()
 
     def released(self) -> None:
-        """The first release: the watch starts (none before it was recorded: nothing to compare with)."""
-        if self._after is None and not self.judged:
-            self._after = []
-            self.judged = not self._before
+        """A release: its watch starts, against the batches before it (none recorded: nothing to compare with, no
+        watch). Judge an open watch first (:meth:`judge`): a watch still open is left as it is."""
+        if self._after is None and self._recent:
+            self._before, self._after = list(self._recent), []
 
     def judge(self) -> Rise | None:
-        """End the watch (a later release, the fit's end): the :class:`Rise` over the batches after the first
-        release so far and as many before it; ``None`` if fewer than :data:`MIN_BATCHES` followed it, or judged
-        already."""
-        if self.judged or self._after is None:
+        """End the watch (at its last batch, at a later release, at the fit's end): the :class:`Rise` over the
+        batches after the release so far and as many before it; ``None`` if fewer than :data:`MIN_BATCHES` followed
+        it, or outside a watch. Its batches are the next release's "before"."""
+        if self._after is None:
             return None
-        self.judged = True
-        before, after = list(self._before)[-len(self._after) :], self._after
-        self._before, self._after = deque(), []
+        before, after = self._before[len(self._before) - len(self._after) :], self._after
+        self._after = None
+        self._recent.extend(after)
         if len(after) < MIN_BATCHES:
             return None
         return Rise(_mean(before), _mean(after), len(before), len(after))
+
+    def retry(self) -> None:
+        """Just after :meth:`judge`: the release was undone and starts again; its batches are forgotten, and its
+        retry is watched against the same batches before it."""
+        self._recent = deque(self._before, maxlen=self._recent.maxlen)
+        self._after = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The losses kept, as floats (read now)."""
+        return {
+            "recent": _floats(self._recent),
+            "before": _floats(self._before),
+            "after": None if self._after is None else _floats(self._after),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._recent = deque(state.get("recent", ()), maxlen=self._recent.maxlen)
+        self._before = list(state.get("before", ()))
+        after = state.get("after")
+        self._after = None if after is None else list(after)
 
 
 def _mean(losses: Sequence[float | Tensor]) -> float:
     """One read of the values, wherever they are (a sum of tensors stays on their device)."""
     return float(sum(losses, 0.0)) / len(losses)
+
+
+def _floats(losses: Sequence[float | Tensor] | deque[float | Tensor]) -> list[float]:
+    return [float(loss) for loss in losses]

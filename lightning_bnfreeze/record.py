@@ -34,6 +34,7 @@ class ReleaseRecord:
     train_norms: tuple[bool, ...] = ()
     lr_factors: tuple[float, ...] = ()
     parts: tuple[str, ...] = ()
+    retries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so that checkpoints load with ``torch.load(weights_only=True)``."""

@@ -85,6 +85,7 @@ class Unfreezer:
         self._last_release: tuple[float, int] | None = None
         self.first_steps = FirstSteps(bn, max_step, agree)
         self._parts = PartGroups(groups, self.gradients)
+        self.retry_scale = 1.0  # what the retries after a loss rise left every later release's rate at (slow_down)
 
     @property
     def history(self) -> tuple[ReleaseRecord, ...]:
@@ -170,7 +171,7 @@ class Unfreezer:
         index = len(self._history)
         parts = self.plan.releases[index]
         decay = self.first_steps.rate_factor(index)
-        factors = tuple(self.lr_scale * part.lr_factor * decay for part in parts)
+        factors = tuple(self.lr_scale * part.lr_factor * decay * self.retry_scale for part in parts)
         added = self._add(index, moment.step, factors)
         trains = (self.bn == "train" or (self.bn == "auto" and self.first_steps.norms_train is True),) * len(parts)
         self.first_steps.expect(index, len(parts))
@@ -184,6 +185,15 @@ class Unfreezer:
         self.groups.tie_to_head(moment.step)
         self.trigger.released(self.moment(moment.epoch, moment.step, moment.metrics))
         return record
+
+    def slow_down(self, index: int, scale: float) -> None:
+        """Release ``index`` retried after a loss rise: it and every release after it at ``scale`` times their rates,
+        now and for the releases to come (:attr:`retry_scale`)."""
+        self._history[index] = replace(self._history[index], retries=self._history[index].retries + 1)
+        for later in self._history[index:]:
+            for position in range(len(later.lr_factors)):
+                self._scale_part(later.index, position, scale)
+        self.retry_scale *= scale
 
     def before_step(self, step: int) -> None:
         """Before an optimizer step (each batch it accumulates): released groups at their rate, frozen norm layers
@@ -285,6 +295,7 @@ class Unfreezer:
             "last_release": None if self._last_release is None else list(self._last_release),
             "trigger": self.trigger.state_dict(),
             "settings": {"lr_scale": self.lr_scale, "bn": self.bn},
+            "retry_scale": self.retry_scale,
             **self.first_steps.state_dict(),
         }
 
@@ -300,6 +311,7 @@ class Unfreezer:
         self._history = history
         last = state.get("last_release")
         self._last_release = None if last is None else (float(last[0]), int(last[1]))
+        self.retry_scale = float(state.get("retry_scale", 1.0))
         self.first_steps.load_state_dict(state)
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 

@@ -40,6 +40,7 @@ class FitReleases:
 
     ``on_training_norms``: the AdaBN run over every norm layer of the backbone when ``bn="auto"`` decides that the
     released ones train (``adapt="auto"``), or before the first step far from the source; or ``None``.
+    ``on_loss_rise``: what a release after which the training loss rose does (:class:`ReleaseLossCheck`).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class FitReleases:
         adaptation: TrainDataAdaptation,
         statistics_changed: Callable[[], None],
         on_training_norms: AdaBN | None = None,
+        on_loss_rise: str = "retry",
     ) -> None:
         self.unfreezer = unfreezer
         self._adaptation = adaptation
@@ -57,7 +59,7 @@ class FitReleases:
         self._unsettled = False  # a release during validation: norm layers take their modes at the next step
         # adapted for the head under an optimizer whose first step is not bounded: the first release's gradients
         self.first_step_gradients = FirstStepGradients(unfreezer)
-        self.loss_check = ReleaseLossCheck(unfreezer)
+        self.loss_check = ReleaseLossCheck(unfreezer, on_loss_rise)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -148,16 +150,18 @@ class FitReleases:
 
     def before_step(self, trainer: pl.Trainer) -> None:
         """Step-timed releases, norm layers left by a release during validation, the first-step measure; at the
-        first step, the first release's gradients if :meth:`before_optimizer_step` is to read them."""
+        first step, the first release's gradients if :meth:`before_optimizer_step` is to read them; at a release's
+        first step, the snapshot its loss check may go back to."""
         self.advance(trainer, "step")
         if self._unsettled:
             self._settle(trainer)
         self.unfreezer.before_step(trainer.global_step)
         self.first_step_gradients.before_step(trainer.global_step)
+        self.loss_check.before_step(trainer)
 
     def after_step(self, trainer: pl.Trainer, loss: Tensor | None = None) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's;
-        the batch's training ``loss``, if known, joins the first release's loss check."""
+        the batch's training ``loss``, if known, joins the releases' loss check."""
         if loss is not None:
             self.loss_check.record(trainer, loss)
         self.first_step_gradients.after_step(trainer.global_step)

@@ -7,7 +7,8 @@ first-step decisions, the ``lr_scale`` and ``bn`` they ran with), ``"adapt_auto"
 applies: absent in checkpoints of 0.7 and older, which resume without it), ``"source_statistics"`` (far from the
 source, from fit start until ``bn="auto"`` decides: the backbone's statistics before ``adapt="auto"`` replaced them,
 as lists), ``"first_step_gradients"`` (whether the first release's gradients are still to be read: steps that a
-gradient scaler skipped; absent before 0.11) and the adaptation's.
+gradient scaler skipped; absent before 0.11), ``"loss_check"`` (the losses around the releases that the loss check
+keeps, and the release it watches; absent before 0.13) and the adaptation's.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ __all__ = ["FitState"]
 class FitState:
     """The fit's releases (``fit``, ``None`` outside a fit) and the checkpointed state they start from.
 
-    ``adapt_auto``: the callback was built with ``adapt="auto"``; ``adaptation``: its AdaBN, saved alongside.
+    ``adapt_auto``: the callback was built with ``adapt="auto"``; ``adaptation``: its AdaBN, saved alongside;
+    ``on_loss_rise``: its ``on_loss_rise``.
     """
 
-    def __init__(self, adapt_auto: bool, adaptation: TrainDataAdaptation) -> None:
+    def __init__(self, adapt_auto: bool, adaptation: TrainDataAdaptation, on_loss_rise: str = "retry") -> None:
         self._adapt_auto = adapt_auto
         self._adaptation = adaptation
+        self._on_loss_rise = on_loss_rise
         self._saved: dict[str, Any] | None = None
         self.fit: FitReleases | None = None
 
@@ -51,9 +54,10 @@ class FitState:
             _load_releases(unfreezer, self._saved["unfreezer"])
         unfreezer.freeze()
         unfreezer.restore()
-        self.fit = FitReleases(unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved))
-        self.fit.source_statistics = _source_statistics(self._saved)
-        self.fit.first_step_gradients.due = _gradients_pending(self._saved)
+        self.fit = FitReleases(
+            unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved), self._on_loss_rise
+        )
+        self._load_fit_state(self._saved)
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -63,8 +67,13 @@ class FitState:
             _load_releases(self.fit.unfreezer, state["unfreezer"])
             self.fit.unfreezer.restore()
             self.fit.on_training_norms = self._on_training_norms(state)
-            self.fit.source_statistics = _source_statistics(state)
-            self.fit.first_step_gradients.due = _gradients_pending(state)
+            self._load_fit_state(state)
+
+    def _load_fit_state(self, saved: dict[str, Any] | None) -> None:
+        assert self.fit is not None
+        self.fit.source_statistics = _source_statistics(saved)
+        self.fit.first_step_gradients.due = _gradients_pending(saved)
+        self.fit.loss_check.load_state_dict((saved or {}).get("loss_check", {}))
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -77,15 +86,18 @@ class FitState:
             unfreezer, adabn = self.fit.unfreezer.state_dict(), self.fit.on_training_norms
             source, pending = self.fit.source_statistics, self.fit.first_step_gradients.pending
             statistics = None if source is None else [[mean.tolist(), var.tolist()] for mean, var in source]
+            losses = self.fit.loss_check.state_dict()
         else:
             saved = self._saved or {}
             unfreezer, adabn = saved.get("unfreezer", {}), self._on_training_norms(self._saved)
             statistics, pending = saved.get("source_statistics"), _gradients_pending(saved)
+            losses = saved.get("loss_check", {})
         return {
             "unfreezer": unfreezer,
             "adapt_auto": adabn is not None,
             "source_statistics": statistics,
             "first_step_gradients": pending,
+            "loss_check": losses,
             **self._adaptation.state_dict(),
         }
 

@@ -35,9 +35,9 @@ from lightning_bnfreeze.callbacks.fit_checks import (
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.callbacks.fit_state import FitState
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
-from lightning_bnfreeze.callbacks.release_loss import training_loss
+from lightning_bnfreeze.callbacks.release_loss import ON_LOSS_RISE, training_loss
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
-from lightning_bnfreeze.checks import check_integer
+from lightning_bnfreeze.checks import check_choice, check_integer
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms
 from lightning_bnfreeze.fsdp import register_sharded_parameters
@@ -80,9 +80,7 @@ class GradualUnfreeze(NormFreezingCallback):
             own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
             1.0: on the real-weights CNN benchmarks no reduced rate held at every head learning rate; a pretrained
-            transformer takes the head's rate badly at large rates (README). If the training loss rises after the
-            first release (by :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE` over an epoch's batches), one warning
-            says so and suggests a tenth of it.
+            transformer takes the head's rate badly at large rates, which ``on_loss_rise`` catches (README).
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
             first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
             release and each later one until a release's first step moves less than 0.2 % (it and every later
@@ -129,6 +127,14 @@ class GradualUnfreeze(NormFreezingCallback):
             them. A dict: ``torch.compile``'s keyword arguments for the regions. ``False`` (default): nothing is
             compiled; a model compiled as a whole gets the recompile limit its releases need, and one warning
             line on what each release costs. See :mod:`lightning_bnfreeze.compile`.
+        on_loss_rise: what happens when the mean training loss over the first release's first batches (an epoch's, at
+            most 50) is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE` (1.1) times the mean over as many batches
+            before it or more. ``"retry"`` (default): the weights, buffers and optimizer state go back to what they
+            were at the release, and it and every later release train at a tenth of their rates from then on (at most
+            twice; one warning line each time). It keeps a copy of the trainable weights and their optimizer state
+            for those batches (and a checkpoint saved among them, the copy). ``"warn"``: one warning line, suggesting
+            a smaller ``lr_scale``. A release at a later step before those batches are over, and the fit's end, only
+            warn. Later releases are not judged: after them the loss rose as much in runs that ended well (README).
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
@@ -161,6 +167,7 @@ class GradualUnfreeze(NormFreezingCallback):
         optimizer_index: int | None = None,
         max_step: float | Literal["auto", "released"] | None = "auto",
         compile: bool | dict[str, Any] = False,
+        on_loss_rise: Literal["retry", "warn"] = "retry",
     ) -> None:
         resolved, own_when = what_and_when(what, when)
         self._params = BackboneParameters(backbone, () if trainable is None else trainable)
@@ -183,7 +190,9 @@ class GradualUnfreeze(NormFreezingCallback):
         self.compile = compile
         self._compilation = FitCompilation(check_compile_option(compile))
         self._plan: ReleasePlan | None = None
-        self._state = FitState(adapt == "auto", self._adaptation)
+        check_choice("on_loss_rise", on_loss_rise, ON_LOSS_RISE)
+        self.on_loss_rise = on_loss_rise
+        self._state = FitState(adapt == "auto", self._adaptation, on_loss_rise)
         self._check_at_epoch_end = False
 
     @property
@@ -387,7 +396,7 @@ class GradualUnfreeze(NormFreezingCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self._fit is not None:  # a fit that ended normally: the loss check's last word
-            self._fit.loss_check.close()
+            self._fit.loss_check.close(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

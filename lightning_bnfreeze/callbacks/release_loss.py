@@ -1,10 +1,17 @@
-"""The first release's loss check in a fit: the training losses of the step outputs around it, and one warning if
-they rose (:class:`~lightning_bnfreeze.loss_rise.LossRise`)."""
+"""The first release's loss check in a fit: the training losses of the step outputs around it
+(:class:`~lightning_bnfreeze.loss_rise.LossRise`) and, if they rose, the release undone and retried at a tenth of its
+rate (:class:`~lightning_bnfreeze.snapshot.TrainingSnapshot`), or one warning.
+
+Only the first release is judged: over every release of the default fit in the transfer benchmarks
+(``benchmarks/release_loss.md``), the loss never rose after the first release where the run held, and rose where the
+pretrained transformer collapsed; after later releases it rose by as much in runs that ended well (released norm layers
+taking batch statistics) as in the transformer's later collapses."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -13,60 +20,146 @@ from torch import Tensor
 from lightning_bnfreeze.loss_rise import LossRise, Rise
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
+from lightning_bnfreeze.snapshot import TrainingSnapshot
 
-__all__ = ["LOSS_WINDOW", "ReleaseLossCheck", "training_loss"]
+__all__ = ["LOSS_WINDOW", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "ReleaseLossCheck", "training_loss"]
 
 LOSS_WINDOW = 50
-"""The most batches on each side of the first release whose training losses are compared (fewer: an epoch's)."""
+"""The most batches on each side of a release whose training losses are compared (fewer: an epoch's)."""
+ON_LOSS_RISE = ("retry", "warn")
+"""What a rise does: the release undone and retried at :data:`RETRY_SCALE` of its rate, or a warning alone."""
+RETRY_SCALE = 0.1
+"""A retried release's rate, and every later release's, relative to the rate that made the loss rise."""
+RETRIES = 2
+"""The most times the release is retried (at a tenth, then a hundredth of its rate); a rise after the last warns."""
 
 
 class ReleaseLossCheck:
-    """Watches the training loss around ``unfreezer``'s first release (not one restored from a checkpoint), over an
-    epoch's batches at most, and warns once if it rose. The losses are the process's own: under DDP, rank 0's."""
+    """Watches the training loss over the first batches after ``unfreezer``'s first release (an epoch's, at most
+    :data:`LOSS_WINDOW`) against as many before it. If it rose, ``on_rise="retry"`` puts the weights, buffers and
+    optimizer state back as they were at the release's first step and trains on with the release and every later one
+    at :data:`RETRY_SCALE` of their rates, watching the retry as the release (at most :data:`RETRIES` retries);
+    ``"warn"`` (or a rise that cannot be undone) warns.
 
-    def __init__(self, unfreezer: Unfreezer) -> None:
+    The losses are rank 0's, and so the decision: every rank takes it. A release at a later step that comes before
+    the watch ends judges it with the batches it saw, and only warns (the later release is under way); so does the
+    fit's end. A checkpoint keeps the losses, the watch and its snapshot (while the watch is open).
+    """
+
+    def __init__(self, unfreezer: Unfreezer, on_rise: str = "retry") -> None:
         self.unfreezer = unfreezer
+        self.on_rise = on_rise
         self._watch: LossRise | None = None  # from the first batch or release on: the window needs the trainer
+        self._saved: Mapping[str, Any] | None = None  # a checkpoint's watch, until the trainer is known
+        self._watched: int | None = None  # the index of the release watched
+        self._snapshot: TrainingSnapshot | None = None
+        self._snapshot_due = False  # taken at the watched release's first step
 
     def record(self, trainer: pl.Trainer, loss: Tensor) -> None:
         """A batch's training loss as the step output holds it (on its device: read only when judged)."""
         if trainer.lightning_module.automatic_optimization:
             loss = loss * trainer.accumulate_grad_batches  # Lightning divides it by that for the backward
-        self._warn(self._watching(trainer).record(loss))
+        rise = self._watching(trainer).record(loss)
+        if rise is not None:
+            self._judged(trainer, rise, may_retry=True)
 
     def released(self, trainer: pl.Trainer, record: ReleaseRecord) -> None:
-        """A release: the plan's first starts the watch; a later one, at a later step, ends it if still open."""
+        """A release: the first starts the watch (it covers the releases at its step); a later one ends it if still
+        open (a rise then only warns)."""
         watch = self._watching(trainer)
         if record.index == 0:
             watch.released()
-        elif record.step > self.unfreezer.history[0].step:  # (a watch of a resumed fit never started)
-            self._warn(watch.judge())
+            self._watched = 0
+            self._snapshot_due = self.on_rise == "retry" and watch.watching
+        elif watch.watching and record.step > self.unfreezer.history[0].step:
+            self._judged(trainer, watch.judge(), may_retry=False)
 
-    def close(self) -> None:
-        """The fit's end: a watch still open is judged on the batches it saw."""
-        if self._watch is not None:
-            self._warn(self._watch.judge())
+    def before_step(self, trainer: pl.Trainer) -> None:
+        """Before the first step of the release watched (its norm layers settled): the snapshot it may go back to."""
+        if self._snapshot_due:
+            self._snapshot = TrainingSnapshot(trainer.lightning_module, trainer.optimizers)
+            self._snapshot_due = False
+
+    def close(self, trainer: pl.Trainer) -> None:
+        """The fit's end: a watch still open is judged on the batches it saw (a rise only warns)."""
+        if self._watch is not None and self._watch.watching:
+            self._judged(trainer, self._watch.judge(), may_retry=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The losses kept, the release watched and, while a watch is open, its snapshot (whole tensors: a
+        collective under FSDP2)."""
+        if self._watch is None:
+            return dict(self._saved or {})
+        snapshot = None if self._snapshot is None else self._snapshot.state_dict()
+        return {
+            "watched": self._watched, "snapshot_due": self._snapshot_due, "snapshot": snapshot,
+            **self._watch.state_dict(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._saved = state
+        self._watched = state.get("watched")
+        self._snapshot_due = bool(state.get("snapshot_due", False))
+        self._watch, self._snapshot = None, None
 
     def _watching(self, trainer: pl.Trainer) -> LossRise:
+        """The watch (made at the first batch or release, when the window is known), with a checkpoint's state."""
         if self._watch is None:
             batches = trainer.num_training_batches
             self._watch = LossRise(min(int(batches), LOSS_WINDOW) if math.isfinite(batches) else LOSS_WINDOW)
+            saved = self._saved or {}
+            self._watch.load_state_dict(saved)
+            if saved.get("snapshot") is not None:
+                self._snapshot = TrainingSnapshot.from_state_dict(
+                    trainer.lightning_module, trainer.optimizers, saved["snapshot"]
+                )
         return self._watch
 
-    def _warn(self, rise: Rise | None) -> None:
-        if rise is None or not rise.rose:
+    def _judged(self, trainer: pl.Trainer, rise: Rise | None, may_retry: bool) -> None:
+        snapshot, self._snapshot = self._snapshot, None
+        rose = rise is not None and rise.rose
+        if not trainer.strategy.broadcast(rose, src=0) or self._watched is None:
             return
-        record = self.unfreezer.history[0]
-        when = record.when(self.unfreezer.trigger.unit)
-        rates = " and ".join(dict.fromkeys(f"{factor:.3g}" for factor in record.lr_factors))
-        scale = self.unfreezer.lr_scale
-        rank_zero_warn(
-            f"GradualUnfreeze: the training loss rose after the first release ({when}): {rise.after:.4g} on average"
-            f" over its first {rise.after_batches} batches against {rise.before:.4g} over the {rise.before_batches}"
-            f" before it ({rise.ratio:.2f}x). Its rate ({rates} x the head's, lr_scale={scale:g}) may be more than"
-            " the backbone can take: in the real-weights benchmark a pretrained transformer collapsed so at the"
-            f" head's rate (benchmarks/transfer_minilm.md); try a smaller lr_scale (lr_scale={scale / 10:g})."
+        assert rise is not None  # rank 0's, which the others do not need
+        record = self.unfreezer.history[self._watched]
+        rose_after = f"GradualUnfreeze: {_rose(self.unfreezer, record, rise)}"
+        if may_retry and snapshot is not None and record.retries < RETRIES:
+            snapshot.restore()
+            self.unfreezer.slow_down(record.index, RETRY_SCALE)
+            assert self._watch is not None
+            self._watch.retry()
+            self._snapshot = snapshot
+            rank_zero_warn(f"{rose_after}: {_retried(self.unfreezer, record)}")
+            return
+        rank_zero_warn(f"{rose_after}: {self._advice(record)}")
+
+    def _advice(self, record: ReleaseRecord) -> str:
+        scale = self.unfreezer.lr_scale * self.unfreezer.retry_scale
+        retried = f" (retried {record.retries} times)" if record.retries else ""
+        return (
+            f"its rate{retried} may be more than the backbone can take: in the real-weights benchmark a pretrained"
+            " transformer collapsed so at the head's rate (benchmarks/transfer_minilm.md); try a smaller lr_scale"
+            f" (lr_scale={scale / 10:g})"
+            + ("" if self.on_rise == "retry" or record.retries else ", or on_loss_rise='retry'")
         )
+
+
+def _rose(unfreezer: Unfreezer, record: ReleaseRecord, rise: Rise) -> str:
+    when = record.when(unfreezer.trigger.unit)
+    rates = " and ".join(dict.fromkeys(f"{factor:.3g}" for factor in record.lr_factors))
+    return (
+        f"the training loss rose after release {record.index} ({when}, {rates} x the head's rate):"
+        f" {rise.after:.4g} on average over its first {rise.after_batches} batches against {rise.before:.4g} over"
+        f" the {rise.before_batches} before it ({rise.ratio:.2f}x)"
+    )
+
+
+def _retried(unfreezer: Unfreezer, record: ReleaseRecord) -> str:
+    rates = " and ".join(dict.fromkeys(f"{factor:.3g}" for factor in unfreezer.history[record.index].lr_factors))
+    return (
+        "its weights, buffers and optimizer state are back as they were at the release, which trains on at a tenth"
+        f" of its rate ({rates} x the head's), as every later release (on_loss_rise='retry')"
+    )
 
 
 def training_loss(outputs: object) -> Tensor | None:
