@@ -16,13 +16,19 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LOSS_RISE", "MIN_BATCHES", "LossRise", "Rise"]
+__all__ = ["LOSS_RISE", "MIN_BATCHES", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "LossRise", "Rise"]
 
 LOSS_RISE = 1.1
 """How many times the mean loss before a release the mean after it must reach to be a rise. Calibrated on the first
 release of the default fit, on every setting of the transfer benchmarks (seeds 0-2, ``benchmarks/release_loss.md``)."""
 MIN_BATCHES = 2
 """The fewest batches after a release that are judged."""
+ON_LOSS_RISE = ("retry", "warn")
+"""What a rise does: the release undone and retried at :data:`RETRY_SCALE` of its rate, or a warning alone."""
+RETRY_SCALE = 0.1
+"""A retried release's rate, and every later release's, relative to the rate that made the loss rise."""
+RETRIES = 2
+"""The most times the release is retried (at a tenth, then a hundredth of its rate); a rise after the last warns."""
 
 
 @dataclass(frozen=True)

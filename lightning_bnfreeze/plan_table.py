@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from lightning_bnfreeze.loss_rise import LOSS_RISE, RETRY_SCALE
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, NEAR_DECAY, MaxStep
 from lightning_bnfreeze.tables import format_table
@@ -28,12 +29,14 @@ def format_plan(
     max_step: MaxStep = None,
     adapt_auto: bool = False,
     statistics: bool = True,
+    on_loss_rise: str = "warn",
 ) -> str:
     """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
     and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups;
     a line on what ``max_step`` may change in the planned rates, and with ``bn="auto"`` one on ``adapt="auto"``;
     ``statistics=False`` (no norm layer of the backbone keeps running statistics): a line saying that norm modes,
-    the shift ``max_step="auto"`` measures and ``adapt="auto"`` have nothing to act on.
+    the shift ``max_step="auto"`` measures and ``adapt="auto"`` have nothing to act on; with
+    ``on_loss_rise="retry"``, a line on what a rise of the loss after the first release changes.
 
     With ``last >= 0`` (``max_epochs`` or ``max_steps``), releases at or past it are marked as never happening.
     """
@@ -78,6 +81,11 @@ def format_plan(
             " will not move that far, or as released ones stay frozen)."
             if max_step == AUTO
             else "."
+        )
+    if on_loss_rise == "retry" and plan.releases:
+        table += (
+            f"\non_loss_rise='retry': if the training loss rises after the first release ({LOSS_RISE:g}x over its"
+            f" first epoch), it is undone and retried at {RETRY_SCALE:g} x the lr above, as every later release."
         )
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."

@@ -27,12 +27,26 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
   reduce-scatter the same tensors on every rank, as DDP averages zeros in for it. ``fsdp_unused_control``: the same
   without the library's ``reduce_unused_gradients`` (a 20 s process-group timeout). ``fsdp_unused_alone``: only
   ``extra`` released: no gradient reaches ``backbone`` on rank 1, whose backward cannot reduce it: a clear error.
+- ``ddp_rise_rank0``, ``fsdp_rise_rank0``: ``ConvModel`` (releases at epochs 1 and 2, ``bn="train"``, fixed rates)
+  whose training loss triples on rank 0 from the first release to the second: the loss check
+  (``on_loss_rise="retry"``, the default) sees rank 0's rise, and every rank retries the first release at a tenth of
+  its rate (the second one's too) from the weights, buffers and optimizer state it had at its first step.
+  ``ddp_rise_rank1``, ``fsdp_rise_rank1``: the loss triples on rank 1 only: rank 0's losses decide, no rank retries.
+  The ``_rise_rank0`` runs save a checkpoint (``ModelCheckpoint``) at step 6, inside the first release's watch (its
+  epoch runs steps 4 to 7: 2 of its 4 batches done); the training batches are ``RankBatches``, which resume
+  mid-epoch. ``ddp_rise_resume``, ``fsdp_rise_resume``: a new fit resumed from that checkpoint, whose loss check
+  rebuilds the release's snapshot from it and retries at the watch's end as the uninterrupted run does.
+- ``ddp_rise_adabn``, ``fsdp_rise_adabn``: the ``_rise_rank0`` run with ``AdaBN(2, on_release=True)``, whose forwards
+  without backward at each release leave FSDP2's gathered parameters registered, until the library registers the
+  sharded ones again: the first release's snapshot must hold (and restore) the sharded parameters of the head (a
+  root unit), and the first-step measure of the second release (``backbone.0``, in the backbone's root unit) too.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,14 +54,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_bnfreeze.distributed
+import lightning_bnfreeze.step_size
 from lightning_bnfreeze import AdaBN, BNFreezeCallback, GradualUnfreeze, Schedule
+from lightning_bnfreeze.callbacks.strategies import saved_callback_state
 from tests.unfreeze_helpers import FirstStepEstimates
 
 RELEASES = {1: "backbone.3", 2: "backbone.0"}  # backbone.1 is never released
@@ -143,7 +159,7 @@ def trainer(strategy: Any, max_epochs: int, callbacks: list[Callback], **kwargs:
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(callback, ModelCheckpoint) for callback in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
         **kwargs,
@@ -231,6 +247,169 @@ def unused_run(scenario: str) -> dict[str, Any]:
     }
 
 
+class RiseOnRank(ConvModel):
+    """The training loss times 3 on rank ``rising_rank`` alone while one part of the backbone trains (from the first
+    release to the second): the first release makes it rise there, the second does not."""
+
+    def __init__(self, sharded: bool, rising_rank: int) -> None:
+        super().__init__(sharded)
+        self.rising_rank = rising_rank
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        training = sum(any(param.requires_grad for param in child.parameters()) for child in self.backbone)
+        return loss * 3.0 if training == 1 and self.global_rank == self.rising_rank else loss
+
+
+def training_state(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's parameters (full tensors) and buffers, and the optimizer's step count for each parameter it has
+    state for."""
+    return {
+        "params": {name: full(p) for name, p in pl_module.named_parameters()},
+        "buffers": {name: b.detach().clone() for name, b in pl_module.named_buffers()},
+        "steps": {
+            name: int(full(optimizer.state[p]["step"]))
+            for name, p in pl_module.named_parameters()
+            if p in optimizer.state
+        },
+    }
+
+
+class RetriedStates(Callback):
+    """Behind ``unfreeze``: the training state at the end of the batch before each release, at the release's first
+    batch (after ``unfreeze``'s ``on_train_batch_start``, when its loss check takes the snapshot), at the end of the
+    batch before the one whose ``on_train_batch_end`` retried it (trained by the release), and right after that retry;
+    and this rank's losses."""
+
+    def __init__(self, unfreeze: GradualUnfreeze) -> None:
+        self.unfreeze = unfreeze
+        self.before_release: dict[int, dict[str, Any]] = {}
+        self.at_release: dict[int, dict[str, Any]] = {}
+        self.before_retry: dict[int, dict[str, Any]] = {}
+        self.after_retry: dict[int, dict[str, Any]] = {}
+        self.losses: list[float] = []  # this rank's training losses, batch by batch
+        self._retries: dict[int, int] = {}
+        self._last: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        for record in self.unfreeze.history:
+            if record.index not in self.at_release:
+                self.before_release[record.index] = self._last
+                self.at_release[record.index] = training_state(pl_module, trainer.optimizers[0])
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+        state = training_state(pl_module, trainer.optimizers[0])
+        for record in self.unfreeze.history:
+            if record.retries > self._retries.get(record.index, 0):
+                self.before_retry[record.index], self.after_retry[record.index] = self._last, state
+            self._retries[record.index] = record.retries
+        self._last = state
+
+
+class RankBatches:
+    """This rank's batches of ``x, y``, in order (as Lightning's ``DistributedSampler`` deals them without shuffling),
+    resumable mid-epoch: Lightning keeps :meth:`state_dict` (how many batches the last iterator yielded) in a
+    checkpoint and loads it before the resumed fit's first iterator, which skips those. Nothing else may iterate it
+    in a fit that saves a checkpoint (``AdaBN`` does: its own iterator would count)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        x, y = x[rank::WORLD], y[rank::WORLD]
+        self.batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        self._yielded = 0
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        skip, self._skip = self._skip, 0
+        return self._from(skip)
+
+    def _from(self, first: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for index in range(first, len(self.batches)):
+            self._yielded = index + 1
+            yield self.batches[index]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["yielded"]
+
+
+class FirstStepChanges:
+    """Within a ``with`` block, how far each released part's first step moved its weights, as the library measures it
+    (``FirstStep.change``: a collective under FSDP2, from the weights it kept before that step)."""
+
+    def __enter__(self) -> list[float]:
+        found: list[float] = []
+        self._change = change = lightning_bnfreeze.step_size.FirstStep.change
+
+        def recorded(probe: lightning_bnfreeze.step_size.FirstStep, momentum: float = 0.0) -> float:
+            found.append(change(probe, momentum))
+            return found[-1]
+
+        lightning_bnfreeze.step_size.FirstStep.change = recorded  # type: ignore[method-assign]
+        return found
+
+    def __exit__(self, *exc: object) -> None:
+        lightning_bnfreeze.step_size.FirstStep.change = self._change  # type: ignore[method-assign]
+
+
+RISING_RANK = {
+    "ddp_rise_rank0": 0, "fsdp_rise_rank0": 0, "ddp_rise_rank1": 1, "fsdp_rise_rank1": 1,
+    "ddp_rise_adabn": 0, "fsdp_rise_adabn": 0, "ddp_rise_resume": 0, "fsdp_rise_resume": 0,
+}  # fmt: skip
+WATCH_STEP = 6
+"""The ``_rise_rank0`` runs' checkpoint: 4 batches an epoch on each rank, the first release's epoch (1) runs steps 4
+to 7 and its watch ends at step 7's loss: at step 6 it is open, 2 of its batches in."""
+
+
+def rise_run(out_dir: Path, scenario: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=generator) * 3
+    y = torch.randint(0, 4, (32,), generator=generator)
+    torch.manual_seed(0)
+    strategy_name = scenario.split("_")[0]
+    sharded = strategy_name == "fsdp"
+    model = RiseOnRank(sharded, RISING_RANK[scenario])
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
+    # on_loss_rise="retry" (the default); the rates as lr_scale says (max_step=None), whatever the first steps
+    adapt = AdaBN(2, on_release=True) if scenario.endswith("_adabn") else None
+    unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=adapt, max_step=None)
+    states = RetriedStates(unfreeze)
+    callbacks: list[Callback] = [unfreeze, states]
+    checkpoints = out_dir / f"{strategy_name}_rise_checkpoints"
+    checkpoint = checkpoints / f"step={WATCH_STEP}.ckpt"  # a folder under FSDP2 (a distributed checkpoint)
+    if scenario.endswith("_rise_rank0"):  # every WATCH_STEP steps: inside the watch, and at the fit's end
+        callbacks.append(ModelCheckpoint(checkpoints, "{step}", every_n_train_steps=WATCH_STEP, save_top_k=-1))
+    resume = scenario.endswith("_resume")
+    fit = trainer(strategy, 3, callbacks)
+    with FirstStepChanges() as first_steps:
+        fit.fit(model, RankBatches(x, y, batch_size=4), ckpt_path=checkpoint if resume else None)
+    result = {
+        "final": {name: full(p) for name, p in model.named_parameters()},
+        "history": [(record.retries, list(record.lr_factors)) for record in unfreeze.history],
+        "groups": [(group.get("name"), group["lr"]) for group in fit.optimizers[0].param_groups],
+        "before_release": states.before_release,
+        "at_release": states.at_release,
+        "before_retry": states.before_retry,
+        "after_retry": states.after_retry,
+        "losses": states.losses,
+        "global_step": fit.global_step,
+        "first_steps": first_steps,
+    }
+    if resume:  # the loss check's state in the checkpoints (a distributed checkpoint's: in its metadata file)
+        for key, path in (("in_watch", checkpoint), ("at_end", checkpoints / f"step={2 * WATCH_STEP}.ckpt")):
+            saved = saved_callback_state(path, unfreeze.state_key)
+            result[f"saved_{key}"] = None if saved is None else saved["loss_check"]
+    return result
+
+
 def conv_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 12, 12, generator=generator) * 3  # near the source (shift 0.58): later releases decay
@@ -301,6 +480,8 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
             result = amp_run()
         elif scenario in UNUSED_RELEASES:
             result = unused_run(scenario)
+        elif scenario in RISING_RANK:
+            result = rise_run(out_dir, scenario)
         else:
             result = conv_run(out_dir, scenario)
         rank = torch.distributed.get_rank()

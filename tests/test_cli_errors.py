@@ -124,6 +124,12 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
             id="rejected-choice",
         ),
         pytest.param(
+            GRADUAL_UNFREEZE.format("on_loss_rise: undo"),
+            "error: trainer.callbacks (lightning_bnfreeze.GradualUnfreeze): `on_loss_rise`: Expected a"
+            " typing.Literal['retry', 'warn']. Got value: undo",
+            id="rejected-literal",
+        ),
+        pytest.param(
             BN_FREEZE.format("train_affine: true"),
             "error: trainer.callbacks[1] (lightning_bnfreeze.BNFreezeCallback): `train_affine=True` needs `modules`",
             id="rejected-combination",

@@ -17,18 +17,35 @@ import pytest
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
+from lightning_bnfreeze.callbacks.release_loss import RETRY_SCALE
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
+from lightning_bnfreeze.loss_rise import LOSS_RISE
 from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP2_ON_CPU = bool(RequirementCache("torch>=2.7"))
 """torch 2.6's FSDP2 does not run on the CPU ("'Stream' object has no attribute 'record_event'"): on CUDA it does."""
 needs_fsdp2_on_cpu = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 on the CPU needs torch >= 2.7")
-FSDP2_RUNS = ("fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far", "fsdp_far_sgd") if FSDP2_ON_CPU else ()
-SCENARIOS = (
-    "ddp", "ddp_auto", "ddp_far", "ddp_far_sgd", *FSDP2_RUNS,
-    "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()),
+FSDP2_RUNS = (
+    (
+        "fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far", "fsdp_far_sgd",
+        "fsdp_rise_rank0", "fsdp_rise_resume", "fsdp_rise_rank1", "fsdp_rise_adabn",
+    )
+    if FSDP2_ON_CPU
+    else ()
 )  # fmt: skip
+SCENARIOS = (
+    "ddp", "ddp_auto", "ddp_far", "ddp_far_sgd", "ddp_rise_rank0", "ddp_rise_resume", "ddp_rise_rank1",
+    "ddp_rise_adabn", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()),
+)  # fmt: skip
+RISE_STRATEGIES = ("ddp", pytest.param("fsdp", marks=needs_fsdp2_on_cpu))
+RISE_RUNS = [
+    pytest.param(strategy, run, marks=[needs_fsdp2_on_cpu] if strategy == "fsdp" else [], id=f"{strategy}_{run}")
+    for run in ("rise_rank0", "rise_adabn")
+    for strategy in ("ddp", "fsdp")
+]  # `_rise_adabn`: with AdaBN(2, on_release=True), forwards without backward at each release
+EPOCH_BATCHES = 4  # each rank's in the rise runs: the first release (epoch 1) comes at step 4, its watch ends at 7
+WATCH_STEP = 6  # the step of their checkpoint inside that watch (tests/distributed_script.py)
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
@@ -42,6 +59,7 @@ def free_port() -> int:
 def launch(out_dir: Path, scenarios: tuple[str, ...], timeout: float) -> list[tuple[int | None, str]]:
     """Run the scenarios on 2 processes: each rank's exit status (``None``: killed at the timeout) and output."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash (a segfault in a collective, say) prints where each rank was
     ranks = [
         subprocess.Popen(  # as a module from the repository: this checkout's package, whatever is installed
             [sys.executable, "-m", "tests.distributed_script", str(out_dir), *scenarios],
@@ -70,7 +88,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
     out_dir = tmp_path_factory.mktemp("distributed")
     for returncode, output in launch(out_dir, SCENARIOS, TIMEOUT):
         assert returncode is not None, f"distributed runs timed out:\n{output[-3000:]}"
-        assert returncode == 0, output[-5000:]
+        assert returncode == 0, output[-8000:]  # a crash's stack, before the extension modules faulthandler lists
     return {
         scenario: [torch.load(out_dir / f"{scenario}-rank{rank}.pt", weights_only=True) for rank in range(2)]
         for scenario in SCENARIOS
@@ -79,6 +97,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[name].double() - b[name].double()).abs().max().item() for name in a)
+
+
+def first_release_rise(losses: list[float]) -> float:
+    """A rank's mean training loss in the first release's epoch (epoch 1 of 3) over its mean in the epoch before."""
+    epoch = len(losses) // 3
+    return sum(losses[epoch : 2 * epoch]) / sum(losses[:epoch])
 
 
 @needs_fsdp2_on_cpu
@@ -211,6 +235,81 @@ def test_fsdp2_released_parameter_unused_on_one_rank_trains_as_under_ddp(
     assert max_difference(fsdp["final"], fsdp_rank1["final"]) == 0.0
 
 
+@pytest.mark.parametrize(("strategy", "run"), RISE_RUNS)
+def test_a_loss_rise_on_rank_0_retries_the_release_on_every_rank_from_the_state_at_its_first_step(
+    strategy: str, run: str, runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Rank 0's loss rose after the first release, rank 1's did not: both ranks restore and slow it down alike."""
+    (rank0, rank1), (calm, _) = runs[f"{strategy}_{run}"], runs[f"{strategy}_rise_rank1"]
+    assert first_release_rise(rank0["losses"]) >= LOSS_RISE > first_release_rise(rank1["losses"])
+    # the first release retried once, the second (under which the loss falls back) not, on both ranks alike
+    assert [retries for retries, _ in rank0["history"]] == [1, 0]
+    assert rank1["history"] == rank0["history"]
+    # at a tenth of the rates of the run without a retry: the retried release's, and the later release's
+    assert [factors for _, factors in calm["history"]] == [[pytest.approx(0.5)], [pytest.approx(0.5)]]
+    for (_, factors), (_, calm_factors) in zip(rank0["history"], calm["history"], strict=True):
+        assert factors == pytest.approx([factor * RETRY_SCALE for factor in calm_factors])
+    lrs = dict(rank0["groups"])
+    assert [lrs["backbone.3"] / lrs["head"], lrs["backbone.0"] / lrs["head"]] == pytest.approx(
+        [factor for _, (factor,) in rank0["history"]]
+    )
+    assert rank1["groups"] == rank0["groups"]
+    for result in (rank0, rank1):
+        assert sorted(result["after_retry"]) == [0]
+        at_release, trained, retried = result["at_release"][0], result["before_retry"][0], result["after_retry"][0]
+        # the release trained its block (weights, batch statistics, optimizer state) before the retry ...
+        for name in ("backbone.3.0.weight", "head.weight"):
+            assert not torch.equal(trained["params"][name], at_release["params"][name]), name
+        assert not torch.equal(
+            trained["buffers"]["backbone.3.1.running_mean"], at_release["buffers"]["backbone.3.1.running_mean"]
+        )
+        assert "backbone.3.0.weight" in trained["steps"]
+        # ... which put everything back as it was at the release's first step (released weights without state)
+        assert max_difference(retried["params"], at_release["params"]) == 0.0
+        assert max_difference(retried["buffers"], at_release["buffers"]) == 0.0
+        assert retried["steps"] == at_release["steps"]
+        assert set(at_release["steps"]) == {"head.weight", "head.bias"}
+    assert max_difference(rank0["final"], rank1["final"]) == 0.0
+    if strategy == "fsdp":  # as under DDP
+        assert max_difference(rank0["final"], runs[f"ddp_{run}"][0]["final"]) < 1e-5
+
+
+@needs_fsdp2_on_cpu
+def test_fsdp2_forwards_without_backward_at_a_release_leave_the_sharded_parameters_to_the_loss_check_and_first_steps(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``AdaBN(on_release=True)`` runs forwards without backward at each release, after which FSDP2 leaves the
+    gathered parameters of its root units registered (the head's; the backbone's own, with ``backbone.0``, released
+    second). The first release's snapshot and each release's first-step measure must hold the sharded ones: the
+    snapshot restored them exactly (the test above, ``fsdp_rise_adabn``), and the first steps measure as under DDP."""
+    (ddp, _), (fsdp, fsdp_rank1) = runs["ddp_rise_adabn"], runs["fsdp_rise_adabn"]
+    for result in (ddp, fsdp, fsdp_rank1):
+        # AdaBN re-estimated the frozen norm statistics at each release (never-released backbone.1's), after the
+        # last step before it: the forwards happened between that step and the release's first one
+        for index in (0, 1):
+            before, at = result["before_release"][index]["buffers"], result["at_release"][index]["buffers"]
+            assert not torch.equal(at["backbone.1.1.running_mean"], before["backbone.1.1.running_mean"]), index
+    plain = runs["fsdp_rise_rank0"][0]  # without AdaBN on release, no statistics change there
+    for index in (0, 1):
+        assert max_difference(plain["at_release"][index]["buffers"], plain["before_release"][index]["buffers"]) == 0
+    # the first steps of backbone.3 (retried: its first one alone is measured) and of backbone.0 (in the root unit)
+    assert len(ddp["first_steps"]) == 2 and all(change > 0 for change in ddp["first_steps"])
+    assert fsdp["first_steps"] == fsdp_rank1["first_steps"] == pytest.approx(ddp["first_steps"], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", RISE_STRATEGIES)
+def test_a_loss_rise_on_rank_1_alone_retries_no_release(strategy: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Rank 1's loss rose after the first release, rank 0's did not: rank 0's losses decide, for every rank."""
+    rank0, rank1 = runs[f"{strategy}_rise_rank1"]
+    assert first_release_rise(rank1["losses"]) >= LOSS_RISE > first_release_rise(rank0["losses"])
+    assert [retries for retries, _ in rank0["history"]] == [0, 0]
+    assert rank1["history"] == rank0["history"]
+    assert rank0["after_retry"] == rank1["after_retry"] == {}
+    assert max_difference(rank0["final"], rank1["final"]) == 0.0
+    if strategy == "fsdp":  # as under DDP
+        assert max_difference(rank0["final"], runs["ddp_rise_rank1"][0]["final"]) < 1e-5
+
+
 @needs_fsdp2_on_cpu
 @pytest.mark.parametrize(
     ("scenario", "expected"),
@@ -228,3 +327,47 @@ def test_fsdp2_unit_without_gradients_on_one_rank_does_not_hang(
         assert returncode != 0, output[-3000:]
         if expected is not None:
             assert returncode is not None and expected in output, output[-3000:]
+
+
+@pytest.mark.parametrize("strategy", RISE_STRATEGIES)
+def test_a_fit_resumed_inside_the_watch_of_a_release_retries_it_as_the_uninterrupted_fit(
+    strategy: str, runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """The ``_rise_rank0`` fit saved a checkpoint 2 batches into the first release's watch (of 4 batches), which the
+    ``_rise_resume`` fit resumes: the checkpoint's snapshot (whole tensors, laid out again as the parameters are:
+    sharded under FSDP2) lets it retry the release at the watch's end, and it ends where the uninterrupted fit does."""
+    uninterrupted, resumed = runs[f"{strategy}_rise_rank0"], runs[f"{strategy}_rise_resume"]
+    for rank in (0, 1):
+        at_release = uninterrupted[rank]["at_release"][0]
+        # the checkpoint inside the watch kept its losses and the snapshot taken at the release's first step, whole
+        saved = resumed[rank]["saved_in_watch"]
+        assert saved["watched"] == 0 and not saved["snapshot_due"]
+        assert len(saved["before"]) == EPOCH_BATCHES and len(saved["after"]) == WATCH_STEP - EPOCH_BATCHES
+        snapshot = saved["snapshot"]
+        assert snapshot is not None
+        trainable = [name for name in at_release["params"] if name.startswith(("head.", "backbone.3."))]
+        assert sorted(snapshot["params"]) == sorted(trainable)
+        assert max_difference(snapshot["params"], at_release["params"]) == 0.0
+        assert max_difference(snapshot["buffers"], at_release["buffers"]) == 0.0
+        (optimizer,) = snapshot["optimizers"]
+        assert {name: int(state["step"]) for name, state in optimizer.items()} == at_release["steps"]
+        # the fit's last checkpoint, after the watch, holds none
+        assert resumed[rank]["saved_at_end"]["snapshot"] is None and resumed[rank]["saved_at_end"]["after"] is None
+    # the resumed fit retried the release (once, and the later one at a tenth of its rate too) as the uninterrupted
+    # fit did, on both ranks
+    retried_once = [(1, [pytest.approx(0.5 * RETRY_SCALE)]), (0, [pytest.approx(0.5 * RETRY_SCALE)])]
+    assert uninterrupted[0]["history"] == retried_once
+    for rank in (0, 1):
+        assert resumed[rank]["history"] == uninterrupted[rank]["history"] == uninterrupted[0]["history"]
+        assert resumed[rank]["groups"] == uninterrupted[rank]["groups"]
+    for run, whole in zip(resumed, uninterrupted, strict=True):  # rank by rank
+        assert run["global_step"] == whole["global_step"] == 3 * EPOCH_BATCHES
+        # it trained the watch's last batches as the uninterrupted fit did (the loader resumed mid-epoch),
+        assert run["losses"] == whole["losses"][WATCH_STEP:]
+        # went back to the checkpoint's snapshot: the state at the release's first step, exactly,
+        (retried,) = run["after_retry"].values()
+        assert max_difference(retried["params"], whole["at_release"][0]["params"]) == 0.0
+        assert max_difference(retried["buffers"], whole["at_release"][0]["buffers"]) == 0.0
+        assert retried["steps"] == whole["at_release"][0]["steps"]
+        # and ended bitwise where the uninterrupted fit does (the same operations on the same values)
+        assert max_difference(run["final"], whole["final"]) == 0.0

@@ -683,6 +683,20 @@ def test_dry_run_says_when_adapt_auto_re_estimates_the_statistics(
     assert said is None or lines[0].startswith(note + said)
 
 
+@pytest.mark.parametrize("on_loss_rise", ["retry", "warn"])
+def test_dry_run_says_what_a_rise_of_the_loss_after_the_first_release_changes(on_loss_rise: str) -> None:
+    table = GradualUnfreeze(on_loss_rise=on_loss_rise).dry_run(build_model(), max_epochs=5)  # type: ignore[arg-type]
+    lines = [line for line in table.splitlines() if line.startswith("on_loss_rise=")]
+    assert lines == (
+        [
+            "on_loss_rise='retry': if the training loss rises after the first release (1.1x over its first epoch), it"
+            " is undone and retried at 0.1 x the lr above, as every later release."
+        ]
+        if on_loss_rise == "retry"
+        else []
+    )
+
+
 def test_resnet18_default_schedule_releases_from_layer4_down_and_keeps_frozen_statistics() -> None:
     import torchvision
 

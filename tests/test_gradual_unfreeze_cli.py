@@ -92,6 +92,11 @@ def test_max_step_takes_each_of_its_kinds_from_yaml(
     assert callback_from_yaml(f"max_step: {value}", tmp_path, monkeypatch).max_step == parsed
 
 
+@pytest.mark.parametrize("value", ["retry", "warn"])
+def test_on_loss_rise_takes_each_choice_from_yaml(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert callback_from_yaml(f"on_loss_rise: {value}", tmp_path, monkeypatch).on_loss_rise == value
+
+
 @pytest.mark.parametrize(
     ("value", "parsed"),
     [("auto", "auto"), ("null", None), ("{class_path: lightning_bnfreeze.AdaBN, init_args: {prior: 8}}", "AdaBN")],

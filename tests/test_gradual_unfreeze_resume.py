@@ -14,6 +14,7 @@ from torch.optim import lr_scheduler as sched
 
 from lightning_bnfreeze import GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import (
+    RESUME_WARNINGS,
     Run,
     UnfreezeModel,
     ValidatedModel,
@@ -26,10 +27,7 @@ from tests.unfreeze_helpers import (
 SCHEDULE = {1: "backbone.3", 2: ["backbone.1", "backbone.0"]}
 MAX_EPOCHS = 4
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
-]
+pytestmark = RESUME_WARNINGS
 
 
 def step_lr(optimizer: Optimizer) -> dict[str, Any]:

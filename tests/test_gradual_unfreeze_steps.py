@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_bnfreeze import Blocks, Every, GradualUnfreeze, Schedule
 from tests.unfreeze_helpers import (
+    RESUME_WARNINGS,
     STEPS_PER_EPOCH,
     Run,
     ValidatedModel,
@@ -26,10 +27,7 @@ from tests.unfreeze_helpers import (
     make_trainer,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
-]
+pytestmark = RESUME_WARNINGS
 
 RELEASED_AT = {"backbone.3": 3, "backbone.1": 5, "backbone.0": 5}
 

@@ -18,6 +18,7 @@ from lightning_bnfreeze import At, Blocks, Every, GradualUnfreeze
 from lightning_bnfreeze.loss_rise import LOSS_RISE, LossRise, Rise
 from lightning_bnfreeze.snapshot import TrainingSnapshot
 from tests.unfreeze_helpers import (
+    RESUME_WARNINGS,
     STEPS_PER_EPOCH,
     Run,
     UnfreezeModel,
@@ -28,10 +29,7 @@ from tests.unfreeze_helpers import (
     make_trainer,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
-    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
-]
+pytestmark = RESUME_WARNINGS
 
 # ------------------------------------------------------------------------------------------ the watch, plain
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -208,6 +209,12 @@ def cosine(optimizer: Optimizer) -> dict[str, Any]:
         "interval": "step",
     }
 
+
+RESUME_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint"),
+]
+"""Lightning's warnings on resuming a mid-epoch checkpoint with callbacks: expected in the resume tests."""
 
 make_trainer = partial(helpers.make_trainer, max_epochs=3, gradient_clip_val=None)
 """A quiet Trainer for 3 epochs, without gradient clipping (the tests check plain optimizer updates)."""

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_bnfreeze.adapt import AdaBN, adapt_norm_statistics
 from lightning_bnfreeze.callbacks.strategies import data_parallel_group
 from lightning_bnfreeze.domain_shift import norm_statistics_shift
+from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase, training_batches
 
 __all__ = [
@@ -192,12 +193,17 @@ def on_training_batches(
             )
         forward = _default_forward(pl_module, owner, purpose)
     root = trainer.strategy.root_device
-    with (
-        torch.random.fork_rng(devices=[root] if root.type == "cuda" else []),  # the training data order stays
-        trainer.precision_plugin.train_step_context(),
-    ):
-        group = data_parallel_group(trainer.strategy)  # the replicas' batches, not a tensor-parallel rank's twice
-        return run(islice(batches, count), forward, group)
+    try:
+        with (
+            torch.random.fork_rng(devices=[root] if root.type == "cuda" else []),  # the training data order stays
+            trainer.precision_plugin.train_step_context(),
+        ):
+            group = data_parallel_group(trainer.strategy)  # the replicas' batches, not a tensor-parallel rank's twice
+            return run(islice(batches, count), forward, group)
+    finally:
+        # FSDP2: forwards without a backward leave the gathered copies registered, which the next backward frees;
+        # the parameters read until the next step (first-step weights, a snapshot) must be the sharded ones
+        register_sharded_parameters(pl_module)
 
 
 def _default_forward(pl_module: pl.LightningModule, owner: str, purpose: str) -> Callable[[Any], Any]:

@@ -35,7 +35,7 @@ from lightning_bnfreeze.callbacks.fit_checks import (
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.callbacks.fit_state import FitState
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
-from lightning_bnfreeze.callbacks.release_loss import ON_LOSS_RISE, training_loss
+from lightning_bnfreeze.callbacks.release_loss import training_loss
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
 from lightning_bnfreeze.checks import check_choice, check_integer
 from lightning_bnfreeze.distributed import GradientSync
@@ -46,6 +46,7 @@ from lightning_bnfreeze.internals import (
     callback_state_key,
     forget_checkpoint_hook,
 )
+from lightning_bnfreeze.loss_rise import ON_LOSS_RISE
 from lightning_bnfreeze.lr_preview import Budget, LrPreview, SchedulerStep, simulate
 from lightning_bnfreeze.names import get_module
 from lightning_bnfreeze.norm import named_norm_layers
@@ -128,13 +129,14 @@ class GradualUnfreeze(NormFreezingCallback):
             compiled; a model compiled as a whole gets the recompile limit its releases need, and one warning
             line on what each release costs. See :mod:`lightning_bnfreeze.compile`.
         on_loss_rise: what happens when the mean training loss over the first release's first batches (an epoch's, at
-            most 50) is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE` (1.1) times the mean over as many batches
-            before it or more. ``"retry"`` (default): the weights, buffers and optimizer state go back to what they
-            were at the release, and it and every later release train at a tenth of their rates from then on (at most
-            twice; one warning line each time). It keeps a copy of the trainable weights and their optimizer state
-            for those batches (and a checkpoint saved among them, the copy). ``"warn"``: one warning line, suggesting
-            a smaller ``lr_scale``. A release at a later step before those batches are over, and the fit's end, only
-            warn. Later releases are not judged: after them the loss rose as much in runs that ended well (README).
+            most 50) is 1.1 times the mean over as many batches before it or more. ``"retry"`` (default): the weights,
+            buffers and optimizer state go back to what they were at the release, and it and every later release
+            train at a tenth of their rates from then on (at most twice; one warning line each time). It keeps a copy
+            of the trainable weights and their optimizer state for those batches (and a checkpoint saved among them,
+            the copy). ``"warn"``: one warning line, suggesting a smaller ``lr_scale``. A release at a later step
+            before those batches are over, and the fit's end, only warn. Later releases are not judged: after them the
+            loss rose as much in runs that ended well (README; the line is
+            :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`).
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
@@ -247,8 +249,9 @@ class GradualUnfreeze(NormFreezingCallback):
         backbone = get_module(pl_module, self.backbone, "backbone")
         statistics = any(layer.running_mean is not None for _, layer in named_norm_layers(backbone))
         table = format_plan(
-            plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step, self.adapt == "auto", statistics
-        )
+            plan, self.when, self.lr_scale, self.bn, max_epochs, groups, self.max_step, self.adapt == "auto",
+            statistics, self.on_loss_rise,
+        )  # fmt: skip
         if not plan.blocks:
             return table
         return f"Blocks of {self.backbone!r}, input side first:\n{format_blocks(plan.blocks)}\n\nReleases:\n{table}"

@@ -17,21 +17,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_bnfreeze.loss_rise import LossRise, Rise
+from lightning_bnfreeze.loss_rise import RETRIES, RETRY_SCALE, LossRise, Rise
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.snapshot import TrainingSnapshot
 
-__all__ = ["LOSS_WINDOW", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "ReleaseLossCheck", "training_loss"]
+__all__ = ["LOSS_WINDOW", "ReleaseLossCheck", "training_loss"]
 
 LOSS_WINDOW = 50
 """The most batches on each side of a release whose training losses are compared (fewer: an epoch's)."""
-ON_LOSS_RISE = ("retry", "warn")
-"""What a rise does: the release undone and retried at :data:`RETRY_SCALE` of its rate, or a warning alone."""
-RETRY_SCALE = 0.1
-"""A retried release's rate, and every later release's, relative to the rate that made the loss rise."""
-RETRIES = 2
-"""The most times the release is retried (at a tenth, then a hundredth of its rate); a rise after the last warns."""
 
 
 class ReleaseLossCheck:
