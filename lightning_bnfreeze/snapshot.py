@@ -22,7 +22,7 @@ Saved = dict[str, tuple[Tensor, Tensor]]  # name: (the live tensor, its copy)
 
 class TrainingSnapshot:
     """The parameters of ``root`` that require gradients, all its buffers, and those parameters' state in each of
-    ``optimizers``, as they are now.
+    ``optimizers``, as they are now (or as ``saved``, a :meth:`state_dict`, holds them: :meth:`from_state_dict`).
 
     Example::
 
@@ -37,12 +37,25 @@ class TrainingSnapshot:
         (True, False)
     """
 
-    def __init__(self, root: nn.Module, optimizers: Iterable[Optimizer]) -> None:
+    def __init__(
+        self, root: nn.Module, optimizers: Iterable[Optimizer], saved: Mapping[str, Any] | None = None
+    ) -> None:
         self._optimizers = list(optimizers)
-        self._params: Saved = {
+        if saved is not None:  # :meth:`from_state_dict`
+            params, buffers = dict(root.named_parameters()), dict(root.named_buffers())
+            self._params, self._buffers = _laid_out(saved["params"], params), _laid_out(saved["buffers"], buffers)
+            self._states = [
+                {
+                    name: {key: _like(value, params[name]) for key, value in state.items()}
+                    for name, state in kept.items()
+                }
+                for kept in saved["optimizers"]
+            ]
+            return
+        self._params = {
             name: (param, param.detach().clone()) for name, param in root.named_parameters() if param.requires_grad
         }
-        self._buffers: Saved = {name: (buffer, buffer.detach().clone()) for name, buffer in root.named_buffers()}
+        self._buffers = {name: (buffer, buffer.detach().clone()) for name, buffer in root.named_buffers()}
         self._states = [
             {name: _cloned(optimizer.state[p]) for name, (p, _) in self._params.items() if p in optimizer.state}
             for optimizer in self._optimizers
@@ -79,18 +92,7 @@ class TrainingSnapshot:
     ) -> TrainingSnapshot:
         """The snapshot :meth:`state_dict` saved, for ``root``'s tensors of those names (each copy laid out as its
         tensor: sharded as it is under FSDP2, a collective then)."""
-        snapshot = cls.__new__(cls)
-        params, buffers = dict(root.named_parameters()), dict(root.named_buffers())
-        snapshot._optimizers = list(optimizers)
-        snapshot._params = {name: (params[name], _like(copy, params[name])) for name, copy in state["params"].items()}
-        snapshot._buffers = {
-            name: (buffers[name], _like(kept, buffers[name])) for name, kept in state["buffers"].items()
-        }
-        snapshot._states = [
-            {name: {key: _like(value, params[name]) for key, value in saved.items()} for name, saved in states.items()}
-            for states in state["optimizers"]
-        ]
-        return snapshot
+        return cls(root, optimizers, state)
 
 
 def _cloned(state: Mapping[str, Any]) -> dict[str, Any]:

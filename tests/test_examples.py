@@ -152,9 +152,10 @@ def test_dry_run_command_prints_the_plan(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     block = plans.check(REPO / config)[0].splitlines()[1:-1]
     assert [line.removeprefix("#   ").removeprefix("#") for line in block] == result.stdout.strip().splitlines()
-    *table, max_step, adapt = result.stdout.partition("Releases:")[2].strip().splitlines()
+    *table, max_step, adapt, loss = result.stdout.partition("Releases:")[2].strip().splitlines()
     assert max_step.startswith("max_step='auto'")  # what the default may change in the planned rates
     assert adapt.startswith("adapt='auto'")  # and in the norm statistics
+    assert loss.startswith("on_loss_rise='retry'")  # and a rise of the loss after the first release
     rows = table[2:]
     releases = [line.split()[:2] for line in rows]
     # the defaults: two blocks per epoch from epoch 1, at the head's learning rate
