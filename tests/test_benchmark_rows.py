@@ -53,6 +53,26 @@ def test_a_release_that_moves_no_fit_keeps_the_rows_of_the_default(monkeypatch: 
     assert fingerprint("ours") != today
 
 
+def test_rows_without_the_retry_are_a_variant_of_their_own_the_default_s_keep_their_fingerprint() -> None:
+    default = fingerprint("ours")
+    assert fingerprint("ours:on_loss_rise='retry'") == default  # 0.11's and 0.12's rows: the same fits where no retry
+    assert fingerprint("ours:on_loss_rise='warn'") == default[:-1] + ", 'warn')"
+
+
+def test_the_release_loss_replay_judges_each_release_as_the_callback_would() -> None:
+    from benchmarks.release_loss import release_rises
+
+    losses = [2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 1.0]  # epochs of 2 batches; releases at steps 2 and 4, then 6 (one batch)
+    history = [{"index": 0, "step": 2}, {"index": 1, "step": 4}, {"index": 2, "step": 6}, {"index": 3, "step": 6}]
+    rises = release_rises(losses, history, batches_per_epoch=2)
+    assert [None if rise is None else (rise.before, rise.after) for rise in rises] == [
+        (2.0, 3.0),
+        (3.0, 1.0),
+        None,
+        None,
+    ]
+
+
 def test_the_processors_the_rows_ran_on_are_counted() -> None:
     rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
 
