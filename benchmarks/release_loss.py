@@ -5,7 +5,7 @@ Each setting of ``benchmarks.transfer``'s rows (bench, task, K, optimizer, head 
 ``GradualUnfreeze(on_loss_rise="warn")`` fits as a transfer run does (the fit ``on_loss_rise="retry"``, the default,
 runs until its first release's loss rises), every training batch's loss recorded. For each release, the mean loss
 over its first batches (an epoch's, at most
-:data:`~lightning_bnfreeze.callbacks.release_loss.LOSS_WINDOW`, fewer if the next release comes first) is divided by
+:data:`~lightning_bnfreeze.loss_rise.LOSS_WINDOW`, fewer if the next release comes first) is divided by
 the mean over as many batches before it (:class:`~lightning_bnfreeze.loss_rise.LossRise`, as the callback computes
 it). Where the first release's ratio reaches :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`, the default fit
 (``"retry"``) runs too, and its accuracy stands beside the other's (elsewhere both are the same fit). A run
@@ -34,8 +34,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import markdown_table
 from benchmarks.tasks import BENCHES
-from lightning_bnfreeze.callbacks.release_loss import LOSS_WINDOW
-from lightning_bnfreeze.loss_rise import LOSS_RISE, LossRise, Rise
+from lightning_bnfreeze.loss_rise import LOSS_RISE, LOSS_WINDOW, LossRise, Rise
 
 HERE = Path(__file__).resolve().parent
 SETTINGS: dict[str, tuple[tuple[int, ...], tuple[tuple[str, float], ...]]] = {
@@ -134,7 +133,8 @@ def _setting(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _first_rose(row: dict[str, Any]) -> bool:
-    return bool(row["rises"]) and row["rises"][0] is not None and row["rises"][0]["ratio"] >= LOSS_RISE
+    first = row["rises"][0] if row["rises"] else None
+    return first is not None and Rise(**{key: value for key, value in first.items() if key != "ratio"}).rose
 
 
 def probes(benches: set[str]) -> dict[tuple[Any, ...], float]:

@@ -16,13 +16,15 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LOSS_RISE", "MIN_BATCHES", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "LossRise", "Rise"]
+__all__ = ["LOSS_RISE", "LOSS_WINDOW", "MIN_BATCHES", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "LossRise", "Rise"]
 
 LOSS_RISE = 1.1
 """How many times the mean loss before a release the mean after it must reach to be a rise. Calibrated on the first
 release of the default fit, on every setting of the transfer benchmarks (seeds 0-2, ``benchmarks/release_loss.md``)."""
 MIN_BATCHES = 2
 """The fewest batches after a release that are judged."""
+LOSS_WINDOW = 50
+"""The most batches on each side of a release whose training losses are compared (fewer: an epoch's)."""
 ON_LOSS_RISE = ("retry", "warn")
 """What a rise does: the release undone and retried at :data:`RETRY_SCALE` of its rate, or a warning alone."""
 RETRY_SCALE = 0.1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from lightning_bnfreeze.loss_rise import LOSS_RISE, RETRY_SCALE
+from lightning_bnfreeze.loss_rise import LOSS_RISE, LOSS_WINDOW, RETRY_SCALE
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, NEAR_DECAY, MaxStep
 from lightning_bnfreeze.tables import format_table
@@ -29,7 +29,7 @@ def format_plan(
     max_step: MaxStep = None,
     adapt_auto: bool = False,
     statistics: bool = True,
-    on_loss_rise: str = "warn",
+    on_loss_rise: str = "retry",
 ) -> str:
     """One row per released part: when, what, parameters, learning rate relative to the head's, norm layers,
     and (``groups``: part name -> the user's groups its parameters take their hyperparameters from) the groups;
@@ -85,7 +85,8 @@ def format_plan(
     if on_loss_rise == "retry" and plan.releases:
         table += (
             f"\non_loss_rise='retry': if the training loss rises after the first release ({LOSS_RISE:g}x over its"
-            f" first epoch), it is undone and retried at {RETRY_SCALE:g} x the lr above, as every later release."
+            f" first epoch, at most {LOSS_WINDOW} batches), it is undone and retried at {RETRY_SCALE:g} x the lr"
+            " above, as every later release."
         )
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."

@@ -2,8 +2,10 @@
 optimizer state.
 
 Taken at a release, it lets a release that made the training loss rise be undone
-(:class:`~lightning_bnfreeze.callbacks.release_loss.ReleaseLossCheck`). It costs a copy of the trainable weights and of
-their optimizer state (Adam's: twice the weights), kept for an epoch's batches at most; frozen weights are not copied.
+(:class:`~lightning_bnfreeze.callbacks.release_loss.ReleaseLossCheck`). It costs a copy of the trainable weights, of
+every buffer and of the weights' optimizer state (Adam's: twice the weights), kept for an epoch's batches at most;
+frozen weights are not copied. Under FSDP2 its :meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every
+rank.
 """
 
 from __future__ import annotations
@@ -45,11 +47,8 @@ class TrainingSnapshot:
             params, buffers = dict(root.named_parameters()), dict(root.named_buffers())
             self._params, self._buffers = _laid_out(saved["params"], params), _laid_out(saved["buffers"], buffers)
             self._states = [
-                {
-                    name: {key: _like(value, params[name]) for key, value in state.items()}
-                    for name, state in kept.items()
-                }
-                for kept in saved["optimizers"]
+                {name: _state_like(state, params[name], optimizer) for name, state in kept.items()}
+                for optimizer, kept in zip(self._optimizers, saved["optimizers"], strict=True)
             ]
             return
         self._params = {
@@ -61,13 +60,18 @@ class TrainingSnapshot:
             for optimizer in self._optimizers
         ]
 
-    def restore(self) -> None:
+    def restore(self, keep: Iterable[Tensor] = ()) -> None:
         """Put the weights, buffers and optimizer state back as they were (a parameter without state then has none:
-        its optimizer starts it afresh, Adam's bias correction included). The snapshot stays, to restore again."""
+        its optimizer starts it afresh, Adam's bias correction included), but the buffers in ``keep``; gradients are
+        dropped (those of an accumulation in progress were taken at the weights undone). The snapshot stays, to
+        restore again."""
+        kept = {id(tensor) for tensor in keep}
         with torch.no_grad():
             for tensor, saved in (*self._params.values(), *self._buffers.values()):
-                tensor.copy_(saved)
+                if id(tensor) not in kept:
+                    tensor.copy_(saved)
         for optimizer, states in zip(self._optimizers, self._states, strict=True):
+            optimizer.zero_grad(set_to_none=True)
             for name, (param, _) in self._params.items():
                 if name in states:
                     optimizer.state[param] = _cloned(states[name])
@@ -111,11 +115,28 @@ def _whole(value: Any) -> Any:
     return (full_tensor() if full_tensor is not None else value).detach().cpu().clone()
 
 
-def _like(saved: Any, tensor: Tensor) -> Any:
-    """``saved`` laid out as ``tensor`` if of its shape: on its device, sharded as it is (a DTensor's mesh and
-    placements); anything else (Adam's ``step``) as it is."""
-    if not isinstance(saved, Tensor) or saved.shape != tensor.shape:
-        return saved
+def _state_like(state: Mapping[str, Any], param: Tensor, optimizer: Optimizer) -> dict[str, Any]:
+    """A parameter's saved optimizer state placed as ``Optimizer.load_state_dict`` places it: tensors of the
+    parameter's shape laid out as the parameter (sharded as it is), other tensors on its device, but ``step``, which
+    stays where it was saved (the CPU) unless its group is ``fused`` or ``capturable``."""
+    group = next(group for group in optimizer.param_groups if any(p is param for p in group["params"]))
+    on_device = bool(group.get("fused") or group.get("capturable"))
+    return {
+        key: value if not isinstance(value, Tensor) or (key == "step" and not on_device)
+        else _like(value, param) if value.shape == param.shape
+        else value.to(_device_of(param))
+        for key, value in state.items()
+    }  # fmt: skip
+
+
+def _device_of(tensor: Tensor) -> torch.device:
+    mesh = getattr(tensor, "device_mesh", None)
+    return torch.device(mesh.device_type) if mesh is not None else tensor.device
+
+
+def _like(saved: Tensor, tensor: Tensor) -> Tensor:
+    """``saved`` (of ``tensor``'s shape) laid out as ``tensor``: on its device, sharded as it is (a DTensor's mesh and
+    placements)."""
     mesh = getattr(tensor, "device_mesh", None)
     if mesh is None:
         return saved.to(tensor.device)

@@ -689,8 +689,8 @@ def test_dry_run_says_what_a_rise_of_the_loss_after_the_first_release_changes(on
     lines = [line for line in table.splitlines() if line.startswith("on_loss_rise=")]
     assert lines == (
         [
-            "on_loss_rise='retry': if the training loss rises after the first release (1.1x over its first epoch), it"
-            " is undone and retried at 0.1 x the lr above, as every later release."
+            "on_loss_rise='retry': if the training loss rises after the first release (1.1x over its first epoch, at"
+            " most 50 batches), it is undone and retried at 0.1 x the lr above, as every later release."
         ]
         if on_loss_rise == "retry"
         else []

@@ -177,10 +177,22 @@ def test_a_snapshot_puts_back_the_trainable_weights_the_buffers_and_the_optimize
         step(model, optimizer)
     assert not torch.equal(model[0].weight, state["0.weight"])
     for _ in range(2):  # and again: the snapshot stays
+        model(torch.randn(8, 3)).sum().backward()  # an accumulation in progress, at the weights undone
         snapshot.restore()
         assert_same_nested(clone_state(model), state, "state")  # running statistics and num_batches_tracked too
         assert_same_nested(optimizer_state(optimizer), moments, "optimizer")
+        assert all(param.grad is None for param in model.parameters())
         step(model, optimizer)
+
+
+def test_a_snapshot_leaves_the_buffers_it_is_told_to_keep() -> None:
+    model, optimizer = trained_pair()
+    snapshot = TrainingSnapshot(model, [optimizer])
+    step(model, optimizer)
+    moved = clone_state(model)
+    snapshot.restore(keep=[model[1].running_mean])
+    assert torch.equal(model[1].running_mean, moved["1.running_mean"])
+    assert not torch.equal(model[1].running_var, moved["1.running_var"])
 
 
 def test_a_parameter_released_after_the_snapshot_loses_its_optimizer_state_a_frozen_one_is_not_copied() -> None:
@@ -305,6 +317,36 @@ def test_a_release_after_which_the_loss_rose_is_undone_and_retried_at_a_tenth_of
     assert released_rates(trainer) == pytest.approx({"backbone.3": 0.1, "backbone.1": 0.1})
 
 
+class BeforeTheRetry(Callback):
+    """Before GradualUnfreeze (place it first): the model's state at the end of epoch 1's last batch, before the loss
+    check judges it."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.current_epoch == 1 and idx == STEPS_PER_EPOCH - 1:
+            self.state = clone_state(pl_module)
+
+
+def test_by_default_a_retry_keeps_the_statistics_the_first_step_decided_and_re_estimates_the_released_ones(
+    recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = ScaledLoss(after_release=3.0, above=0.5, optimizer="sgd_momentum")
+    before, after = BeforeTheRetry(), AtTheRelease()
+    unfreeze = GradualUnfreeze(what=Blocks(per_release=1), max_step=None)  # bn="auto", adapt="auto"
+    with caplog.at_level("INFO"):
+        make_trainer([before, unfreeze, after], max_epochs=2).fit(model)
+    assert unfreeze.history[0].retries == 1 and unfreeze.first_step is not None and unfreeze.first_step > 0.005
+    released, frozen = "backbone.3.", ("backbone.0.", "backbone.1.")
+    (at_release, _), (retried, _) = after.states["release"], after.states["judged"]
+    for name, value in retried.items():
+        if name.startswith(frozen):  # adapted at the first step's decision: kept
+            assert torch.equal(value, before.state[name]), name
+        elif name.startswith(released) and "running" in name:  # put back, then re-estimated on the weights put back
+            assert not torch.equal(value, at_release[name]), name
+        elif not name.endswith("num_batches_tracked"):
+            assert torch.equal(value, at_release[name]), name  # weights, the head's statistics: as at the release
+    assert "on the weights put back after the first release's loss rose (adapt='auto')" in caplog.text
+
+
 def test_a_loss_that_rises_at_every_retry_is_retried_twice_then_warned_about(
     recwarn: pytest.WarningsRecorder,
 ) -> None:
@@ -377,10 +419,10 @@ def test_on_loss_rise_is_retry_or_warn() -> None:
 # ------------------------------------------------------------------------------------------ resumed
 
 
-def train(ckpt_path: Path | None = None, checkpoint_dir: Path | None = None) -> Run:
+def train(ckpt_path: Path | None = None, checkpoint_dir: Path | None = None, on_loss_rise: str = "retry") -> Run:
     torch.manual_seed(0)
     model = ScaledLoss(3.0, above=0.5, record=True, batches_by_index=True, optimizer="adam")
-    callback = GradualUnfreeze(what=Blocks(per_release=1))
+    callback = GradualUnfreeze(what=Blocks(per_release=1), on_loss_rise=on_loss_rise)  # type: ignore[arg-type]
     callbacks: list[Any] = [callback]
     if checkpoint_dir is not None:
         callbacks += [
@@ -419,3 +461,12 @@ def test_a_resumed_fit_watches_and_retries_as_the_uninterrupted_one(
 
     assert resumed.callback.history == reference.callback.history
     assert_resumed_like(resumed, reference, content["global_step"])
+
+
+def test_a_fit_resumed_inside_the_watch_with_on_loss_rise_warn_only_warns(
+    uninterrupted: tuple[Run, Path], recwarn: pytest.WarningsRecorder
+) -> None:
+    _, directory = uninterrupted
+    resumed = train(ckpt_path=directory / "step=6.ckpt", on_loss_rise="warn")  # the checkpoint holds a snapshot
+    assert [r.retries for r in resumed.callback.history] == [0, 0]
+    assert any("or on_loss_rise='retry'" in str(w.message) for w in recwarn)

@@ -28,6 +28,7 @@ from lightning_bnfreeze.callbacks.release_loss import ReleaseLossCheck
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
+from lightning_bnfreeze.norm import is_norm_frozen
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.step_size import AUTO_STEP, SMALLEST_REFERENCE
@@ -161,9 +162,9 @@ class FitReleases:
 
     def after_step(self, trainer: pl.Trainer, loss: Tensor | None = None) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's;
-        the batch's training ``loss``, if known, joins the releases' loss check."""
-        if loss is not None:
-            self.loss_check.record(trainer, loss)
+        the batch's training ``loss``, if known, joins the first release's loss check (:meth:`_undone`)."""
+        if loss is not None and self.loss_check.record(trainer, loss):
+            self._undone(trainer)
         self.first_step_gradients.after_step(trainer.global_step)
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
@@ -179,6 +180,17 @@ class FitReleases:
         # After the LR schedulers' step: the released groups follow at once, whatever the callbacks' order.
         self.unfreezer.groups.tie_to_head(trainer.global_step)
 
+    def _undone(self, trainer: pl.Trainer) -> None:
+        """The first release was undone (its loss rose): with ``adapt="auto"``, the released norm layers that train
+        take the target's statistics again, on the weights put back (their running ones went back with them; the
+        frozen ones kept theirs); the norm modes, caps and decay decided from its first step stand."""
+        config, pl_module = self.on_training_norms, trainer.lightning_module
+        training = [layer for layer in self._backbone_layers() if not is_norm_frozen(layer)]
+        if self.unfreezer.first_steps.norms_train and config is not None and training and runs_on_batches(pl_module):
+            why = ": the released ones', on the weights put back after the first release's loss rose (adapt='auto')"
+            self._adapt(trainer, training, config, why)
+        self._statistics_changed()
+
     def _settle_statistics(self, trainer: pl.Trainer, norms_train: bool) -> None:
         """``bn="auto"`` just decided: with ``adapt="auto"``, the backbone's statistics become the target's as
         released norm layers start training (:meth:`_adapt_as_norms_start_training`; they are already, if adapted
@@ -193,6 +205,7 @@ class FitReleases:
     def close(self) -> None:
         """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients."""
         self.first_step_gradients.close()
+        self.loss_check.discard()
         self.unfreezer.close()
         self.unfreezer.norms = None
 

@@ -81,7 +81,8 @@ class GradualUnfreeze(NormFreezingCallback):
             own :class:`~lightning_bnfreeze.Trigger`. Not with ``what=Schedule(...)``, which has its times.
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
             1.0: on the real-weights CNN benchmarks no reduced rate held at every head learning rate; a pretrained
-            transformer takes the head's rate badly at large rates, which ``on_loss_rise`` catches (README).
+            transformer takes the head's rate badly at large rates: ``on_loss_rise`` catches it where the loss rises
+            after the first release (AdamW 3e-3), not where the run diverges later (SGD 3e-2; README).
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
             first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
             release and each later one until a release's first step moves less than 0.2 % (it and every later
@@ -130,13 +131,16 @@ class GradualUnfreeze(NormFreezingCallback):
             line on what each release costs. See :mod:`lightning_bnfreeze.compile`.
         on_loss_rise: what happens when the mean training loss over the first release's first batches (an epoch's, at
             most 50) is 1.1 times the mean over as many batches before it or more. ``"retry"`` (default): the weights,
-            buffers and optimizer state go back to what they were at the release, and it and every later release
-            train at a tenth of their rates from then on (at most twice; one warning line each time). It keeps a copy
-            of the trainable weights and their optimizer state for those batches (and a checkpoint saved among them,
-            the copy). ``"warn"``: one warning line, suggesting a smaller ``lr_scale``. A release at a later step
-            before those batches are over, and the fit's end, only warn. Later releases are not judged: after them the
-            loss rose as much in runs that ended well (README; the line is
-            :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`).
+            buffers and optimizer state go back to what they were at the release (the statistics of the norm layers
+            frozen then stay as the library's own decisions left them, and with ``adapt="auto"`` released norm layers
+            that train are re-estimated), and it and every later release train at a tenth of their rates from then on
+            (at most twice; one warning line each time). The norm modes, caps and decay decided from its first step
+            stand, and a warm-up is not restarted. It keeps a copy of the trainable weights, the buffers and the
+            weights' optimizer state for those batches (and a checkpoint saved among them, the copy). ``"warn"``: one
+            warning line, suggesting a smaller ``lr_scale``. A release at a later step before those batches are over,
+            and the fit's end, only warn; a ``training_step`` that returns no loss (manual optimization) is not
+            watched. Later releases are not judged: after them the loss also rose in runs that ended well (README;
+            the line is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`).
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
