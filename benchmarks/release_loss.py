@@ -146,7 +146,7 @@ def probes(benches: set[str]) -> dict[tuple[Any, ...], float]:
     for bench in benches:
         for row in load(HERE / "raw" / f"transfer_{bench}.jsonl"):
             if row["recipe"] == "probe":
-                found[(bench, row["task"], row["k"], row["optimizer"], row["lr"], row["seed"])] = row["test_acc"]
+                found[_key(row)] = row["test_acc"]
     return found
 
 

@@ -25,6 +25,7 @@ from lightning_bnfreeze.first_step_estimates import RatedPart, first_step_bound,
 from lightning_bnfreeze.first_steps import FirstSteps
 from lightning_bnfreeze.freezer import BackboneNorms, set_requires_grad
 from lightning_bnfreeze.fsdp import register_sharded_parameters
+from lightning_bnfreeze.loss_rise import RETRY_SCALE
 from lightning_bnfreeze.part_groups import PartGroups
 from lightning_bnfreeze.plan import ReleasedPart, ReleasePlan
 from lightning_bnfreeze.record import FirstStepNote, ReleaseRecord
@@ -85,12 +86,16 @@ class Unfreezer:
         self._last_release: tuple[float, int] | None = None
         self.first_steps = FirstSteps(bn, max_step, agree)
         self._parts = PartGroups(groups, self.gradients)
-        self.retry_scale = 1.0  # what the retries after a loss rise left every later release's rate at (slow_down)
 
     @property
     def history(self) -> tuple[ReleaseRecord, ...]:
         """The releases done, in order."""
         return tuple(self._history)
+
+    @property
+    def retry_scale(self) -> float:
+        """What the retries after a loss rise (:meth:`slow_down`) left every later release's rate at."""
+        return RETRY_SCALE ** sum(record.retries for record in self._history)
 
     @property
     def remaining(self) -> list[int]:
@@ -186,14 +191,14 @@ class Unfreezer:
         self.trigger.released(self.moment(moment.epoch, moment.step, moment.metrics))
         return record
 
-    def slow_down(self, index: int, scale: float) -> None:
-        """Release ``index`` retried after a loss rise: it and every release after it at ``scale`` times their rates,
-        now and for the releases to come (:attr:`retry_scale`)."""
+    def slow_down(self, index: int) -> None:
+        """Release ``index`` retried after a loss rise: it and every release after it at
+        :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` times their rates, now and for the releases to come
+        (:attr:`retry_scale`)."""
         self._history[index] = replace(self._history[index], retries=self._history[index].retries + 1)
         for later in self._history[index:]:
             for position in range(len(later.lr_factors)):
-                self._scale_part(later.index, position, scale)
-        self.retry_scale *= scale
+                self._scale_part(later.index, position, RETRY_SCALE)
 
     def before_step(self, step: int) -> None:
         """Before an optimizer step (each batch it accumulates): released groups at their rate, frozen norm layers
@@ -295,7 +300,6 @@ class Unfreezer:
             "last_release": None if self._last_release is None else list(self._last_release),
             "trigger": self.trigger.state_dict(),
             "settings": {"lr_scale": self.lr_scale, "bn": self.bn},
-            "retry_scale": self.retry_scale,
             **self.first_steps.state_dict(),
         }
 
@@ -311,7 +315,6 @@ class Unfreezer:
         self._history = history
         last = state.get("last_release")
         self._last_release = None if last is None else (float(last[0]), int(last[1]))
-        self.retry_scale = float(state.get("retry_scale", 1.0))
         self.first_steps.load_state_dict(state)
         self.trigger.load_state_dict(dict(state.get("trigger", {})))
 

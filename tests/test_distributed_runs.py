@@ -17,9 +17,8 @@ import pytest
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
-from lightning_bnfreeze.callbacks.release_loss import RETRY_SCALE
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
-from lightning_bnfreeze.loss_rise import LOSS_RISE
+from lightning_bnfreeze.loss_rise import LOSS_RISE, RETRY_SCALE
 from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ first-step decisions, the ``lr_scale`` and ``bn`` they ran with), ``"adapt_auto"
 applies: absent in checkpoints of 0.7 and older, which resume without it), ``"source_statistics"`` (far from the
 source, from fit start until ``bn="auto"`` decides: the backbone's statistics before ``adapt="auto"`` replaced them,
 as lists), ``"first_step_gradients"`` (whether the first release's gradients are still to be read: steps that a
-gradient scaler skipped; absent before 0.11), ``"loss_check"`` (the losses around the releases that the loss check
-keeps, and the release it watches; absent before 0.13) and the adaptation's.
+gradient scaler skipped; absent before 0.11), ``"loss_check"`` (the losses around the first release that the loss
+check keeps and, while it watches them, its snapshot; absent before 0.13) and the adaptation's.
 """
 
 from __future__ import annotations

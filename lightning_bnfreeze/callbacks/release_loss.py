@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_bnfreeze.loss_rise import LOSS_WINDOW, RETRIES, RETRY_SCALE, LossRise, Rise
+from lightning_bnfreeze.loss_rise import LOSS_WINDOW, RETRIES, LossRise, Rise
 from lightning_bnfreeze.norm import is_norm_frozen, named_norm_layers
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
@@ -31,8 +31,8 @@ class ReleaseLossCheck:
     :data:`LOSS_WINDOW`) against as many before it. If it rose, ``on_rise="retry"`` puts the weights, buffers and
     optimizer state back as they were at the release's first step (but the statistics of the norm layers frozen then:
     only the library's own decisions changed those) and trains on with the release and every later one at
-    :data:`RETRY_SCALE` of their rates, watching the retry as the release (at most :data:`RETRIES` retries);
-    ``"warn"`` (or a rise that cannot be undone) warns.
+    :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` of their rates, watching the retry as the release (at most
+    :data:`RETRIES` retries); ``"warn"`` (or a rise that cannot be undone) warns.
 
     The losses are rank 0's, and so the decision: every rank takes it. A release at a later step that comes before
     the watch ends judges it with the batches it saw, and only warns (the later release is under way); so does the
@@ -118,7 +118,7 @@ class ReleaseLossCheck:
             rank_zero_warn(f"{rose_after}: {self._advice(record)}")
             return False
         snapshot.restore(keep=_frozen_statistics(trainer.lightning_module))
-        self.unfreezer.slow_down(0, RETRY_SCALE)
+        self.unfreezer.slow_down(0)
         assert self._watch is not None
         self._watch.retry()
         if self.unfreezer.history[0].retries < RETRIES:  # else no retry is left to go back for
