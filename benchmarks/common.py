@@ -121,7 +121,7 @@ class BatchLosses(Callback):
         self._losses: list[Tensor] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
-        from lightning_bnfreeze.callbacks.release_loss import training_loss
+        from lightning_bnfreeze.callbacks.training_loss import training_loss
 
         loss = training_loss(outputs)
         assert loss is not None, "a training step without a loss"

@@ -24,6 +24,7 @@ The report goes to ``benchmarks/release_loss.md``, the rows (every batch's loss)
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import markdown_table
 from benchmarks.tasks import BENCHES
+from lightning_bnfreeze.divergence import DIVERGED, LossDivergence
 from lightning_bnfreeze.loss_rise import LOSS_RISE, LOSS_WINDOW, LossRise, Rise
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +58,7 @@ HEADER = [
     "head lr",
     "first release: after / before, per seed",
     "later releases: largest, per seed",
+    "epochs: largest against the first batches, per seed",
     "accuracy per seed (retried: warn -> retry)",
     "collapsed",
 ]
@@ -68,7 +71,25 @@ def fit(setting: dict[str, Any]) -> dict[str, Any]:
     row = run_one(setting, losses=True)
     epochs_batches = len(row["losses"]) // setting["epochs"]
     row["rises"] = [_plain(rise) for rise in release_rises(row["losses"], row["history"], epochs_batches)]
+    row["epoch_ratios"] = epoch_ratios(row["losses"], row["history"], epochs_batches)
     return row
+
+
+def epoch_ratios(
+    losses: Sequence[float], history: Sequence[dict[str, Any]], batches_per_epoch: int
+) -> list[float | None]:
+    """Each epoch's ratio of its last batches' mean loss to the fit's first, as the divergence check judges it
+    (:class:`LossDivergence`, an epoch's batches at most); ``None`` for the epochs that ended before the first
+    release trained (every release of these benches comes at an epoch's start, and its loss watch ends with it)."""
+    watch = LossDivergence(min(batches_per_epoch, LOSS_WINDOW))
+    first_release = history[0]["step"] if history else math.inf
+    ratios: list[float | None] = []
+    for start in range(0, len(losses), batches_per_epoch):
+        for loss in losses[start : start + batches_per_epoch]:
+            watch.record(loss)
+        ended = watch.epoch_ended()
+        ratios.append(ended.ratio if ended is not None and first_release < start + batches_per_epoch else None)
+    return ratios
 
 
 def release_rises(
@@ -113,13 +134,15 @@ def settings_of(settings: dict[str, Any], seeds: Sequence[int], recipe: str) -> 
 
 def measure(settings: dict[str, Any], seeds: Sequence[int], jobs: int) -> list[dict[str, Any]]:
     """The ``"warn"`` fits of every setting and seed; then the ``"retry"`` fits of those whose first release's loss
-    rose."""
+    rose or that diverged."""
     from benchmarks.transfer import _init_worker, fingerprint
 
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         rows = list(pool.map(fit, settings_of(settings, seeds, WARN)))
         retried = [
-            {**_setting(row), "recipe": RETRY, "fingerprint": fingerprint(RETRY)} for row in rows if _first_rose(row)
+            {**_setting(row), "recipe": RETRY, "fingerprint": fingerprint(RETRY)}
+            for row in rows
+            if _first_rose(row) or _diverged(row)
         ]
         rows += list(pool.map(fit, retried))
     for row in rows:
@@ -135,6 +158,10 @@ def _setting(row: dict[str, Any]) -> dict[str, Any]:
 def _first_rose(row: dict[str, Any]) -> bool:
     first = row["rises"][0] if row["rises"] else None
     return first is not None and Rise(**{key: value for key, value in first.items() if key != "ratio"}).rose
+
+
+def _diverged(row: dict[str, Any]) -> bool:
+    return any(ratio is not None and ratio >= DIVERGED for ratio in row["epoch_ratios"])
 
 
 def probes(benches: set[str]) -> dict[tuple[Any, ...], float]:
@@ -154,13 +181,14 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
     probe = probes({row["bench"] for row in rows})
     warned = [row for row in rows if row["recipe"] == WARN]
     retried = {_key(row): row for row in rows if row["recipe"] == RETRY}
-    table, firsts, laters = [], {True: [], False: []}, {True: [], False: []}  # by collapsed
+    # the ratios by whether the run collapsed
+    table, firsts, laters, epochs = [], {True: [], False: []}, {True: [], False: []}, {True: [], False: []}
     by_setting: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in warned:
         by_setting.setdefault(_key(row)[:-1], []).append(row)
     for key, runs in by_setting.items():
         runs.sort(key=lambda row: row["seed"])
-        first, later, accuracy, collapsed = [], [], [], []
+        first, later, largest, accuracy, collapsed = [], [], [], [], []
         for row in runs:
             ratios = [rise["ratio"] if rise else None for rise in row["rises"]]
             low = probe.get(_key(row))
@@ -173,31 +201,41 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
                 firsts[down].append(first[-1])
             if later[-1] is not None:
                 laters[down].append(later[-1])
+            largest.append(max((r for r in row["epoch_ratios"] if r is not None), default=None))
+            if largest[-1] is not None:
+                epochs[down].append(largest[-1])
             retry = retried.get(_key(row))
             accuracy.append(
                 f"{100 * row['test_acc']:.1f}" + (f" -> {100 * retry['test_acc']:.1f}" if retry is not None else "")
             )
         table.append([*map(str, (key[0], key[1], key[2], key[3])), f"{key[4]:g}", _ratios(first), _ratios(later),
-                      ", ".join(accuracy), f"{sum(collapsed)} of {len(collapsed)}" if collapsed else "-"])  # fmt: skip
+                      _ratios(largest), ", ".join(accuracy),
+                      f"{sum(collapsed)} of {len(collapsed)}" if collapsed else "-"])  # fmt: skip
     changes = [
         (100 * (retried[_key(row)]["test_acc"] - row["test_acc"]), row) for row in warned if _key(row) in retried
     ]
     return (
-        "# The training loss around every release: what `GradualUnfreeze`'s loss check judges, and its retry\n\n"
+        "# The training loss around every release and at every epoch's end: what `GradualUnfreeze`'s loss checks"
+        " judge, and their retries\n\n"
         f"The default fit of each setting (`on_loss_rise='warn'`), seeds {', '.join(map(str, seeds))}: for each"
         " release, the mean training loss over its first batches (an epoch's, at most 50) against as many batches"
         " before it (`python -m benchmarks.release_loss`, method in its docstring). *Collapsed*: on how many seeds the"
         " run ended at or below the linear probe of its setting and seed in the committed transfer rows (`-`: none"
-        " there; for the benches other than minilm the probe ran on an Intel Xeon). Where the first release's ratio"
-        f" reached {LOSS_RISE:g} (`LOSS_RISE`), the default fit (`on_loss_rise='retry'`) ran too: its accuracy"
-        " follows the arrow.\n\n"
-        + _summary(firsts, laters, changes)
+        " there; for the benches other than minilm the probe ran on an Intel Xeon). *Epochs*: from the first epoch the"
+        " first release trained in on, the mean loss over each epoch's last batches (an epoch's, at most 50) against"
+        " the fit's first as many (the divergence check, `lightning_bnfreeze/divergence.py`). Where the first"
+        f" release's ratio reached {LOSS_RISE:g} (`LOSS_RISE`) or an epoch's {DIVERGED:g} (`DIVERGED`), the default fit"
+        " (`on_loss_rise='retry'`) ran too: its accuracy follows the arrow.\n\n"
+        + _summary(firsts, laters, epochs, changes)
         + f"{markdown_table(HEADER, table)}\n\n{common.machine_line(env)}"
     )
 
 
 def _summary(
-    firsts: dict[bool, list[float]], laters: dict[bool, list[float]], changes: list[tuple[float, dict[str, Any]]]
+    firsts: dict[bool, list[float]],
+    laters: dict[bool, list[float]],
+    epochs: dict[bool, list[float]],
+    changes: list[tuple[float, dict[str, Any]]],
 ) -> str:
     def span(values: list[float]) -> str:
         return f"{min(values):.2f}x to {max(values):.2f}x" if values else "none"
@@ -209,6 +247,9 @@ def _summary(
         f" {LOSS_RISE:g}x or more).",
         f"- Later releases (the largest per run): {span(laters[False])} in the runs that did not collapse,"
         f" {span(laters[True])} in those that did.",
+        f"- Epochs (the largest per run): at most {max(epochs[False], default=float('nan')):.2f}x in the"
+        f" {len(epochs[False])} runs that did not collapse; in the {len(epochs[True])} that did, {span(epochs[True])}"
+        f" ({sum(ratio >= DIVERGED for ratio in epochs[True])} at {DIVERGED:g}x or more).",
     ]
     if changes:
         moved = ", ".join(

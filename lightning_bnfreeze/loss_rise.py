@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["LOSS_RISE", "LOSS_WINDOW", "MIN_BATCHES", "ON_LOSS_RISE", "RETRIES", "RETRY_SCALE", "LossRise", "Rise"]
@@ -111,7 +112,7 @@ class LossRise:
         self._recent.extend(after)
         if len(after) < MIN_BATCHES:
             return None
-        return Rise(_mean(before), _mean(after), len(before), len(after))
+        return Rise(mean_loss(before), mean_loss(after), len(before), len(after))
 
     def retry(self) -> None:
         """Just after :meth:`judge`: the release was undone and starts again; its batches are forgotten, and its
@@ -122,9 +123,9 @@ class LossRise:
     def state_dict(self) -> dict[str, Any]:
         """The losses kept, as floats (read now)."""
         return {
-            "recent": _floats(self._recent),
-            "before": _floats(self._before),
-            "after": None if self._after is None else _floats(self._after),
+            "recent": read_losses(self._recent),
+            "before": read_losses(self._before),
+            "after": None if self._after is None else read_losses(self._after),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -134,10 +135,14 @@ class LossRise:
         self._after = None if after is None else list(after)
 
 
-def _mean(losses: Sequence[float | Tensor]) -> float:
-    """One read of the values, wherever they are (a sum of tensors stays on their device)."""
-    return float(sum(losses, 0.0)) / len(losses)
+def mean_loss(losses: Sequence[float | Tensor]) -> float:
+    """The mean of ``losses`` in double precision (:func:`read_losses`): the same whether they are still tensors or
+    floats a checkpoint kept."""
+    return sum(read_losses(losses)) / len(losses)
 
 
-def _floats(losses: Sequence[float | Tensor] | deque[float | Tensor]) -> list[float]:
-    return [float(loss) for loss in losses]
+def read_losses(losses: Sequence[float | Tensor] | deque[float | Tensor]) -> list[float]:
+    """``losses`` as floats, the tensors among them read at once, wherever they are."""
+    tensors = [loss.reshape(()) for loss in losses if isinstance(loss, Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(loss, Tensor) else float(loss) for loss in losses]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator
 from typing import Any, TypeGuard
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_bnfreeze.internals import BatchNormBase, InstanceNormBase, NormBase
@@ -27,6 +27,7 @@ from lightning_bnfreeze.internals import BatchNormBase, InstanceNormBase, NormBa
 __all__ = [
     "NormLayer",
     "freeze_norm",
+    "frozen_norm_buffers",
     "is_norm_frozen",
     "is_norm_layer",
     "named_norm_layers",
@@ -144,3 +145,8 @@ def unfreeze_norm(layer: nn.Module, training: bool, holder: Hashable = None) -> 
 def is_norm_frozen(layer: nn.Module) -> bool:
     """Whether some holder keeps ``layer`` in inference mode."""
     return _pin(layer) is not None
+
+
+def frozen_norm_buffers(module: nn.Module) -> list[Tensor]:
+    """The buffers (running statistics) of the norm layers in ``module`` frozen now."""
+    return [buffer for _, layer in named_norm_layers(module) if is_norm_frozen(layer) for buffer in layer.buffers()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from lightning_bnfreeze.divergence import DIVERGED
 from lightning_bnfreeze.loss_rise import LOSS_RISE, LOSS_WINDOW, RETRY_SCALE
 from lightning_bnfreeze.plan import ReleasePlan
 from lightning_bnfreeze.step_size import AUTO, AUTO_STEP, NEAR_DECAY, MaxStep
@@ -86,7 +87,9 @@ def format_plan(
         table += (
             f"\non_loss_rise='retry': if the training loss rises after the first release ({LOSS_RISE:g}x over its"
             f" first epoch, at most {LOSS_WINDOW} batches), it is undone and retried at {RETRY_SCALE:g} x the lr"
-            " above, as every later release."
+            f" above, as every later release; if, after a release, the loss over an epoch's last batches ends"
+            f" {DIVERGED:g}x above the fit's first, the fit goes back to its lowest epoch and every release trains"
+            f" on at {RETRY_SCALE:g} x."
         )
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."

@@ -21,7 +21,8 @@ class ReleaseRecord:
     ``"plateau"``, ``"max_phase"``, ``"early_stopping"``, or a custom trigger's reason), ``value``
     the monitored metric's value (``None`` for a scheduled release), ``train_norms`` whether its
     norm layers train, ``lr_factors`` each part's learning rate relative to the head's, ``parts``
-    their names (empty in older checkpoints, which kept none).
+    their names (empty in older checkpoints, which kept none), ``retries`` how many times it and every later release
+    were slowed down from it (a loss rise after it, or for the first, a divergence).
     """
 
     index: int
@@ -47,6 +48,11 @@ class ReleaseRecord:
             key: tuple(value) if isinstance(value, list) else value for key, value in state.items()
         }
         return cls(**fields)
+
+    @property
+    def rates(self) -> str:
+        """Its parts' rates relative to the head's, in words: ``"0.1"``, ``"1 and 0.3"``."""
+        return " and ".join(dict.fromkeys(f"{factor:.3g}" for factor in self.lr_factors))
 
     def when(self, unit: str) -> str:
         """When and why, in words: ``"epoch 3"``, ``"step 40 (epoch 2), val_loss stopped improving at 0.41"``."""

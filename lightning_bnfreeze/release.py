@@ -94,7 +94,8 @@ class Unfreezer:
 
     @property
     def retry_scale(self) -> float:
-        """What the retries after a loss rise (:meth:`slow_down`) left every later release's rate at."""
+        """What the retries after a loss rise or a divergence (:meth:`slow_down`) left every later release's rate
+        at."""
         return RETRY_SCALE ** sum(record.retries for record in self._history)
 
     @property
@@ -192,9 +193,9 @@ class Unfreezer:
         return record
 
     def slow_down(self, index: int) -> None:
-        """Release ``index`` retried after a loss rise: it and every release after it at
-        :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` times their rates, now and for the releases to come
-        (:attr:`retry_scale`)."""
+        """Release ``index`` retried after a loss rise (or, from the first, the fit gone back after it diverged): it
+        and every release after it at :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` times their rates, now and
+        for the releases to come (:attr:`retry_scale`)."""
         self._history[index] = replace(self._history[index], retries=self._history[index].retries + 1)
         for later in self._history[index:]:
             for position in range(len(later.lr_factors)):

@@ -2,10 +2,11 @@
 optimizer state.
 
 Taken at a release, it lets a release that made the training loss rise be undone
-(:class:`~lightning_bnfreeze.callbacks.release_loss.ReleaseLossCheck`). It costs a copy of the trainable weights, of
-every buffer and of the weights' optimizer state (Adam's: twice the weights), kept for an epoch's batches at most;
-frozen weights are not copied. Under FSDP2 its :meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every
-rank.
+(:class:`~lightning_bnfreeze.callbacks.release_loss.ReleaseLossCheck`): a copy of the trainable weights, of every
+buffer and of the weights' optimizer state (Adam's: twice the weights), kept for an epoch's batches at most; frozen
+weights are not copied. Taken at the end of the lowest epoch, every weight and buffer without optimizer state, it lets
+a fit that diverged go back there (:class:`~lightning_bnfreeze.callbacks.divergence_check.DivergenceCheck`). Under
+FSDP2 its :meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every rank.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ Saved = dict[str, tuple[Tensor, Tensor]]  # name: (the live tensor, its copy)
 
 
 class TrainingSnapshot:
-    """The parameters of ``root`` that require gradients, all its buffers, and those parameters' state in each of
-    ``optimizers``, as they are now (or as ``saved``, a :meth:`state_dict`, holds them: :meth:`from_state_dict`).
+    """The parameters of ``root`` that require gradients (with ``frozen``, every one), all its buffers, and (unless
+    ``optimizer_state=False``) those parameters' state in each of ``optimizers``, as they are now (or as ``saved``, a
+    :meth:`state_dict`, holds them: :meth:`from_state_dict`). A parameter copied without state restarts its state at
+    :meth:`restore`.
 
     Example::
 
@@ -40,7 +43,13 @@ class TrainingSnapshot:
     """
 
     def __init__(
-        self, root: nn.Module, optimizers: Iterable[Optimizer], saved: Mapping[str, Any] | None = None
+        self,
+        root: nn.Module,
+        optimizers: Iterable[Optimizer],
+        saved: Mapping[str, Any] | None = None,
+        *,
+        frozen: bool = False,
+        optimizer_state: bool = True,
     ) -> None:
         self._optimizers = list(optimizers)
         if saved is not None:  # :meth:`from_state_dict`
@@ -52,11 +61,17 @@ class TrainingSnapshot:
             ]
             return
         self._params = {
-            name: (param, param.detach().clone()) for name, param in root.named_parameters() if param.requires_grad
+            name: (param, param.detach().clone())
+            for name, param in root.named_parameters()
+            if frozen or param.requires_grad
         }
         self._buffers = {name: (buffer, buffer.detach().clone()) for name, buffer in root.named_buffers()}
         self._states = [
-            {name: _cloned(optimizer.state[p]) for name, (p, _) in self._params.items() if p in optimizer.state}
+            {
+                name: _cloned(optimizer.state[p])
+                for name, (p, _) in self._params.items()
+                if optimizer_state and p in optimizer.state
+            }
             for optimizer in self._optimizers
         ]
 

@@ -28,7 +28,7 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
   without the library's ``reduce_unused_gradients`` (a 20 s process-group timeout). ``fsdp_unused_alone``: only
   ``extra`` released: no gradient reaches ``backbone`` on rank 1, whose backward cannot reduce it: a clear error.
 - ``ddp_rise_rank0``, ``fsdp_rise_rank0``: ``ConvModel`` (releases at epochs 1 and 2, ``bn="train"``, fixed rates)
-  whose training loss triples on rank 0 from the first release to the second: the loss check
+  whose training loss triples on rank 0 from the first release to the second (``ScaledOnRanks``): the loss check
   (``on_loss_rise="retry"``, the default) sees rank 0's rise, and every rank retries the first release at a tenth of
   its rate (the second one's too) from the weights, buffers and optimizer state it had at its first step.
   ``ddp_rise_rank1``, ``fsdp_rise_rank1``: the loss triples on rank 1 only: rank 0's losses decide, no rank retries.
@@ -40,13 +40,26 @@ Each scenario saves what the test checks to ``OUT_DIR/{scenario}-rank{rank}.pt``
   without backward at each release leave FSDP2's gathered parameters registered, until the library registers the
   sharded ones again: the first release's snapshot must hold (and restore) the sharded parameters of the head (a
   root unit), and the first-step measure of the second release (``backbone.0``, in the backbone's root unit) too.
+- ``ddp_diverge_rank0``, ``fsdp_diverge_rank0``: the ``_rise_`` runs' model over 4 epochs, whose training loss
+  triples on rank 0 from the second release on (epoch 2, at steps 8 to 11), while both released blocks train at more
+  than a quarter of the head's rate (half of it, as lr_scale says), and halves on rank 1 in the first release's epoch
+  (1), which makes that epoch rank 1's lowest, not rank 0's (the one before): the divergence check judges epoch 2 at
+  epoch 3's first batch on rank 0's losses, and every rank goes back to the end of rank 0's lowest epoch (the snapshot
+  taken at the next epoch's first batch, as rank 0 decided: every weight and buffer, no optimizer state) with every
+  release at a tenth of its rate, under which the loss does not triple. ``ddp_diverge_rank1``, ``fsdp_diverge_rank1``:
+  the loss triples on rank 1 only, from the second release on: rank 0's losses decide, no rank goes back. The
+  ``_diverge_rank0`` runs save a checkpoint at step 10, 2 batches into the diverged epoch, after that snapshot and
+  before the judgement. ``ddp_diverge_resume``, ``fsdp_diverge_resume``: a new fit resumed from it, whose divergence
+  check rebuilds the snapshot from the checkpoint's whole tensors (sharded again under FSDP2), judges the epoch with
+  the checkpoint's losses and goes back as the uninterrupted fit does.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -247,18 +260,24 @@ def unused_run(scenario: str) -> dict[str, Any]:
     }
 
 
-class RiseOnRank(ConvModel):
-    """The training loss times 3 on rank ``rising_rank`` alone while one part of the backbone trains (from the first
-    release to the second): the first release makes it rise there, the second does not."""
+class ScaledOnRanks(ConvModel):
+    """The training loss on each rank of ``rules`` times its rule's ``factor`` while ``parts`` parts of the backbone
+    train (children with parameters), a released one at more than ``above`` times the head's rate: a rule is
+    ``(parts, above, factor)``."""
 
-    def __init__(self, sharded: bool, rising_rank: int) -> None:
+    def __init__(self, sharded: bool, rules: Mapping[int, tuple[int, float, float]]) -> None:
         super().__init__(sharded)
-        self.rising_rank = rising_rank
+        self.rules = dict(rules)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
+        if self.global_rank not in self.rules:
+            return loss
+        parts, above, factor = self.rules[self.global_rank]
         training = sum(any(param.requires_grad for param in child.parameters()) for child in self.backbone)
-        return loss * 3.0 if training == 1 and self.global_rank == self.rising_rank else loss
+        rates = {group.get("name"): group["lr"] for group in self.trainer.optimizers[0].param_groups}
+        fast = any(rate > above * rates["head"] for name, rate in rates.items() if name != "head")
+        return loss * factor if training == parts and fast else loss
 
 
 def training_state(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -279,7 +298,8 @@ class RetriedStates(Callback):
     """Behind ``unfreeze``: the training state at the end of the batch before each release, at the release's first
     batch (after ``unfreeze``'s ``on_train_batch_start``, when its loss check takes the snapshot), at the end of the
     batch before the one whose ``on_train_batch_end`` retried it (trained by the release), and right after that retry;
-    and this rank's losses."""
+    at each epoch's end and at its first batch (after ``unfreeze``'s ``on_train_batch_start``, when its divergence
+    check judged the epoch before, took the snapshot of it or went back); and this rank's losses."""
 
     def __init__(self, unfreeze: GradualUnfreeze) -> None:
         self.unfreeze = unfreeze
@@ -287,6 +307,8 @@ class RetriedStates(Callback):
         self.at_release: dict[int, dict[str, Any]] = {}
         self.before_retry: dict[int, dict[str, Any]] = {}
         self.after_retry: dict[int, dict[str, Any]] = {}
+        self.epoch_starts: dict[int, dict[str, Any]] = {}
+        self.epoch_ends: dict[int, dict[str, Any]] = {}
         self.losses: list[float] = []  # this rank's training losses, batch by batch
         self._retries: dict[int, int] = {}
         self._last: dict[str, Any] = {}
@@ -296,6 +318,8 @@ class RetriedStates(Callback):
             if record.index not in self.at_release:
                 self.before_release[record.index] = self._last
                 self.at_release[record.index] = training_state(pl_module, trainer.optimizers[0])
+        if idx == 0:
+            self.epoch_starts[trainer.current_epoch] = training_state(pl_module, trainer.optimizers[0])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -307,6 +331,8 @@ class RetriedStates(Callback):
                 self.before_retry[record.index], self.after_retry[record.index] = self._last, state
             self._retries[record.index] = record.retries
         self._last = state
+        if idx == trainer.num_training_batches - 1:  # before validation, whose forwards leave FSDP2's copies in place
+            self.epoch_ends[trainer.current_epoch] = state
 
 
 class RankBatches:
@@ -360,13 +386,29 @@ class FirstStepChanges:
         lightning_bnfreeze.step_size.FirstStep.change = self._change  # type: ignore[method-assign]
 
 
-RISING_RANK = {
-    "ddp_rise_rank0": 0, "fsdp_rise_rank0": 0, "ddp_rise_rank1": 1, "fsdp_rise_rank1": 1,
-    "ddp_rise_adabn": 0, "fsdp_rise_adabn": 0, "ddp_rise_resume": 0, "fsdp_rise_resume": 0,
+RISE = (1, 0.0, 3.0)
+""":class:`ScaledOnRanks`' rule of the ``_rise_`` runs: the loss triples while the first release trains alone (from it
+to the second), at any rate."""
+DIVERGE = (2, 0.25, 3.0)
+"""Of the ``_diverge_`` runs: it triples while both releases train at more than a quarter of the head's rate (from the
+second release on, at half of it, until slowed down to a twentieth)."""
+FALL = (1, 0.0, 0.5)
+"""Of rank 1 in the ``_diverge_rank0`` runs: it halves while the first release trains alone, which makes the epoch of
+the first release (1) rank 1's lowest; rank 0's is the one before it."""
+SCALED = {
+    f"{strategy}_{run}": rules
+    for strategy in ("ddp", "fsdp")
+    for run, rules in {
+        "rise_rank0": {0: RISE}, "rise_adabn": {0: RISE}, "rise_resume": {0: RISE}, "rise_rank1": {1: RISE},
+        "diverge_rank0": {0: DIVERGE, 1: FALL}, "diverge_resume": {0: DIVERGE, 1: FALL}, "diverge_rank1": {1: DIVERGE},
+    }.items()
 }  # fmt: skip
 WATCH_STEP = 6
 """The ``_rise_rank0`` runs' checkpoint: 4 batches an epoch on each rank, the first release's epoch (1) runs steps 4
 to 7 and its watch ends at step 7's loss: at step 6 it is open, 2 of its batches in."""
+DIVERGED_STEP = 10
+"""The ``_diverge_rank0`` runs' checkpoint: the diverged epoch (2) runs steps 8 to 11, after the snapshot of the
+lowest epoch (taken at step 8's batch), and is judged at step 12's: at step 10, 2 of its batches in."""
 
 
 def rise_run(out_dir: Path, scenario: str) -> dict[str, Any]:
@@ -374,23 +416,28 @@ def rise_run(out_dir: Path, scenario: str) -> dict[str, Any]:
     x = torch.randn(32, 3, 12, 12, generator=generator) * 3
     y = torch.randint(0, 4, (32,), generator=generator)
     torch.manual_seed(0)
-    strategy_name = scenario.split("_")[0]
+    strategy_name, run = scenario.split("_")[:2]  # run: "rise" or "diverge"
     sharded = strategy_name == "fsdp"
-    model = RiseOnRank(sharded, RISING_RANK[scenario])
+    model = ScaledOnRanks(sharded, SCALED[scenario])
     strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1) if sharded else "ddp"
     # on_loss_rise="retry" (the default); the rates as lr_scale says (max_step=None), whatever the first steps
     adapt = AdaBN(2, on_release=True) if scenario.endswith("_adabn") else None
     unfreeze = GradualUnfreeze(what=Schedule(RELEASES), lr_scale=0.5, bn="train", adapt=adapt, max_step=None)
     states = RetriedStates(unfreeze)
     callbacks: list[Callback] = [unfreeze, states]
-    checkpoints = out_dir / f"{strategy_name}_rise_checkpoints"
-    checkpoint = checkpoints / f"step={WATCH_STEP}.ckpt"  # a folder under FSDP2 (a distributed checkpoint)
-    if scenario.endswith("_rise_rank0"):  # every WATCH_STEP steps: inside the watch, and at the fit's end
-        callbacks.append(ModelCheckpoint(checkpoints, "{step}", every_n_train_steps=WATCH_STEP, save_top_k=-1))
+    checkpoints = out_dir / f"{strategy_name}_{run}_checkpoints"
+    every = DIVERGED_STEP if run == "diverge" else WATCH_STEP
+    checkpoint = checkpoints / f"step={every}.ckpt"  # a folder under FSDP2 (a distributed checkpoint)
+    if scenario.endswith("_rank0"):  # every `every` steps: inside the watch, and at the rise runs' end
+        callbacks.append(ModelCheckpoint(checkpoints, "{step}", every_n_train_steps=every, save_top_k=-1))
     resume = scenario.endswith("_resume")
-    fit = trainer(strategy, 3, callbacks)
-    with FirstStepChanges() as first_steps:
-        fit.fit(model, RankBatches(x, y, batch_size=4), ckpt_path=checkpoint if resume else None)
+    # the diverged epoch (2) judged at epoch 3; a validation batch after each epoch of the _diverge_ runs: forwards
+    # without backward, whose gathered FSDP2 parameters must not be what the divergence check copies and restores
+    fit = trainer(strategy, 4 if run == "diverge" else 3, callbacks, limit_val_batches=1)
+    validation = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4) if run == "diverge" else None
+    with FirstStepChanges() as first_steps, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(model, RankBatches(x, y, batch_size=4), validation, ckpt_path=checkpoint if resume else None)
     result = {
         "final": {name: full(p) for name, p in model.named_parameters()},
         "history": [(record.retries, list(record.lr_factors)) for record in unfreeze.history],
@@ -399,11 +446,17 @@ def rise_run(out_dir: Path, scenario: str) -> dict[str, Any]:
         "at_release": states.at_release,
         "before_retry": states.before_retry,
         "after_retry": states.after_retry,
+        "epoch_starts": states.epoch_starts,
+        "epoch_ends": states.epoch_ends,
         "losses": states.losses,
         "global_step": fit.global_step,
         "first_steps": first_steps,
+        "warnings": [str(warning.message) for warning in caught if "GradualUnfreeze:" in str(warning.message)],
     }
-    if resume:  # the loss check's state in the checkpoints (a distributed checkpoint's: in its metadata file)
+    if resume and run == "diverge":  # the divergence check's state in the checkpoint (a distributed one's: metadata)
+        saved = saved_callback_state(checkpoint, unfreeze.state_key)
+        result["saved_in_diverged"] = None if saved is None else saved["divergence_check"]
+    elif resume:  # the loss check's state in the checkpoints
         for key, path in (("in_watch", checkpoint), ("at_end", checkpoints / f"step={2 * WATCH_STEP}.ckpt")):
             saved = saved_callback_state(path, unfreeze.state_key)
             result[f"saved_{key}"] = None if saved is None else saved["loss_check"]
@@ -480,7 +533,7 @@ def main(out_dir: Path, scenarios: list[str]) -> None:
             result = amp_run()
         elif scenario in UNUSED_RELEASES:
             result = unused_run(scenario)
-        elif scenario in RISING_RANK:
+        elif scenario in SCALED:
             result = rise_run(out_dir, scenario)
         else:
             result = conv_run(out_dir, scenario)

@@ -7,6 +7,7 @@ check them. Those that must fail run in process pairs of their own, with a timeo
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 from lightning_utilities.core.imports import RequirementCache
 
+from lightning_bnfreeze.divergence import DIVERGED
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.loss_rise import LOSS_RISE, RETRY_SCALE
 from lightning_bnfreeze.step_size import AUTO_STEP, NEAR_DECAY, SMALLEST_REFERENCE
@@ -29,13 +31,15 @@ FSDP2_RUNS = (
     (
         "fsdp", "fsdp_stop", "fsdp_resume", "fsdp_auto", "fsdp_far", "fsdp_far_sgd",
         "fsdp_rise_rank0", "fsdp_rise_resume", "fsdp_rise_rank1", "fsdp_rise_adabn",
+        "fsdp_diverge_rank0", "fsdp_diverge_resume", "fsdp_diverge_rank1",
     )
     if FSDP2_ON_CPU
     else ()
 )  # fmt: skip
 SCENARIOS = (
     "ddp", "ddp_auto", "ddp_far", "ddp_far_sgd", "ddp_rise_rank0", "ddp_rise_resume", "ddp_rise_rank1",
-    "ddp_rise_adabn", *FSDP2_RUNS, "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()),
+    "ddp_rise_adabn", "ddp_diverge_rank0", "ddp_diverge_resume", "ddp_diverge_rank1", *FSDP2_RUNS,
+    "amp", "ddp_unused", *(("fsdp_unused",) if FSDP2_ON_CPU else ()),
 )  # fmt: skip
 RISE_STRATEGIES = ("ddp", pytest.param("fsdp", marks=needs_fsdp2_on_cpu))
 RISE_RUNS = [
@@ -45,6 +49,8 @@ RISE_RUNS = [
 ]  # `_rise_adabn`: with AdaBN(2, on_release=True), forwards without backward at each release
 EPOCH_BATCHES = 4  # each rank's in the rise runs: the first release (epoch 1) comes at step 4, its watch ends at 7
 WATCH_STEP = 6  # the step of their checkpoint inside that watch (tests/distributed_script.py)
+DIVERGED_EPOCH = 2  # of the diverge runs (of 4 epochs): the second release's, judged at epoch 3's first batch
+DIVERGED_STEP = 10  # the step of their checkpoint inside it, after the snapshot of the lowest epoch's end
 TIMEOUT = 400
 NEVER_RELEASED = "backbone.1."
 
@@ -98,10 +104,28 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[name].double() - b[name].double()).abs().max().item() for name in a)
 
 
-def first_release_rise(losses: list[float]) -> float:
-    """A rank's mean training loss in the first release's epoch (epoch 1 of 3) over its mean in the epoch before."""
-    epoch = len(losses) // 3
-    return sum(losses[epoch : 2 * epoch]) / sum(losses[:epoch])
+def epoch_mean(losses: list[float], epoch: int) -> float:
+    """A rank's mean training loss in ``epoch`` of a rise or diverge run (in their fit's first: in the epoch)."""
+    return sum(losses[epoch * EPOCH_BATCHES : (epoch + 1) * EPOCH_BATCHES]) / EPOCH_BATCHES
+
+
+def epoch_ratio(losses: list[float], epoch: int) -> float:
+    """A rank's mean training loss in ``epoch`` over its mean in the fit's first: in the first release's epoch (1), its
+    rise (against the epoch before); in a later one, how far it diverged (an epoch is within the checks' windows)."""
+    return epoch_mean(losses, epoch) / epoch_mean(losses, 0)
+
+
+def diverged_warnings(result: dict[str, Any]) -> list[str]:
+    """The divergence check's warnings (on rank 0: ``rank_zero_warn``)."""
+    return [warning for warning in result["warnings"] if "training loss diverged" in warning]
+
+
+def lowest_epoch(warning: str) -> int:
+    """The epoch whose end a divergence warning says the fit went back to (as ``tests/test_divergence.py`` reads it:
+    not imported from there, which mypy would check along)."""
+    match = re.search(r"back as it was at the end of epoch (\d+)", warning)
+    assert match is not None, warning
+    return int(match.group(1))
 
 
 @needs_fsdp2_on_cpu
@@ -240,7 +264,7 @@ def test_a_loss_rise_on_rank_0_retries_the_release_on_every_rank_from_the_state_
 ) -> None:
     """Rank 0's loss rose after the first release, rank 1's did not: both ranks restore and slow it down alike."""
     (rank0, rank1), (calm, _) = runs[f"{strategy}_{run}"], runs[f"{strategy}_rise_rank1"]
-    assert first_release_rise(rank0["losses"]) >= LOSS_RISE > first_release_rise(rank1["losses"])
+    assert epoch_ratio(rank0["losses"], 1) >= LOSS_RISE > epoch_ratio(rank1["losses"], 1)
     # the first release retried once, the second (under which the loss falls back) not, on both ranks alike
     assert [retries for retries, _ in rank0["history"]] == [1, 0]
     assert rank1["history"] == rank0["history"]
@@ -300,7 +324,7 @@ def test_fsdp2_forwards_without_backward_at_a_release_leave_the_sharded_paramete
 def test_a_loss_rise_on_rank_1_alone_retries_no_release(strategy: str, runs: dict[str, list[dict[str, Any]]]) -> None:
     """Rank 1's loss rose after the first release, rank 0's did not: rank 0's losses decide, for every rank."""
     rank0, rank1 = runs[f"{strategy}_rise_rank1"]
-    assert first_release_rise(rank1["losses"]) >= LOSS_RISE > first_release_rise(rank0["losses"])
+    assert epoch_ratio(rank1["losses"], 1) >= LOSS_RISE > epoch_ratio(rank0["losses"], 1)
     assert [retries for retries, _ in rank0["history"]] == [0, 0]
     assert rank1["history"] == rank0["history"]
     assert rank0["after_retry"] == rank1["after_retry"] == {}
@@ -368,5 +392,109 @@ def test_a_fit_resumed_inside_the_watch_of_a_release_retries_it_as_the_uninterru
         assert max_difference(retried["params"], whole["at_release"][0]["params"]) == 0.0
         assert max_difference(retried["buffers"], whole["at_release"][0]["buffers"]) == 0.0
         assert retried["steps"] == whole["at_release"][0]["steps"]
+        # and ended bitwise where the uninterrupted fit does (the same operations on the same values)
+        assert max_difference(run["final"], whole["final"]) == 0.0
+
+
+@pytest.mark.parametrize("strategy", RISE_STRATEGIES)
+def test_a_divergence_on_rank_0_sends_every_rank_back_to_the_end_of_rank_0_s_lowest_epoch_at_a_tenth_of_the_rates(
+    strategy: str, runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Rank 0's loss diverged in the second release's epoch, rank 1's did not (its lowest epoch is the first
+    release's, rank 0's the one before): both ranks go back to the end of rank 0's lowest epoch, and slow down."""
+    (rank0, rank1), (calm, _) = runs[f"{strategy}_diverge_rank0"], runs[f"{strategy}_diverge_rank1"]
+    assert epoch_ratio(rank0["losses"], DIVERGED_EPOCH) >= DIVERGED > epoch_ratio(rank1["losses"], DIVERGED_EPOCH)
+    assert not any("training loss rose" in warning for warning in rank0["warnings"])  # the retry is the divergence's
+    (warning,) = diverged_warnings(rank0)
+    assert warning.startswith(f"GradualUnfreeze: the training loss diverged in epoch {DIVERGED_EPOCH}: ")
+    lowest = lowest_epoch(warning)
+    # rank 0's lowest epoch before it, which rank 1's is not: rank 0's losses decide which epoch's end is kept
+    lowest_on = [min(range(DIVERGED_EPOCH), key=lambda epoch: epoch_mean(r["losses"], epoch)) for r in (rank0, rank1)]
+    assert lowest_on[0] == lowest != lowest_on[1]
+    # one retry, every release at a tenth of the rate of the run that did not go back, on both ranks alike
+    assert [factors for _, factors in calm["history"]] == [[pytest.approx(0.5)], [pytest.approx(0.5)]]
+    assert (
+        rank0["history"]
+        == rank1["history"]
+        == [(1, [pytest.approx(0.5 * RETRY_SCALE)]), (0, [pytest.approx(0.5 * RETRY_SCALE)])]
+    )
+    lrs = dict(rank0["groups"])
+    assert [lrs["backbone.3"] / lrs["head"], lrs["backbone.0"] / lrs["head"]] == pytest.approx([0.5 * RETRY_SCALE] * 2)
+    assert rank1["groups"] == rank0["groups"]
+    for result in (rank0, rank1):
+        kept, diverged = result["epoch_ends"][lowest], result["epoch_ends"][DIVERGED_EPOCH]
+        back = result["epoch_starts"][DIVERGED_EPOCH + 1]  # after the divergence check
+        # the releases trained every block away from the lowest epoch's end (backbone.0, frozen then, too) ...
+        for name in ("head.weight", "backbone.3.0.weight", "backbone.0.0.weight"):
+            assert not torch.equal(diverged["params"][name], kept["params"][name]), name
+        assert not torch.equal(
+            diverged["buffers"]["backbone.0.1.running_mean"], kept["buffers"]["backbone.0.1.running_mean"]
+        )
+        assert "backbone.0.0.weight" in diverged["steps"]
+        # ... and every weight and buffer went back there, the optimizer state of every weight dropped
+        assert max_difference(back["params"], kept["params"]) == 0.0
+        assert max_difference(back["buffers"], kept["buffers"]) == 0.0
+        assert back["steps"] == {}
+    # slowed down, the loss fell back (the fit's end judged the last epoch: no second warning, above)
+    assert epoch_ratio(rank0["losses"], DIVERGED_EPOCH + 1) < DIVERGED
+    assert max_difference(rank0["final"], rank1["final"]) == 0.0
+    if strategy == "fsdp":  # as under DDP
+        assert max_difference(rank0["final"], runs["ddp_diverge_rank0"][0]["final"]) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", RISE_STRATEGIES)
+def test_a_divergence_on_rank_1_alone_sends_no_rank_back(strategy: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Rank 1's loss diverged from the second release on, rank 0's did not: rank 0's losses decide, for every rank."""
+    rank0, rank1 = runs[f"{strategy}_diverge_rank1"]
+    for epoch in (DIVERGED_EPOCH, DIVERGED_EPOCH + 1):  # judged at the next epoch's first batch, and at the fit's end
+        assert epoch_ratio(rank1["losses"], epoch) >= DIVERGED > epoch_ratio(rank0["losses"], epoch)
+    assert diverged_warnings(rank0) == []
+    assert [retries for retries, _ in rank0["history"]] == [0, 0]
+    assert rank1["history"] == rank0["history"] and rank1["groups"] == rank0["groups"]
+    for result in (rank0, rank1):  # trained on from the diverged epoch's end, optimizer state and all
+        on, ended = result["epoch_starts"][DIVERGED_EPOCH + 1], result["epoch_ends"][DIVERGED_EPOCH]
+        assert max_difference(on["params"], ended["params"]) == 0.0
+        assert on["steps"] == ended["steps"] and "backbone.0.0.weight" in on["steps"]
+    assert max_difference(rank0["final"], rank1["final"]) == 0.0
+    if strategy == "fsdp":  # as under DDP
+        assert max_difference(rank0["final"], runs["ddp_diverge_rank1"][0]["final"]) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", RISE_STRATEGIES)
+def test_a_fit_resumed_inside_the_diverged_epoch_goes_back_as_the_uninterrupted_fit(
+    strategy: str, runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """The ``_diverge_rank0`` fit saved a checkpoint 2 batches into the diverged epoch, after the snapshot of the lowest
+    epoch's end, which the ``_diverge_resume`` fit resumes: the checkpoint's losses and snapshot (whole tensors, laid
+    out again as the parameters are: sharded under FSDP2) let it judge the epoch and go back where the uninterrupted
+    fit went, and it ends where that fit does."""
+    uninterrupted, resumed = runs[f"{strategy}_diverge_rank0"], runs[f"{strategy}_diverge_resume"]
+    (warning,) = diverged_warnings(uninterrupted[0])
+    lowest, losses = lowest_epoch(warning), uninterrupted[0]["losses"]  # rank 0's, which the checkpoint keeps
+    for rank in (0, 1):
+        # the checkpoint kept rank 0's losses (the fit's first batches, the diverged epoch's so far), which epoch was
+        # lowest, and every weight and buffer at its end, whole, without optimizer state
+        saved = resumed[rank]["saved_in_diverged"]
+        assert saved["epoch"] == DIVERGED_EPOCH and saved["lowest_epoch"] == lowest and not saved["warned"]
+        assert saved["first"] == losses[:EPOCH_BATCHES]
+        assert saved["last"] == losses[DIVERGED_EPOCH * EPOCH_BATCHES : DIVERGED_STEP]
+        assert saved["lowest"] == pytest.approx(epoch_mean(losses, lowest))
+        snapshot, kept = saved["snapshot"], uninterrupted[rank]["epoch_ends"][lowest]
+        assert snapshot is not None and sorted(snapshot["params"]) == sorted(kept["params"])
+        assert max_difference(snapshot["params"], kept["params"]) == 0.0
+        assert max_difference(snapshot["buffers"], kept["buffers"]) == 0.0
+        assert snapshot["optimizers"] == [{}]
+    # the resumed fit judged the epoch as the uninterrupted fit did, and went back to the same epoch's end
+    assert diverged_warnings(resumed[0]) == [warning]
+    for run, whole in zip(resumed, uninterrupted, strict=True):  # rank by rank
+        assert run["history"] == whole["history"] == uninterrupted[0]["history"]
+        assert [retries for retries, _ in run["history"]] == [1, 0]
+        assert run["groups"] == whole["groups"]
+        assert run["global_step"] == whole["global_step"] == (DIVERGED_EPOCH + 2) * EPOCH_BATCHES
+        assert run["losses"] == whole["losses"][DIVERGED_STEP:]  # the loader resumed mid-epoch
+        back = run["epoch_starts"][DIVERGED_EPOCH + 1]
+        assert max_difference(back["params"], whole["epoch_ends"][lowest]["params"]) == 0.0
+        assert max_difference(back["buffers"], whole["epoch_ends"][lowest]["buffers"]) == 0.0
+        assert back["steps"] == {}
         # and ended bitwise where the uninterrupted fit does (the same operations on the same values)
         assert max_difference(run["final"], whole["final"]) == 0.0

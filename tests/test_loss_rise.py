@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_bnfreeze import At, Blocks, Every, GradualUnfreeze
@@ -25,7 +25,7 @@ from tests.unfreeze_helpers import (
     assert_resumed_like,
     assert_same_nested,
     clone_state,
-    fit_run,
+    fit_checkpointed,
     make_trainer,
 )
 
@@ -378,10 +378,11 @@ def test_a_loss_that_falls_after_each_release_changes_nothing(recwarn: pytest.Wa
 
 
 def test_only_the_first_release_is_watched(recwarn: pytest.WarningsRecorder) -> None:
-    # the loss rises at the second release (epoch 2; with `first=0`, epoch 1), not at the first
+    # the loss rises at the second release (epoch 2; with `first=0`, epoch 1), not at the first: what follows is the
+    # divergence check's (tests/test_divergence.py), which slows every release down from the first
     for when in (Every(), Every(first=0)):
         unfreeze, warnings = fit_warnings(ScaledLoss(3.0, releases=2), recwarn, what=Blocks(per_release=1), when=when)
-        assert len(unfreeze.history) >= 2 and warnings == [] and {r.retries for r in unfreeze.history} == {0}
+        assert len(unfreeze.history) >= 2 and warnings == [] and {r.retries for r in unfreeze.history[1:]} == {0}
 
 
 def test_two_releases_at_one_step_are_watched_and_retried_as_one(recwarn: pytest.WarningsRecorder) -> None:
@@ -423,14 +424,7 @@ def train(ckpt_path: Path | None = None, checkpoint_dir: Path | None = None, on_
     torch.manual_seed(0)
     model = ScaledLoss(3.0, above=0.5, record=True, batches_by_index=True, optimizer="adam")
     callback = GradualUnfreeze(what=Blocks(per_release=1), on_loss_rise=on_loss_rise)  # type: ignore[arg-type]
-    callbacks: list[Any] = [callback]
-    if checkpoint_dir is not None:
-        callbacks += [
-            ModelCheckpoint(checkpoint_dir, "{epoch}", save_top_k=-1, every_n_epochs=1),
-            ModelCheckpoint(checkpoint_dir, "{step}", save_top_k=-1, every_n_train_steps=3),
-        ]
-    trainer = make_trainer(callbacks, max_epochs=3, enable_checkpointing=checkpoint_dir is not None)
-    return fit_run(trainer, model, callback, ckpt_path)
+    return fit_checkpointed(model, callback, 3, ckpt_path, checkpoint_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset
@@ -345,6 +345,25 @@ def fit_run(trainer: pl.Trainer, model: UnfreezeModel, callback: GradualUnfreeze
         {name: p.requires_grad for name, p in model.named_parameters()},
         verdicts,
     )
+
+
+def fit_checkpointed(
+    model: UnfreezeModel,
+    callback: GradualUnfreeze,
+    max_epochs: int,
+    ckpt_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+) -> Run:
+    """:func:`fit_run` for ``max_epochs``; with ``checkpoint_dir``, a checkpoint there at every epoch's end
+    (``epoch=<e>.ckpt``) and every 3 steps (``step=<s>.ckpt``)."""
+    callbacks: list[Callback] = [callback]
+    if checkpoint_dir is not None:
+        callbacks += [
+            ModelCheckpoint(checkpoint_dir, "{epoch}", save_top_k=-1, every_n_epochs=1),
+            ModelCheckpoint(checkpoint_dir, "{step}", save_top_k=-1, every_n_train_steps=3),
+        ]
+    trainer = make_trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=checkpoint_dir is not None)
+    return fit_run(trainer, model, callback, ckpt_path)
 
 
 def assert_resumed_like(resumed: Run, reference: Run, resumed_at_step: int) -> None:

@@ -21,10 +21,12 @@ from lightning_bnfreeze.callbacks.adaptation import (
     shift_on_train_data,
 )
 from lightning_bnfreeze.callbacks.base import announce
+from lightning_bnfreeze.callbacks.divergence_check import DivergenceCheck
 from lightning_bnfreeze.callbacks.early_stopping import monitored_now
 from lightning_bnfreeze.callbacks.first_step_gradients import FirstStepGradients
 from lightning_bnfreeze.callbacks.fit_checks import epochs_done
 from lightning_bnfreeze.callbacks.release_loss import ReleaseLossCheck
+from lightning_bnfreeze.callbacks.training_loss import batch_loss
 from lightning_bnfreeze.domain_shift import NEAR_SOURCE
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.internals import NormBase
@@ -41,7 +43,8 @@ class FitReleases:
 
     ``on_training_norms``: the AdaBN run over every norm layer of the backbone when ``bn="auto"`` decides that the
     released ones train (``adapt="auto"``), or before the first step far from the source; or ``None``.
-    ``on_loss_rise``: what a release after which the training loss rose does (:class:`ReleaseLossCheck`).
+    ``on_loss_rise``: what a release after which the training loss rose does (:class:`ReleaseLossCheck`), and a fit
+    that diverged after releases (:class:`DivergenceCheck`).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class FitReleases:
         # adapted for the head under an optimizer whose first step is not bounded: the first release's gradients
         self.first_step_gradients = FirstStepGradients(unfreezer)
         self.loss_check = ReleaseLossCheck(unfreezer, on_loss_rise)
+        self.divergence_check = DivergenceCheck(unfreezer, on_loss_rise)
 
     def resolve_max_step(self, trainer: pl.Trainer, layers: Sequence[NormBase]) -> None:
         """``max_step="auto"`` not resolved yet (a fresh fit): measure the target's shift from ``layers``' statistics
@@ -150,21 +154,32 @@ class FitReleases:
             self._released(trainer, record)
 
     def before_step(self, trainer: pl.Trainer) -> None:
-        """Step-timed releases, norm layers left by a release during validation, the first-step measure; at the
-        first step, the first release's gradients if :meth:`before_optimizer_step` is to read them; at a release's
-        first step, the snapshot its loss check may go back to."""
+        """Step-timed releases, norm layers left by a release during validation; at an epoch's first batch, the
+        epoch before it judged (:class:`DivergenceCheck`); the first-step measure; at the first step, the first
+        release's gradients if :meth:`before_optimizer_step` is to read them; at a release's first step, the
+        snapshot its loss check may go back to."""
         self.advance(trainer, "step")
         if self._unsettled:
             self._settle(trainer)
+        # not an epoch the first release's loss watch was open in: the watch judges those batches
+        history = self.unfreezer.history
+        watched = self.loss_check.watching and history[0].step < trainer.global_step
+        if self.divergence_check.judge_epoch(trainer, may_judge=not watched):
+            self._statistics_changed()
         self.unfreezer.before_step(trainer.global_step)
         self.first_step_gradients.before_step(trainer.global_step)
         self.loss_check.before_step(trainer)
 
     def after_step(self, trainer: pl.Trainer, loss: Tensor | None = None) -> None:
         """The released blocks' first step (``bn="auto"``, ``max_step``), then the released rates follow the head's;
-        the batch's training ``loss``, if known, joins the first release's loss check (:meth:`_undone`)."""
-        if loss is not None and self.loss_check.record(trainer, loss):
-            self._undone(trainer)
+        the batch's training ``loss``, if known, joins the divergence check and the first release's loss check
+        (:meth:`_undone`)."""
+        if loss is not None:
+            loss = batch_loss(trainer, loss)
+            self.divergence_check.record(trainer, loss)
+            if undone := self.loss_check.record(trainer, loss):
+                self.divergence_check.forget(undone)
+                self._undone(trainer)
         self.first_step_gradients.after_step(trainer.global_step)
         undecided = self.unfreezer.first_steps.norms_train is None
         notes = self.unfreezer.after_step(trainer.global_step)
@@ -202,10 +217,19 @@ class FitReleases:
         elif norms_train:
             self._adapt_as_norms_start_training(trainer)
 
+    def train_ended(self, trainer: pl.Trainer) -> None:
+        """A fit that ended normally: the loss checks' last word (the first release's watch, if still open, judges
+        the last batches alone)."""
+        watching = self.loss_check.watching
+        self.loss_check.close(trainer)
+        self.divergence_check.close(trainer, may_judge=not watching)
+
     def close(self) -> None:
-        """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients."""
+        """At the fit's end: the unfreezer's hooks removed, frozen weights without gradients, the loss checks'
+        copies dropped."""
         self.first_step_gradients.close()
         self.loss_check.discard()
+        self.divergence_check.discard()
         self.unfreezer.close()
         self.unfreezer.norms = None
 

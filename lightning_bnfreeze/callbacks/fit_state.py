@@ -8,7 +8,9 @@ applies: absent in checkpoints of 0.7 and older, which resume without it), ``"so
 source, from fit start until ``bn="auto"`` decides: the backbone's statistics before ``adapt="auto"`` replaced them,
 as lists), ``"first_step_gradients"`` (whether the first release's gradients are still to be read: steps that a
 gradient scaler skipped; absent before 0.11), ``"loss_check"`` (the losses around the first release that the loss
-check keeps and, while it watches them, its snapshot; absent before 0.13) and the adaptation's.
+check keeps and, while it watches them, its snapshot; absent before 0.13), ``"divergence_check"`` (the losses of
+the fit's first batches and of the epoch's last, the lowest epoch and its copy; absent before 0.14, whose fits resume
+without it) and the adaptation's.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class FitState:
             unfreezer, self._adaptation, statistics_changed, self._on_training_norms(self._saved), self._on_loss_rise
         )
         self._load_fit_state(self._saved)
+        self._saved = None  # the fit holds what it needs (a snapshot's copies among it)
         return self.fit
 
     def restore_late(self, state: dict[str, Any] | None) -> None:
@@ -74,6 +77,7 @@ class FitState:
         self.fit.source_statistics = _source_statistics(saved)
         self.fit.first_step_gradients.due = _gradients_pending(saved)
         self.fit.loss_check.load_state_dict((saved or {}).get("loss_check", {}))
+        self.fit.divergence_check.load_state_dict({} if saved is None else saved.get("divergence_check"))
 
     def _on_training_norms(self, saved: dict[str, Any] | None) -> AdaBN | None:
         """``adapt="auto"``'s AdaBN, unless the fit resumes a checkpoint of a run without it (0.7 and older)."""
@@ -87,17 +91,21 @@ class FitState:
             source, pending = self.fit.source_statistics, self.fit.first_step_gradients.pending
             statistics = None if source is None else [[mean.tolist(), var.tolist()] for mean, var in source]
             losses = self.fit.loss_check.state_dict()
+            divergence: dict[str, Any] | None = self.fit.divergence_check.state_dict()
         else:
             saved = self._saved or {}
             unfreezer, adabn = saved.get("unfreezer", {}), self._on_training_norms(self._saved)
             statistics, pending = saved.get("source_statistics"), _gradients_pending(saved)
+            # a checkpoint of 0.13 or older: its fit resumes without the divergence check, and saves so again
             losses = saved.get("loss_check", {})
+            divergence = saved.get("divergence_check") if self._saved is not None else {}
         return {
             "unfreezer": unfreezer,
             "adapt_auto": adabn is not None,
             "source_statistics": statistics,
             "first_step_gradients": pending,
             "loss_check": losses,
+            "divergence_check": divergence,
             **self._adaptation.state_dict(),
         }
 

@@ -35,8 +35,8 @@ from lightning_bnfreeze.callbacks.fit_checks import (
 from lightning_bnfreeze.callbacks.fit_releases import FitReleases
 from lightning_bnfreeze.callbacks.fit_state import FitState
 from lightning_bnfreeze.callbacks.preview import groups_preview, unfreezer_on_copy
-from lightning_bnfreeze.callbacks.release_loss import training_loss
 from lightning_bnfreeze.callbacks.strategies import check_strategy, saved_callback_state
+from lightning_bnfreeze.callbacks.training_loss import training_loss
 from lightning_bnfreeze.checks import check_choice, check_integer
 from lightning_bnfreeze.distributed import GradientSync
 from lightning_bnfreeze.freezer import BackboneNorms
@@ -82,7 +82,7 @@ class GradualUnfreeze(NormFreezingCallback):
         lr_scale: learning rate of a released block relative to the head's (times ``decay**k``). Default
             1.0: on the real-weights CNN benchmarks no reduced rate held at every head learning rate; a pretrained
             transformer takes the head's rate badly at large rates: ``on_loss_rise`` catches it where the loss rises
-            after the first release (AdamW 3e-3), not where the run diverges later (SGD 3e-2; README).
+            after the first release (AdamW 3e-3) and where the fit diverges later (SGD 3e-2; README).
         bn: what a released block's norm layers do: ``"auto"`` (default): frozen statistics until the first release's
             first step; batch statistics from then on if that step moved its weights by more than 0.5 %, in that
             release and each later one until a release's first step moves less than 0.2 % (it and every later
@@ -139,8 +139,16 @@ class GradualUnfreeze(NormFreezingCallback):
             weights' optimizer state for those batches (and a checkpoint saved among them, the copy). ``"warn"``: one
             warning line, suggesting a smaller ``lr_scale``. A release at a later step before those batches are over,
             and the fit's end, only warn; a ``training_step`` that returns no loss (manual optimization) is not
-            watched. Later releases are not judged: after them the loss also rose in runs that ended well (README;
-            the line is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`).
+            watched. Later releases are not judged so: after them the loss also rose in runs that ended well (README;
+            the line is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`). The fit is, at every epoch's end once a
+            release trained: when the mean loss over the epoch's last batches (at most 50) is 1.2 times the mean over
+            the fit's first as many or more (:data:`~lightning_bnfreeze.divergence.DIVERGED`), it diverged:
+            ``"retry"`` puts every weight and buffer back as they were at the end of the lowest epoch (but the
+            statistics of the norm layers frozen now), restarts the optimizer state, and trains every release on at
+            a tenth of its rate (the two retries are shared with the first release's); ``"warn"``, the fit's end and
+            no retry left warn once. ``"retry"`` keeps that epoch's copy of every weight and buffer, and a checkpoint
+            holds it too. A loss whose scale changes on purpose (a term annealed in, a curriculum), or a head that
+            comes trained (a low loss from the start): ``"warn"``.
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing
@@ -402,8 +410,8 @@ class GradualUnfreeze(NormFreezingCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self._fit is not None:  # a fit that ended normally: the loss check's last word
-            self._fit.loss_check.close(trainer)
+        if self._fit is not None:
+            self._fit.train_ended(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -9,30 +9,30 @@ in two of the transformer's three collapses at SGD 3e-2, whose first release it 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_bnfreeze.loss_rise import LOSS_WINDOW, RETRIES, LossRise, Rise
-from lightning_bnfreeze.norm import is_norm_frozen, named_norm_layers
+from lightning_bnfreeze.callbacks.training_loss import loss_window, smaller_lr_scale
+from lightning_bnfreeze.loss_rise import RETRIES, LossRise, Rise
+from lightning_bnfreeze.norm import frozen_norm_buffers
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.snapshot import TrainingSnapshot
 
-__all__ = ["ReleaseLossCheck", "training_loss"]
+__all__ = ["ReleaseLossCheck"]
 
 
 class ReleaseLossCheck:
     """Watches the training loss over the first batches after ``unfreezer``'s first release (an epoch's, at most
-    :data:`LOSS_WINDOW`) against as many before it. If it rose, ``on_rise="retry"`` puts the weights, buffers and
-    optimizer state back as they were at the release's first step (but the statistics of the norm layers frozen then:
-    only the library's own decisions changed those) and trains on with the release and every later one at
-    :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` of their rates, watching the retry as the release (at most
-    :data:`RETRIES` retries); ``"warn"`` (or a rise that cannot be undone) warns.
+    :data:`~lightning_bnfreeze.loss_rise.LOSS_WINDOW`) against as many before it. If it rose, ``on_rise="retry"``
+    puts the weights, buffers and optimizer state back as they were at the release's first step (but the statistics
+    of the norm layers frozen then: only the library's own decisions changed those) and trains on with the release
+    and every later one at :data:`~lightning_bnfreeze.loss_rise.RETRY_SCALE` of their rates, watching the retry as
+    the release (at most :data:`RETRIES` retries); ``"warn"`` (or a rise that cannot be undone) warns.
 
     The losses are rank 0's, and so the decision: every rank takes it. A release at a later step that comes before
     the watch ends judges it with the batches it saw, and only warns (the later release is under way); so does the
@@ -47,13 +47,18 @@ class ReleaseLossCheck:
         self._snapshot: TrainingSnapshot | None = None
         self._snapshot_due = False  # taken at the first release's first step
 
-    def record(self, trainer: pl.Trainer, loss: Tensor) -> bool:
-        """A batch's training loss as the step output holds it (on its device: read only when judged); ``True`` if
-        the first release was undone."""
-        if trainer.lightning_module.automatic_optimization:
-            loss = loss * trainer.accumulate_grad_batches  # Lightning divides it by that for the backward
-        rise = self._watching(trainer).record(loss.float())
-        return rise is not None and self._judged(trainer, rise, may_retry=True)
+    @property
+    def watching(self) -> bool:
+        """Whether the first release's watch is open."""
+        return self._watch is not None and self._watch.watching
+
+    def record(self, trainer: pl.Trainer, loss: Tensor) -> int:
+        """A batch's training loss (:func:`~lightning_bnfreeze.callbacks.training_loss.batch_loss`; on its device:
+        read only when judged); how many batches were undone with the first release (0: none)."""
+        rise = self._watching(trainer).record(loss)
+        if rise is None or not self._judged(trainer, rise, may_retry=True):
+            return 0
+        return rise.after_batches
 
     def released(self, trainer: pl.Trainer, record: ReleaseRecord) -> None:
         """A release: the first starts the watch (it covers the releases at its step); a later one ends it if still
@@ -95,9 +100,8 @@ class ReleaseLossCheck:
     def _watching(self, trainer: pl.Trainer) -> LossRise:
         """The watch (made at the first batch or release, when the window is known), with a checkpoint's state."""
         if self._watch is None:
-            batches = trainer.num_training_batches
-            self._watch = LossRise(min(int(batches), LOSS_WINDOW) if math.isfinite(batches) else LOSS_WINDOW)
-            saved = self._saved or {}
+            self._watch = LossRise(loss_window(trainer))
+            saved, self._saved = self._saved or {}, None  # the checkpoint's copy no longer held
             self._watch.load_state_dict(saved)
             if self.on_rise == "retry" and saved.get("snapshot") is not None:
                 self._snapshot = TrainingSnapshot.from_state_dict(
@@ -117,7 +121,8 @@ class ReleaseLossCheck:
         if not (may_retry and snapshot is not None and record.retries < RETRIES):
             rank_zero_warn(f"{rose_after}: {self._advice(record)}")
             return False
-        snapshot.restore(keep=_frozen_statistics(trainer.lightning_module))
+        # frozen norm layers' statistics: only the library's decisions (AdaBN, the source's back) changed them
+        snapshot.restore(keep=frozen_norm_buffers(trainer.lightning_module))
         self.unfreezer.slow_down(0)
         assert self._watch is not None
         self._watch.retry()
@@ -127,26 +132,18 @@ class ReleaseLossCheck:
         return True
 
     def _advice(self, record: ReleaseRecord) -> str:
-        scale = self.unfreezer.lr_scale * self.unfreezer.retry_scale
         retried = f" (retried {record.retries} times)" if record.retries else ""
         return (
             f"its rate{retried} may be more than the backbone can take: in the real-weights benchmark a pretrained"
-            " transformer collapsed so at the head's rate (benchmarks/transfer_minilm.md); try a smaller lr_scale"
-            f" (lr_scale={scale / 10:g})"
-            + ("" if self.on_rise == "retry" or record.retries else ", or on_loss_rise='retry'")
+            " transformer collapsed so at the head's rate (benchmarks/transfer_minilm.md); "
+            + smaller_lr_scale(self.unfreezer, self.on_rise)
         )
-
-
-def _frozen_statistics(root: nn.Module) -> list[Tensor]:
-    """The buffers of the norm layers frozen now: only the library's decisions (AdaBN, the source's statistics
-    restored) changed them since the release, and those stand."""
-    return [buffer for _, layer in named_norm_layers(root) if is_norm_frozen(layer) for buffer in layer.buffers()]
 
 
 def _rose(unfreezer: Unfreezer, record: ReleaseRecord, rise: Rise) -> str:
     return (
         f"the training loss rose after release {record.index} ({record.when(unfreezer.trigger.unit)},"
-        f" {_rates(record)} x the head's rate): {rise.after:.4g} on average over its first {rise.after_batches}"
+        f" {record.rates} x the head's rate): {rise.after:.4g} on average over its first {rise.after_batches}"
         f" batches against {rise.before:.4g} over the {rise.before_batches} before it ({rise.ratio:.2f}x)"
     )
 
@@ -154,16 +151,5 @@ def _rose(unfreezer: Unfreezer, record: ReleaseRecord, rise: Rise) -> str:
 def _retried(unfreezer: Unfreezer) -> str:
     return (
         "its weights, buffers and optimizer state are back as they were at the release, which trains on at a tenth"
-        f" of its rate ({_rates(unfreezer.history[0])} x the head's), as every later release (on_loss_rise='retry')"
+        f" of its rate ({unfreezer.history[0].rates} x the head's), as every later release (on_loss_rise='retry')"
     )
-
-
-def _rates(record: ReleaseRecord) -> str:
-    return " and ".join(dict.fromkeys(f"{factor:.3g}" for factor in record.lr_factors))
-
-
-def training_loss(outputs: object) -> Tensor | None:
-    """The loss of a training step's output (a one-element tensor, or a mapping with one as ``"loss"``), detached;
-    ``None`` for an output without one (a skipped batch)."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    return loss.detach() if isinstance(loss, Tensor) and loss.numel() == 1 else None
