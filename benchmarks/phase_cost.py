@@ -10,6 +10,8 @@ phase 2 also ``backbone.layer3``. Variants, each a copy of the same initial weig
   released blocks (train mode) and the head with autograd; released blocks join the optimizer at the phase start.
 - ``ours``: ``GradualUnfreeze(what=Schedule({1: "backbone.layer4", 2: "backbone.layer3"}), lr_scale=0.1,
   bn="train")`` (released norm layers train, as the floor's).
+- ``ours, on_loss_rise="warn"``: the same without the copies the default keeps to undo a release whose loss rose (for
+  the first release's epoch) and to go back after a divergence (the lowest epoch's weights, from epoch 1 on).
 - ``BaseFinetuning (layer4, layer3)``: Lightning's ``BaseFinetuning`` subclassed for the same schedule, as its docs
   show: ``freeze(backbone)`` (default ``train_bn=True``), then ``unfreeze_and_add_param_group`` per block.
 - ``BackboneFinetuning``: Lightning's ``BackboneFinetuning(unfreeze_backbone_at_epoch=1)``: it releases the WHOLE
@@ -147,6 +149,17 @@ VARIANTS: dict[str, tuple[str, Callable[[], list[Callback]]]] = {
         lambda: [
             GradualUnfreeze(
                 what=Schedule({e: f"backbone.{b}" for e, b in RELEASES.items()}), lr_scale=RELEASE_LR_SCALE, bn="train"
+            )
+        ],
+    ),
+    "ours_warn": (
+        'ours, `on_loss_rise="warn"`: no copies for undoing a release or going back',
+        lambda: [
+            GradualUnfreeze(
+                what=Schedule({e: f"backbone.{b}" for e, b in RELEASES.items()}),
+                lr_scale=RELEASE_LR_SCALE,
+                bn="train",
+                on_loss_rise="warn",
             )
         ],
     ),

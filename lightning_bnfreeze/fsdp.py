@@ -11,7 +11,7 @@ first, or it would release, track and freeze copies that FSDP2 discards at the n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,8 +121,9 @@ def _own_parameters(unit: nn.Module, kind: type) -> Iterator[nn.Parameter]:
             yield from _own_parameters(child, kind)
 
 
-def squared_norm(tensors: list[torch.Tensor]) -> float:
-    """The sum of squares of ``tensors``' elements, whole: a sharded tensor's (DTensor) over its shards.
+def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """The sum of squares of ``tensors``' elements, whole: a sharded tensor's (DTensor) over its shards. One tensor
+    at a time (a generator of them keeps one in memory), in double precision.
 
     A collective over the sharded mesh dimensions when some tensors are sharded: call it on every rank alike.
     """
@@ -130,12 +131,17 @@ def squared_norm(tensors: list[torch.Tensor]) -> float:
     for tensor in tensors:
         placements = getattr(tensor, "placements", None)
         if placements is None:
-            total += tensor.detach().double().pow(2).sum().cpu()
+            total += _squares(tensor).cpu()
             continue
         mesh = tensor.device_mesh  # type: ignore[attr-defined]
-        local = tensor.to_local().detach().double().pow(2).sum()  # type: ignore[attr-defined]
+        local = _squares(tensor.to_local())  # type: ignore[attr-defined]
         for dim, placement in enumerate(placements):
             if placement.is_shard():
                 dist.all_reduce(local, group=mesh.get_group(dim))
         total += local.cpu()
     return float(total)
+
+
+def _squares(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor``'s squared elements in double precision, through one double copy squared in place."""
+    return tensor.detach().to(torch.float64, copy=True).pow_(2).sum()

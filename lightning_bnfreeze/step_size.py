@@ -117,8 +117,8 @@ class FirstStep:
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
-        moved = squared_norm([w - before for w, before in self._before]) ** 0.5
-        size = squared_norm([before for _, before in self._before]) ** 0.5
+        moved = squared_norm(w - before for w, before in self._before) ** 0.5  # one difference at a time
+        size = squared_norm(before for _, before in self._before) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
 
 

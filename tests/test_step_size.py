@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_bnfreeze.first_steps import FirstSteps
+from lightning_bnfreeze.fsdp import squared_norm
 from lightning_bnfreeze.step_size import FirstStep, adam_step_bound, normalises_first_step, step_now
 
 
@@ -128,3 +129,10 @@ def test_only_adam_and_adamw_themselves_have_a_first_step_known_in_advance() -> 
     known = [torch.optim.Adam, torch.optim.AdamW]
     unknown = [torch.optim.SGD, torch.optim.RAdam, torch.optim.NAdam, MyAdam]  # RAdam: SGD-like first steps
     assert [normalises_first_step(make(params, lr=0.1)) for make in known + unknown] == [True, True] + [False] * 4
+
+
+def test_squared_norm_takes_the_tensors_one_at_a_time_in_double_precision_without_touching_them() -> None:
+    tensors = [torch.tensor([3.0, 4.0], dtype=torch.float64), torch.tensor([[1.0, 2.0]], dtype=torch.float16)]
+    kept = [tensor.clone() for tensor in tensors]
+    assert squared_norm(tensor for tensor in tensors) == 30.0  # a generator: one at a time
+    assert all(torch.equal(tensor, copy) for tensor, copy in zip(tensors, kept, strict=True))  # float64: not squared
