@@ -157,18 +157,22 @@ def step_now(groups: Iterable[tuple[Mapping[str, Any], float]]) -> float:
 
     A collective under FSDP2 (sharded weights): call it on every rank alike.
     """
-    moves: list[torch.Tensor] = []
-    weights: list[torch.Tensor] = []
-    for group, lr in groups:
-        for param in group["params"]:
-            if param.ndim < 2 or param.grad is None:
-                continue
-            grad = param.grad.detach()
-            if "betas" in group:
-                direction = grad / (grad.abs() + float(group.get("eps", 1e-8)))
-            else:
-                direction = grad + float(group.get("weight_decay", 0.0) or 0.0) * param.detach()
-            moves.append(lr * direction)
-            weights.append(param.detach())
-    size = squared_norm(weights) ** 0.5
+    stepped = [
+        (param, group, lr)
+        for group, lr in groups
+        for param in group["params"]
+        if param.ndim >= 2 and param.grad is not None
+    ]
+    size = squared_norm(param.detach() for param, _, _ in stepped) ** 0.5
+    moves = (lr * _direction(param, group) for param, group, lr in stepped)  # one at a time
     return squared_norm(moves) ** 0.5 / size if size > 0 else 0.0
+
+
+def _direction(param: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+    """The first step's direction for ``param`` in ``group``, before the rate: Adam's ``g / (|g| + eps)``, else
+    ``g + wd * w``."""
+    assert param.grad is not None
+    grad = param.grad.detach()
+    if "betas" in group:
+        return grad / (grad.abs() + float(group.get("eps", 1e-8)))
+    return grad + float(group.get("weight_decay", 0.0) or 0.0) * param.detach()
