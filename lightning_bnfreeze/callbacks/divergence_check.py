@@ -45,7 +45,7 @@ class DivergenceCheck:
         self._snapshot: TrainingSnapshot | None = None
         self._lowest_epoch: int | None = None  # the epoch after which the snapshot was taken
         self._warned = False
-        self._saved: Mapping[str, Any] | None = {}  # a checkpoint's state until the trainer is known; None: off
+        self._saved: Mapping[str, Any] | None = {}  # a checkpoint's state until the watch takes it (then None)
         self._off = False  # a fit resumed from a checkpoint without the fit's first losses (before 0.14)
 
     def record(self, trainer: pl.Trainer, loss: Tensor) -> None:
