@@ -92,6 +92,10 @@ class Unfreezer:
         """The releases done, in order."""
         return tuple(self._history)
 
+    def released_before(self, step: int) -> bool:
+        """Whether the first release came before optimizer step ``step``: released blocks have trained."""
+        return bool(self._history) and self._history[0].step < step
+
     @property
     def retry_scale(self) -> float:
         """What the retries after a loss rise or a divergence (:meth:`slow_down`) left every later release's rate

@@ -5,8 +5,10 @@ Taken at a release, it lets a release that made the training loss rise be undone
 (:class:`~lightning_bnfreeze.callbacks.release_loss.ReleaseLossCheck`): a copy of the trainable weights, of every
 buffer and of the weights' optimizer state (Adam's: twice the weights), kept for an epoch's batches at most; frozen
 weights are not copied. Taken at the end of the lowest epoch, every weight and buffer without optimizer state, it lets
-a fit that diverged go back there (:class:`~lightning_bnfreeze.callbacks.divergence_check.DivergenceCheck`). Under
-FSDP2 its :meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every rank.
+a fit that diverged go back there (:class:`~lightning_bnfreeze.callbacks.divergence_check.DivergenceCheck`). Both
+keep their copies in the CPU's memory (``device="cpu"``, where Lightning's ``StochasticWeightAveraging`` keeps its
+average): a model on an accelerator keeps its memory for training. Under FSDP2 each rank copies its shards, and
+:meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every rank.
 """
 
 from __future__ import annotations
@@ -18,22 +20,25 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_bnfreeze.tensor_copy import TensorCopy
+
 __all__ = ["TrainingSnapshot"]
 
-Saved = dict[str, tuple[Tensor, Tensor]]  # name: (the live tensor, its copy)
+Saved = dict[str, tuple[Tensor, TensorCopy]]  # name: (the live tensor, its copy)
 
 
 class TrainingSnapshot:
     """The parameters of ``root`` that require gradients (with ``frozen``, every one), all its buffers, and (unless
     ``optimizer_state=False``) those parameters' state in each of ``optimizers``, as they are now (or as ``saved``, a
     :meth:`state_dict`, holds them: :meth:`from_state_dict`). A parameter copied without state restarts its state at
-    :meth:`restore`.
+    :meth:`restore`. The copies live on ``device`` (``None``: each beside its tensor; a sharded tensor's: its local
+    shard), ``"cpu"`` keeps them out of an accelerator's memory.
 
     Example::
 
         >>> model = nn.Linear(2, 1)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> snapshot = TrainingSnapshot(model, [optimizer])
+        >>> snapshot = TrainingSnapshot(model, [optimizer], device="cpu")
         >>> before = model.weight.clone()
         >>> model(torch.ones(1, 2)).sum().backward()
         >>> optimizer.step()
@@ -50,25 +55,30 @@ class TrainingSnapshot:
         *,
         frozen: bool = False,
         optimizer_state: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         self._optimizers = list(optimizers)
+        self._device = None if device is None else torch.device(device)
         if saved is not None:  # :meth:`from_state_dict`
             params, buffers = dict(root.named_parameters()), dict(root.named_buffers())
-            self._params, self._buffers = _laid_out(saved["params"], params), _laid_out(saved["buffers"], buffers)
+            self._params, self._buffers = (
+                self._laid_out(saved["params"], params),
+                self._laid_out(saved["buffers"], buffers),
+            )
             self._states = [
-                {name: _state_like(state, params[name], optimizer) for name, state in kept.items()}
+                {name: self._copied(_state_like(state, params[name], optimizer)) for name, state in kept.items()}
                 for optimizer, kept in zip(self._optimizers, saved["optimizers"], strict=True)
             ]
             return
         self._params = {
-            name: (param, param.detach().clone())
+            name: (param, TensorCopy.of(param, self._device))
             for name, param in root.named_parameters()
             if frozen or param.requires_grad
         }
-        self._buffers = {name: (buffer, buffer.detach().clone()) for name, buffer in root.named_buffers()}
+        self._buffers = {name: (buffer, TensorCopy.of(buffer, self._device)) for name, buffer in root.named_buffers()}
         self._states = [
             {
-                name: _cloned(optimizer.state[p])
+                name: self._copied(optimizer.state[p])
                 for name, (p, _) in self._params.items()
                 if optimizer_state and p in optimizer.state
             }
@@ -81,15 +91,14 @@ class TrainingSnapshot:
         dropped (those of an accumulation in progress were taken at the weights undone). The snapshot stays, to
         restore again."""
         kept = {id(tensor) for tensor in keep}
-        with torch.no_grad():
-            for tensor, saved in (*self._params.values(), *self._buffers.values()):
-                if id(tensor) not in kept:
-                    tensor.copy_(saved)
+        for tensor, copy in (*self._params.values(), *self._buffers.values()):
+            if id(tensor) not in kept:
+                copy.put_back(tensor)
         for optimizer, states in zip(self._optimizers, self._states, strict=True):
             optimizer.zero_grad(set_to_none=True)
             for name, (param, _) in self._params.items():
                 if name in states:
-                    optimizer.state[param] = _cloned(states[name])
+                    optimizer.state[param] = {key: _laid_back(value) for key, value in states[name].items()}
                 else:
                     optimizer.state.pop(param, None)
 
@@ -97,8 +106,8 @@ class TrainingSnapshot:
         """The copies by name, whole and on the CPU (a sharded tensor's gathered: a collective under FSDP2, call it
         on every rank alike)."""
         return {
-            "params": {name: _whole(saved) for name, (_, saved) in self._params.items()},
-            "buffers": {name: _whole(saved) for name, (_, saved) in self._buffers.items()},
+            "params": {name: _whole(copy) for name, (_, copy) in self._params.items()},
+            "buffers": {name: _whole(copy) for name, (_, copy) in self._buffers.items()},
             "optimizers": [
                 {name: {key: _whole(value) for key, value in state.items()} for name, state in states.items()}
                 for states in self._states
@@ -107,27 +116,38 @@ class TrainingSnapshot:
 
     @classmethod
     def from_state_dict(
-        cls, root: nn.Module, optimizers: Iterable[Optimizer], state: Mapping[str, Any]
+        cls,
+        root: nn.Module,
+        optimizers: Iterable[Optimizer],
+        state: Mapping[str, Any],
+        device: torch.device | str | None = None,
     ) -> TrainingSnapshot:
         """The snapshot :meth:`state_dict` saved, for ``root``'s tensors of those names (each copy laid out as its
-        tensor: sharded as it is under FSDP2, a collective then)."""
-        return cls(root, optimizers, state)
+        tensor: sharded as it is under FSDP2, a collective then), its copies on ``device``."""
+        return cls(root, optimizers, state, device=device)
+
+    def _copied(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """An optimizer state with its tensors copied."""
+        return {
+            key: TensorCopy.of(value, self._device) if isinstance(value, Tensor) else value
+            for key, value in state.items()
+        }
+
+    def _laid_out(self, copies: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> Saved:
+        """Whole saved copies, each laid out as its tensor and copied."""
+        return {
+            name: (tensors[name], TensorCopy.of(_like(copy, tensors[name]), self._device))
+            for name, copy in copies.items()
+        }
 
 
-def _cloned(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value.detach().clone() if isinstance(value, Tensor) else value for key, value in state.items()}
-
-
-def _laid_out(copies: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> Saved:
-    return {name: (tensors[name], _like(copy, tensors[name])) for name, copy in copies.items()}
+def _laid_back(value: Any) -> Any:
+    return value.tensor() if isinstance(value, TensorCopy) else value
 
 
 def _whole(value: Any) -> Any:
-    """A tensor whole (gathered if sharded) on the CPU; anything else as it is."""
-    if not isinstance(value, Tensor):
-        return value
-    full_tensor = getattr(value, "full_tensor", None)
-    return (full_tensor() if full_tensor is not None else value).detach().cpu().clone()
+    """A copy whole (gathered if sharded) on the CPU; anything else as it is."""
+    return value.whole() if isinstance(value, TensorCopy) else value
 
 
 def _state_like(state: Mapping[str, Any], param: Tensor, optimizer: Optimizer) -> dict[str, Any]:

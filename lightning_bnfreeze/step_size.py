@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_bnfreeze.fsdp import squared_norm
+from lightning_bnfreeze.tensor_copy import TensorCopy
 
 __all__ = [
     "AUTO",
@@ -91,7 +92,9 @@ def momentum_of(group: Mapping[str, Any]) -> float:
 
 
 class FirstStep:
-    """The weights (parameters with ``ndim >= 2``) of a set of parameters before a step, to compare after it.
+    """The weights (parameters with ``ndim >= 2``) of a set of parameters before a step, to compare after it; kept in
+    the CPU's memory (a model on an accelerator keeps its memory for the step: each weight comes back for the
+    comparison, one at a time).
 
     Example::
 
@@ -105,7 +108,7 @@ class FirstStep:
     """
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        self._before = [(p, p.detach().clone()) for p in params if p.ndim >= 2]
+        self._before = [(p, TensorCopy.of(p, "cpu")) for p in params if p.ndim >= 2]
 
     @property
     def has_weights(self) -> bool:
@@ -117,8 +120,8 @@ class FirstStep:
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
-        moved = squared_norm(w - before for w, before in self._before) ** 0.5  # one difference at a time
-        size = squared_norm(before for _, before in self._before) ** 0.5
+        moved = squared_norm(w - before.tensor() for w, before in self._before) ** 0.5  # one difference at a time
+        size = squared_norm(before.tensor() for _, before in self._before) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
 
 

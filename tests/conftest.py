@@ -1,7 +1,11 @@
 """Test configuration shared by the test suite."""
 
+import socket
+from collections.abc import Iterator
+
 import pytest
 import torch
+import torch.distributed as dist
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,7 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
-CUDA_SUITE = "the CUDA suite (compile tests on CUDA, DDP over NCCL, FSDP2, AdaBN on CUDA)"
+CUDA_SUITE = "the CUDA suite (compile tests on CUDA, DDP over NCCL, FSDP2, AdaBN and loss-check copies on CUDA)"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -27,3 +31,24 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # Without a GPU every test marked `cuda` skips here, from one place: `pytest -m cuda -rs` says so in one line.
     if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
         pytest.skip(f"no CUDA device: skipped {CUDA_SUITE}")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on this machine now: a gloo group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def process_group(free_port: int) -> Iterator[dist.ProcessGroup]:
+    """A single-process gloo group, destroyed afterwards."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        assert isinstance(group, dist.ProcessGroup)
+        yield group
+    finally:
+        dist.destroy_process_group()

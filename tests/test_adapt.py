@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +126,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_ddp_statistics_are_those_of_all_ranks_batches(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_ddp_statistics_are_those_of_all_ranks_batches(tmp_path: Path, free_port: int) -> None:
+    mp.spawn(_ddp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     mean, var = population_stats(ranks[0]["inputs"] + ranks[1]["inputs"])
     # The prior weighs against the samples of all ranks: 2 + 1 on rank 0, 3 + 1 on rank 1.

@@ -6,10 +6,12 @@
   resume from a distributed checkpoint, checked by the tests of ``tests/test_distributed_runs.py``; with one GPU they
   run on one rank (NCCL takes one GPU per rank), which stands for both ranks in those checks, and the two-rank
   scenarios (fp16 loss scaling with one rank overflowing, DDP gradient averaging) are skipped, saying so;
-- AdaBN on a CUDA model (``tests/test_adapt.py``).
+- AdaBN on a CUDA model (``tests/test_adapt.py``);
+- the loss checks' copies of a CUDA model, kept in the CPU's memory and put back on the GPU
+  (``tests/test_loss_rise.py``).
 
 Without a GPU all of them skip at setup, from ``tests/conftest.py``, and ``-rs`` says so in ONE line naming what it
-skipped (``SKIPPED [8] tests/conftest.py:..: no CUDA device: skipped the CUDA suite (...)``), at no cost: the default
+skipped (``SKIPPED [9] tests/conftest.py:..: no CUDA device: skipped the CUDA suite (...)``), at no cost: the default
 run (``python -m pytest -q``) collects and skips them too. With one GPU, the two-rank scenarios skip saying so. About
 3 minutes on one GPU (most of it compiling).
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -95,14 +94,8 @@ def worker(rank: int, port: int, out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_released_gradients_are_reduced_as_ddp_reduces_them(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(free_port(), tmp_path), nprocs=2)
+def test_released_gradients_are_reduced_as_ddp_reduces_them(tmp_path: Path, free_port: int) -> None:
+    mp.spawn(worker, args=(free_port, tmp_path), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2))
     # the hostile cases happened: gradients that one rank has and the other not, a sparse one among them
     assert len(rank1["seen"]["a.weight"]) < len(rank0["seen"]["a.weight"])

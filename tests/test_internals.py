@@ -5,7 +5,6 @@ here with a message naming the entry and the private attribute behind it."""
 from __future__ import annotations
 
 import ast
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,25 +233,6 @@ def test_a_module_compiled_in_place_has_a_compiled_call_that_forgetting_removes(
         assert [name for name, _ in linear.named_parameters()] == ["weight", "bias"]
         linear(torch.randn(2, 3))
         assert (compile_counts() - before).graphs == 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def process_group() -> Iterator[dist.ProcessGroup]:
-    """A single-process gloo group, destroyed afterwards."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        group = dist.new_group([0])
-        assert isinstance(group, dist.ProcessGroup)
-        yield group
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_attributes_exist_on_a_distributed_data_parallel(process_group: dist.ProcessGroup) -> None:

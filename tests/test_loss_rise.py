@@ -169,10 +169,13 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Ten
     return {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
 
 
-def test_a_snapshot_puts_back_the_trainable_weights_the_buffers_and_the_optimizer_state_bitwise() -> None:
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_snapshot_puts_back_the_trainable_weights_the_buffers_and_the_optimizer_state_bitwise(
+    device: str | None,
+) -> None:
     model, optimizer = trained_pair()
     state, moments = clone_state(model), optimizer_state(optimizer)
-    snapshot = TrainingSnapshot(model, [optimizer])
+    snapshot = TrainingSnapshot(model, [optimizer], device=device)
     for _ in range(3):
         step(model, optimizer)
     assert not torch.equal(model[0].weight, state["0.weight"])
@@ -210,6 +213,26 @@ def test_a_parameter_released_after_the_snapshot_loses_its_optimizer_state_a_fro
     snapshot.restore()
     assert released not in fresh.state  # it starts afresh, as at the snapshot
     assert torch.equal(frozen, changed)  # frozen at the snapshot: never copied, never put back
+
+
+@pytest.mark.cuda
+def test_a_snapshot_of_a_cuda_model_keeps_its_copies_on_the_cpu_and_puts_them_back_on_the_gpu() -> None:
+    model, optimizer = trained_pair()
+    model.cuda()
+    optimizer.load_state_dict(optimizer.state_dict())  # its state moves to the weights' device
+    state, moments = clone_state(model), optimizer_state(optimizer)
+    snapshot = TrainingSnapshot(model, [optimizer], device="cpu")
+    held = [copy.values for _, copy in (*snapshot._params.values(), *snapshot._buffers.values())]
+    held += [value.values for states in snapshot._states for kept in states.values() for value in kept.values()]
+    assert held and all(tensor.device.type == "cpu" for tensor in held)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    optimizer.state.clear()
+    snapshot.restore()
+    assert_same_nested(clone_state(model), state, "state")
+    assert_same_nested(optimizer_state(optimizer), moments, "optimizer")
+    assert all(s["exp_avg"].device.type == "cuda" for s in optimizer.state.values())
 
 
 def test_a_snapshot_saved_and_loaded_by_name_restores_as_the_original() -> None:

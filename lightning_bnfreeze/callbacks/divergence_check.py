@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_bnfreeze.callbacks.training_loss import loss_window, smaller_lr_scale
+from lightning_bnfreeze.callbacks.training_loss import SNAPSHOT_DEVICE, loss_window, smaller_lr_scale
 from lightning_bnfreeze.divergence import DIVERGED, EpochLoss, LossDivergence
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.loss_rise import RETRIES
@@ -70,14 +70,14 @@ class DivergenceCheck:
             return False
         # FSDP2: the parameters it trains, whatever forwards without backward (validation) left registered
         register_sharded_parameters(trainer.lightning_module)
-        diverged = self._released_before(trainer) and ended.diverged
+        diverged = self.unfreezer.released_before(trainer.global_step) and ended.diverged
         diverged, lowest = trainer.strategy.broadcast((diverged, not diverged and watch.keep_if_lowest(ended)), src=0)
         if diverged:
             return self._went_back(trainer, ended, ended_epoch)
         if lowest and self._retries_left:
             self._snapshot = None  # its memory back before the next copy
             self._snapshot = TrainingSnapshot(
-                trainer.lightning_module, trainer.optimizers, frozen=True, optimizer_state=False
+                trainer.lightning_module, trainer.optimizers, frozen=True, optimizer_state=False, device=SNAPSHOT_DEVICE
             )
             self._lowest_epoch = ended_epoch
         return False
@@ -91,7 +91,8 @@ class DivergenceCheck:
         """The fit's end: its last epoch judged (a divergence only warns), its losses kept for a checkpoint saved
         after the fit; not while ``may_judge`` is ``False`` (the first release's watch was open)."""
         ended = None if self._watch is None or self._off else self._watch.epoch()
-        diverged = may_judge and ended is not None and self._released_before(trainer) and ended.diverged
+        released = self.unfreezer.released_before(trainer.global_step)
+        diverged = may_judge and ended is not None and released and ended.diverged
         if trainer.strategy.broadcast(diverged, src=0):
             assert ended is not None  # rank 0's, which the others do not need
             self._warn(_diverged(ended, self._epoch))
@@ -125,11 +126,6 @@ class DivergenceCheck:
         self._epoch, self._lowest_epoch = self._saved.get("epoch"), self._saved.get("lowest_epoch")
         self._warned = bool(self._saved.get("warned", False))
 
-    def _released_before(self, trainer: pl.Trainer) -> bool:
-        """Whether a release trained before this step."""
-        history = self.unfreezer.history
-        return bool(history) and history[0].step < trainer.global_step
-
     @property
     def _retries_left(self) -> bool:
         """Whether the fit may still go back (``"retry"``, and the retries shared with the first release's left)."""
@@ -144,7 +140,7 @@ class DivergenceCheck:
             self._watch.load_state_dict(saved)
             if self._retries_left and saved.get("snapshot") is not None:
                 self._snapshot = TrainingSnapshot.from_state_dict(
-                    trainer.lightning_module, trainer.optimizers, saved["snapshot"]
+                    trainer.lightning_module, trainer.optimizers, saved["snapshot"], SNAPSHOT_DEVICE
                 )
         return self._watch
 

@@ -162,8 +162,7 @@ class FitReleases:
         if self._unsettled:
             self._settle(trainer)
         # not an epoch the first release's loss watch was open in: the watch judges those batches
-        history = self.unfreezer.history
-        watched = self.loss_check.watching and history[0].step < trainer.global_step
+        watched = self.loss_check.watching and self.unfreezer.released_before(trainer.global_step)
         if self.divergence_check.judge_epoch(trainer, may_judge=not watched):
             self._statistics_changed()
         self.unfreezer.before_step(trainer.global_step)
