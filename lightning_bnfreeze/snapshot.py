@@ -6,8 +6,8 @@ Taken at a release, it lets a release that made the training loss rise be undone
 buffer and of the weights' optimizer state (Adam's: twice the weights), kept for an epoch's batches at most; frozen
 weights are not copied. Taken at the end of the lowest epoch, every weight and buffer without optimizer state, it lets
 a fit that diverged go back there (:class:`~lightning_bnfreeze.callbacks.divergence_check.DivergenceCheck`). Both
-keep their copies in the CPU's memory (``device="cpu"``, where Lightning's ``StochasticWeightAveraging`` keeps its
-average): a model on an accelerator keeps its memory for training. Under FSDP2 each rank copies its shards, and
+keep their copies in the CPU's memory (:data:`~lightning_bnfreeze.tensor_copy.COPIES_DEVICE`): a model on an
+accelerator keeps its memory for training. Under FSDP2 each rank copies its shards, beside them, and
 :meth:`~TrainingSnapshot.state_dict` gathers the whole tensors on every rank.
 """
 
@@ -31,8 +31,8 @@ class TrainingSnapshot:
     """The parameters of ``root`` that require gradients (with ``frozen``, every one), all its buffers, and (unless
     ``optimizer_state=False``) those parameters' state in each of ``optimizers``, as they are now (or as ``saved``, a
     :meth:`state_dict`, holds them: :meth:`from_state_dict`). A parameter copied without state restarts its state at
-    :meth:`restore`. The copies live on ``device`` (``None``: each beside its tensor; a sharded tensor's: its local
-    shard), ``"cpu"`` keeps them out of an accelerator's memory.
+    :meth:`restore`. The copies live on ``device`` (``None``: each beside its tensor, as a sharded tensor's always
+    is: :class:`~lightning_bnfreeze.tensor_copy.TensorCopy`); ``"cpu"`` keeps them out of an accelerator's memory.
 
     Example::
 
@@ -120,6 +120,7 @@ class TrainingSnapshot:
         root: nn.Module,
         optimizers: Iterable[Optimizer],
         state: Mapping[str, Any],
+        *,
         device: torch.device | str | None = None,
     ) -> TrainingSnapshot:
         """The snapshot :meth:`state_dict` saved, for ``root``'s tensors of those names (each copy laid out as its
@@ -142,6 +143,7 @@ class TrainingSnapshot:
 
 
 def _laid_back(value: Any) -> Any:
+    """An optimizer state's value as it was, a new tensor for the optimizer to change."""
     return value.tensor() if isinstance(value, TensorCopy) else value
 
 

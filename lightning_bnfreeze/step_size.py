@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_bnfreeze.fsdp import squared_norm
-from lightning_bnfreeze.tensor_copy import TensorCopy
+from lightning_bnfreeze.tensor_copy import COPIES_DEVICE, TensorCopy
 
 __all__ = [
     "AUTO",
@@ -108,7 +108,7 @@ class FirstStep:
     """
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        self._before = [(p, TensorCopy.of(p, "cpu")) for p in params if p.ndim >= 2]
+        self._before = [(p, TensorCopy.of(p, COPIES_DEVICE)) for p in params if p.ndim >= 2]
 
     @property
     def has_weights(self) -> bool:
@@ -120,8 +120,10 @@ class FirstStep:
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
-        moved = squared_norm(w - before.tensor() for w, before in self._before) ** 0.5  # one difference at a time
-        size = squared_norm(before.tensor() for _, before in self._before) ** 0.5
+        moved = (
+            squared_norm(w - before.tensor(copy=False) for w, before in self._before) ** 0.5
+        )  # one difference at a time
+        size = squared_norm(before.tensor(copy=False) for _, before in self._before) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
 
 

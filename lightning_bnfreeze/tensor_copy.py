@@ -1,20 +1,32 @@
-"""A tensor's values copied to a device of your choice (plain PyTorch), to put back into the tensor or lay out as it
-was: how the loss checks' snapshots (:mod:`~lightning_bnfreeze.snapshot`) and the first-step measure
-(:class:`~lightning_bnfreeze.step_size.FirstStep`) keep weights in the CPU's memory, out of an accelerator's. A
-sharded tensor (FSDP2's ``DTensor``) is copied as its local shard, with its mesh and placements."""
+"""A tensor's values copied to a device of your choice (plain PyTorch), to put back into the tensor or compare with
+it: how the loss checks' snapshots (:mod:`~lightning_bnfreeze.snapshot`) and the first-step measure
+(:class:`~lightning_bnfreeze.step_size.FirstStep`) keep weights in the CPU's memory, out of an accelerator's.
+
+A sharded tensor (FSDP2's ``DTensor``) is copied as it is, sharded beside it (each rank holds its own shards: a part
+of the weights), never moved: laid out again by ``DTensor.from_local``, the shards of a model whose FSDP2 keeps them
+on the CPU (``CPUOffloadPolicy``) would land on its mesh's accelerator. A meta tensor, which holds no values, stays a
+meta tensor.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["TensorCopy", "local_tensor"]
+__all__ = ["COPIES_DEVICE", "TensorCopy"]
+
+COPIES_DEVICE = "cpu"
+"""Where the library keeps its copies of weights (the loss checks' snapshots, the first-step measure): in the CPU's
+memory, as Lightning's ``StochasticWeightAveraging`` keeps its average, so that a model on an accelerator keeps its
+memory for training; they move there and back when taken, put back, compared, and saved or loaded with a checkpoint."""
 
 
-class TensorCopy(NamedTuple):
-    """A tensor's values (a sharded tensor's local shard) on a device of their own, and how to lay them out again.
+@dataclass(frozen=True)
+class TensorCopy:
+    """A tensor's values on a device of their own (a sharded tensor's: sharded beside it), and the device to put
+    them back on.
 
     Example::
 
@@ -27,46 +39,36 @@ class TensorCopy(NamedTuple):
     """
 
     values: Tensor
-    device: torch.device  # the tensor's (its local shard's)
-    mesh: Any  # a DTensor's device mesh, placements, shape and stride; None for a plain tensor
-    placements: tuple[Any, ...]
-    shape: torch.Size
-    stride: tuple[int, ...]
+    device: torch.device  # the copied tensor's
 
     @classmethod
     def of(cls, tensor: Tensor, device: torch.device | str | None = None) -> TensorCopy:
-        """``tensor``'s values copied to ``device`` (``None``, or a meta tensor, which holds none: beside the
-        tensor)."""
-        local = local_tensor(tensor).detach()
-        values = local.to(local.device if device is None or local.is_meta else device, copy=True)
-        mesh = getattr(tensor, "device_mesh", None)
-        return cls(values, local.device, mesh, tuple(getattr(tensor, "placements", ())), tensor.shape, tensor.stride())
+        """``tensor``'s values copied to ``device`` (``None``, a sharded or a meta tensor: beside the tensor)."""
+        values = tensor.detach()
+        if device is None or values.is_meta or _sharded(values):
+            return cls(values.clone(), values.device)
+        return cls(values.to(device, copy=True), values.device)
 
-    def tensor(self) -> Tensor:
-        """A new tensor of these values laid out as the copied one: on its device, sharded as it was."""
-        local = self.values.to(self.device, copy=True)
-        if self.mesh is None:
-            return local
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(
-            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
-        )
+    def tensor(self, copy: bool = True) -> Tensor:
+        """The values on the copied tensor's device, sharded as it was; with ``copy=False`` the kept values
+        themselves where they are there already (to read, not to change)."""
+        if _sharded(self.values):
+            return self.values.clone() if copy else self.values
+        return self.values.to(self.device, copy=copy)
 
     def put_back(self, tensor: Tensor) -> None:
         """Copy the values back into ``tensor`` (the copied one, or one laid out as it), in place."""
         with torch.no_grad():
-            local_tensor(tensor).copy_(self.values)
+            tensor.copy_(self.values)
 
     def whole(self) -> Tensor:
         """The values whole (gathered if sharded: a collective under FSDP2, call it on every rank alike), on the CPU."""
-        if self.mesh is None:
-            return self.values.cpu().clone()
-        gathered: Tensor = self.tensor().full_tensor()  # type: ignore[attr-defined]
-        return gathered.cpu()
+        if _sharded(self.values):
+            gathered: Tensor = self.values.full_tensor()  # type: ignore[attr-defined]
+            return gathered.cpu().clone()
+        return self.values.to("cpu", copy=True)
 
 
-def local_tensor(tensor: Tensor) -> Tensor:
-    """A sharded tensor's local shard; a plain tensor itself."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
+def _sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a sharded tensor (a ``DTensor``: its mesh and placements say where its shards are)."""
+    return getattr(tensor, "device_mesh", None) is not None

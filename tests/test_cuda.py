@@ -11,7 +11,7 @@
   (``tests/test_loss_rise.py``).
 
 Without a GPU all of them skip at setup, from ``tests/conftest.py``, and ``-rs`` says so in ONE line naming what it
-skipped (``SKIPPED [9] tests/conftest.py:..: no CUDA device: skipped the CUDA suite (...)``), at no cost: the default
+skipped (``SKIPPED [12] tests/conftest.py:..: no CUDA device: skipped the CUDA suite (...)``), at no cost: the default
 run (``python -m pytest -q``) collects and skips them too. With one GPU, the two-rank scenarios skip saying so. About
 3 minutes on one GPU (most of it compiling).
 """

@@ -216,12 +216,23 @@ def test_a_parameter_released_after_the_snapshot_loses_its_optimizer_state_a_fro
 
 
 @pytest.mark.cuda
-def test_a_snapshot_of_a_cuda_model_keeps_its_copies_on_the_cpu_and_puts_them_back_on_the_gpu() -> None:
-    model, optimizer = trained_pair()
-    model.cuda()
-    optimizer.load_state_dict(optimizer.state_dict())  # its state moves to the weights' device
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_a_snapshot_of_a_cuda_model_keeps_its_copies_on_the_cpu_and_puts_them_back_on_the_gpu(
+    fused: bool, from_checkpoint: bool
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3, device="cuda")).pow(2).sum().backward()
+        optimizer.step()
     state, moments = clone_state(model), optimizer_state(optimizer)
+    steps_on = {s["step"].device.type for s in optimizer.state.values()}  # the CPU, unless fused
     snapshot = TrainingSnapshot(model, [optimizer], device="cpu")
+    if from_checkpoint:
+        snapshot = TrainingSnapshot.from_state_dict(model, [optimizer], snapshot.state_dict(), device="cpu")
     held = [copy.values for _, copy in (*snapshot._params.values(), *snapshot._buffers.values())]
     held += [value.values for states in snapshot._states for kept in states.values() for value in kept.values()]
     assert held and all(tensor.device.type == "cpu" for tensor in held)
@@ -233,6 +244,7 @@ def test_a_snapshot_of_a_cuda_model_keeps_its_copies_on_the_cpu_and_puts_them_ba
     assert_same_nested(clone_state(model), state, "state")
     assert_same_nested(optimizer_state(optimizer), moments, "optimizer")
     assert all(s["exp_avg"].device.type == "cuda" for s in optimizer.state.values())
+    assert {s["step"].device.type for s in optimizer.state.values()} == steps_on == {"cuda" if fused else "cpu"}
 
 
 def test_a_snapshot_saved_and_loaded_by_name_restores_as_the_original() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_bnfreeze.step_size import FirstStep
-from lightning_bnfreeze.tensor_copy import TensorCopy, local_tensor
+from lightning_bnfreeze.tensor_copy import TensorCopy
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
@@ -19,6 +19,7 @@ def test_a_copy_keeps_the_values_it_was_taken_with_and_puts_them_back(device: st
     assert torch.equal(copy.values, before) and copy.values.device == torch.device("cpu")
     rebuilt = copy.tensor()
     assert torch.equal(rebuilt, before) and rebuilt.data_ptr() != copy.values.data_ptr()  # a new tensor each time
+    assert copy.tensor(copy=False) is copy.values  # to read: no copy where the values are already
     copy.put_back(weight)
     assert torch.equal(weight, before)
     assert torch.equal(copy.whole(), before) and copy.whole().data_ptr() != copy.values.data_ptr()
@@ -27,6 +28,7 @@ def test_a_copy_keeps_the_values_it_was_taken_with_and_puts_them_back(device: st
 def test_a_meta_tensor_s_copy_stays_on_the_meta_device() -> None:
     copy = TensorCopy.of(torch.empty(2, 3, device="meta"), "cpu")  # a preview's model: no values to move
     assert copy.values.is_meta and copy.tensor().is_meta and copy.tensor().shape == (2, 3)
+    assert copy.device == torch.device("meta")
 
 
 def test_a_parameter_is_put_back_in_place_without_autograd() -> None:
@@ -39,7 +41,9 @@ def test_a_parameter_is_put_back_in_place_without_autograd() -> None:
     assert torch.equal(layer.weight, copy.values) and layer.weight.data_ptr() == storage
 
 
-def test_a_sharded_tensor_is_copied_as_its_shard_and_laid_out_again(process_group: dist.ProcessGroup) -> None:
+def test_a_sharded_tensor_is_copied_sharded_beside_it_whatever_the_device_asked(
+    process_group: dist.ProcessGroup,
+) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -47,11 +51,13 @@ def test_a_sharded_tensor_is_copied_as_its_shard_and_laid_out_again(process_grou
     whole = torch.arange(12.0).reshape(4, 3)
     sharded = distribute_tensor(whole, mesh, [Shard(0)])
     copy = TensorCopy.of(sharded, "cpu")
-    assert torch.equal(copy.values, local_tensor(sharded)) and copy.mesh is mesh
+    assert isinstance(copy.values, DTensor) and copy.values.placements == (Shard(0),)
+    assert copy.values.to_local().data_ptr() != sharded.to_local().data_ptr()
     with torch.no_grad():
-        local_tensor(sharded).zero_()
+        sharded.to_local().zero_()
     rebuilt = copy.tensor()
-    assert isinstance(rebuilt, DTensor) and rebuilt.placements == (Shard(0),) and rebuilt.shape == whole.shape
+    assert isinstance(rebuilt, DTensor) and rebuilt.to_local().data_ptr() != copy.values.to_local().data_ptr()
+    assert copy.tensor(copy=False) is copy.values
     assert torch.equal(copy.whole(), whole)
     copy.put_back(sharded)
     assert torch.equal(sharded.full_tensor(), whole)

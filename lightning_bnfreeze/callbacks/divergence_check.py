@@ -12,13 +12,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_bnfreeze.callbacks.training_loss import SNAPSHOT_DEVICE, loss_window, smaller_lr_scale
+from lightning_bnfreeze.callbacks.training_loss import loss_window, smaller_lr_scale
 from lightning_bnfreeze.divergence import DIVERGED, EpochLoss, LossDivergence
 from lightning_bnfreeze.fsdp import register_sharded_parameters
 from lightning_bnfreeze.loss_rise import RETRIES
 from lightning_bnfreeze.norm import frozen_norm_buffers
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.snapshot import TrainingSnapshot
+from lightning_bnfreeze.tensor_copy import COPIES_DEVICE
 
 __all__ = ["DivergenceCheck"]
 
@@ -33,8 +34,9 @@ class DivergenceCheck:
     loss check count: at most :data:`RETRIES` in all); ``"warn"``, the fit's end or no retry left warns, once.
 
     The copy of the lowest epoch is kept while a retry is left (``"retry"`` only): every weight and buffer, once more,
-    dropped at the fit's end (a checkpoint saved after the fit holds none). The losses are rank 0's, and so the
-    decisions: every rank takes them. A checkpoint keeps the losses and the copy.
+    in the CPU's memory (:data:`~lightning_bnfreeze.tensor_copy.COPIES_DEVICE`), dropped at the fit's end (a
+    checkpoint saved after the fit holds none). The losses are rank 0's, and so the decisions: every rank takes them.
+    A checkpoint keeps the losses and the copy.
     """
 
     def __init__(self, unfreezer: Unfreezer, on_rise: str = "retry") -> None:
@@ -77,7 +79,7 @@ class DivergenceCheck:
         if lowest and self._retries_left:
             self._snapshot = None  # its memory back before the next copy
             self._snapshot = TrainingSnapshot(
-                trainer.lightning_module, trainer.optimizers, frozen=True, optimizer_state=False, device=SNAPSHOT_DEVICE
+                trainer.lightning_module, trainer.optimizers, frozen=True, optimizer_state=False, device=COPIES_DEVICE
             )
             self._lowest_epoch = ended_epoch
         return False
@@ -140,7 +142,7 @@ class DivergenceCheck:
             self._watch.load_state_dict(saved)
             if self._retries_left and saved.get("snapshot") is not None:
                 self._snapshot = TrainingSnapshot.from_state_dict(
-                    trainer.lightning_module, trainer.optimizers, saved["snapshot"], SNAPSHOT_DEVICE
+                    trainer.lightning_module, trainer.optimizers, saved["snapshot"], device=COPIES_DEVICE
                 )
         return self._watch
 

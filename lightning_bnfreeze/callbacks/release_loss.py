@@ -16,12 +16,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_bnfreeze.callbacks.training_loss import SNAPSHOT_DEVICE, loss_window, smaller_lr_scale
+from lightning_bnfreeze.callbacks.training_loss import loss_window, smaller_lr_scale
 from lightning_bnfreeze.loss_rise import RETRIES, LossRise, Rise
 from lightning_bnfreeze.norm import frozen_norm_buffers
 from lightning_bnfreeze.record import ReleaseRecord
 from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.snapshot import TrainingSnapshot
+from lightning_bnfreeze.tensor_copy import COPIES_DEVICE
 
 __all__ = ["ReleaseLossCheck"]
 
@@ -73,7 +74,7 @@ class ReleaseLossCheck:
     def before_step(self, trainer: pl.Trainer) -> None:
         """Before the first release's first step (its norm layers settled): the snapshot it may go back to."""
         if self._snapshot_due:
-            self._snapshot = TrainingSnapshot(trainer.lightning_module, trainer.optimizers, device=SNAPSHOT_DEVICE)
+            self._snapshot = TrainingSnapshot(trainer.lightning_module, trainer.optimizers, device=COPIES_DEVICE)
             self._snapshot_due = False
 
     def close(self, trainer: pl.Trainer) -> None:
@@ -105,7 +106,7 @@ class ReleaseLossCheck:
             self._watch.load_state_dict(saved)
             if self.on_rise == "retry" and saved.get("snapshot") is not None:
                 self._snapshot = TrainingSnapshot.from_state_dict(
-                    trainer.lightning_module, trainer.optimizers, saved["snapshot"], SNAPSHOT_DEVICE
+                    trainer.lightning_module, trainer.optimizers, saved["snapshot"], device=COPIES_DEVICE
                 )
         return self._watch
 

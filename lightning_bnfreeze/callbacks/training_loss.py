@@ -1,6 +1,5 @@
 """What the loss checks of :class:`~lightning_bnfreeze.GradualUnfreeze` read from a fit: the training loss of each
-batch, how many batches they compare, where they keep their copies, and the rate they suggest when a loss they watch
-rose."""
+batch, how many batches they compare, and the rate they suggest when a loss they watch rose."""
 
 from __future__ import annotations
 
@@ -13,12 +12,7 @@ from torch import Tensor
 from lightning_bnfreeze.loss_rise import LOSS_WINDOW
 from lightning_bnfreeze.release import Unfreezer
 
-__all__ = ["SNAPSHOT_DEVICE", "batch_loss", "loss_window", "smaller_lr_scale", "training_loss"]
-
-SNAPSHOT_DEVICE = "cpu"
-"""Where the loss checks keep their :class:`~lightning_bnfreeze.snapshot.TrainingSnapshot`: in the CPU's memory, as
-Lightning's ``StochasticWeightAveraging`` keeps its average, so that a model on an accelerator keeps its memory for
-training (the copies move there and back at a snapshot and at a restore only)."""
+__all__ = ["batch_loss", "loss_window", "smaller_lr_scale", "training_loss"]
 
 
 def training_loss(outputs: object) -> Tensor | None:
