@@ -91,6 +91,11 @@ def format_plan(
             f" {DIVERGED:g}x above the fit's first, the fit goes back to its lowest epoch and every release trains"
             f" on at {RETRY_SCALE:g} x."
         )
+        if times is not None and times[0] == 0:
+            table += (
+                " The first release comes at the first step, with no loss before it: the first check cannot judge it,"
+                " and the fit's first batches, which the second measures against, follow it."
+            )
     if plan.frozen_params:
         table += f"\nNever released (stays frozen): {plan.frozen_params:,} parameters of {plan.backbone!r}."
     return table

@@ -684,17 +684,22 @@ def test_dry_run_says_when_adapt_auto_re_estimates_the_statistics(
 
 
 @pytest.mark.parametrize("on_loss_rise", ["retry", "warn"])
+@pytest.mark.parametrize("first", [1, 0])
 def test_dry_run_says_what_a_loss_rise_after_the_first_release_or_a_divergence_changes(
-    on_loss_rise: str,
+    on_loss_rise: str, first: int
 ) -> None:
-    table = GradualUnfreeze(on_loss_rise=on_loss_rise).dry_run(build_model(), max_epochs=5)  # type: ignore[arg-type]
-    lines = [line for line in table.splitlines() if line.startswith("on_loss_rise=")]
+    callback = GradualUnfreeze(when=Every(first=first), on_loss_rise=on_loss_rise)  # type: ignore[arg-type]
+    lines = [line for line in callback.dry_run(build_model(), max_epochs=5).splitlines() if line.startswith("on_loss_")]
+    unjudged = (
+        " The first release comes at the first step, with no loss before it: the first check cannot judge it, and"
+        " the fit's first batches, which the second measures against, follow it."
+    )
     assert lines == (
         [
             "on_loss_rise='retry': if the training loss rises after the first release (1.1x over its first epoch, at"
             " most 50 batches), it is undone and retried at 0.1 x the lr above, as every later release; if, after a"
             " release, the loss over an epoch's last batches ends 1.2x above the fit's first, the fit goes back to"
-            " its lowest epoch and every release trains on at 0.1 x."
+            " its lowest epoch and every release trains on at 0.1 x." + (unjudged if first == 0 else "")
         ]
         if on_loss_rise == "retry"
         else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_bnfreeze import At, Blocks, Every, GradualUnfreeze
+from lightning_bnfreeze.callbacks.release_loss import UNJUDGED_AT_FIRST_STEP
 from lightning_bnfreeze.loss_rise import LOSS_RISE, LossRise, Rise
 from lightning_bnfreeze.snapshot import TrainingSnapshot
 from tests.unfreeze_helpers import (
@@ -418,6 +420,19 @@ def test_only_the_first_release_is_watched(recwarn: pytest.WarningsRecorder) -> 
     for when in (Every(), Every(first=0)):
         unfreeze, warnings = fit_warnings(ScaledLoss(3.0, releases=2), recwarn, what=Blocks(per_release=1), when=when)
         assert len(unfreeze.history) >= 2 and warnings == [] and {r.retries for r in unfreeze.history[1:]} == {0}
+
+
+@pytest.mark.parametrize("on_loss_rise", ["retry", "warn"])
+def test_a_first_release_at_the_first_step_is_said_to_go_unjudged(on_loss_rise: str) -> None:
+    said = []
+    for when in (Every(first=0), At([0], unit="step"), Every()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # the same line again, from the same place
+            make_trainer([GradualUnfreeze(when=when, on_loss_rise=on_loss_rise)], max_epochs=2).fit(  # type: ignore[arg-type]
+                ScaledLoss(after_release=0.5)
+            )
+        said.append([str(w.message) for w in caught if str(w.message) == UNJUDGED_AT_FIRST_STEP])
+    assert said == [[UNJUDGED_AT_FIRST_STEP], [UNJUDGED_AT_FIRST_STEP], []]
 
 
 def test_two_releases_at_one_step_are_watched_and_retried_as_one(recwarn: pytest.WarningsRecorder) -> None:

@@ -139,16 +139,17 @@ class GradualUnfreeze(NormFreezingCallback):
             weights' optimizer state for those batches (and a checkpoint saved among them, the copy). ``"warn"``: one
             warning line, suggesting a smaller ``lr_scale``. A release at a later step before those batches are over,
             and the fit's end, only warn; a ``training_step`` that returns no loss (manual optimization) is not
-            watched. Later releases are not judged so: after them the loss also rose in runs that ended well (README;
+            watched, nor a first release at the fit's first step (no loss before it: one warning says so). Later
+            releases are not judged so: after them the loss also rose in runs that ended well (README;
             the line is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`). The fit is, at every epoch's end once a
             release trained: when the mean loss over the epoch's last batches (at most 50) is 1.2 times the mean over
             the fit's first as many or more (:data:`~lightning_bnfreeze.divergence.DIVERGED`), it diverged:
             ``"retry"`` puts every weight and buffer back as they were at the end of the lowest epoch (but the
             statistics of the norm layers frozen now), restarts the optimizer state, and trains every release on at
             a tenth of its rate (the two retries are shared with the first release's); ``"warn"``, the fit's end and
-            no retry left warn once. ``"retry"`` keeps that epoch's copy of every weight and buffer, and a checkpoint
-            holds it too. A loss whose scale changes on purpose (a term annealed in, a curriculum), or a head that
-            comes trained (a low loss from the start): ``"warn"``.
+            no retry left warn once. ``"retry"`` keeps that epoch's copy of every weight and buffer (in the CPU's
+            memory), and a checkpoint holds it too. A loss whose scale changes on purpose (a term annealed in, a
+            curriculum), or a head that comes trained (a low loss from the start): ``"warn"``.
 
     Raises:
         ValueError: a bad argument (at construction), or at ``setup``, before training: a missing

@@ -24,7 +24,17 @@ from lightning_bnfreeze.release import Unfreezer
 from lightning_bnfreeze.snapshot import TrainingSnapshot
 from lightning_bnfreeze.tensor_copy import COPIES_DEVICE
 
-__all__ = ["ReleaseLossCheck"]
+__all__ = ["UNJUDGED_AT_FIRST_STEP", "ReleaseLossCheck"]
+
+UNJUDGED_AT_FIRST_STEP = (
+    "GradualUnfreeze: release 0 came at the fit's first step, with no training loss before it: the loss check cannot"
+    " judge it, and the divergence check measures every epoch against the batches after it (a collapse to chance, at"
+    " about a new head's first loss, shows no rise there: so fits released at the first step collapsed unseen on the"
+    " pretrained transformer at large rates, benchmarks/transfer_minilm.md); an epoch of the head alone first"
+    " (when=Every(first=1), the default) lets both judge"
+)
+"""The warning of a first release before any batch (``when=Every(first=0)``, ``At([0])``, ``LayerDecay`` from the
+first step)."""
 
 
 class ReleaseLossCheck:
@@ -68,6 +78,8 @@ class ReleaseLossCheck:
         if record.index == 0:
             watch.released()
             self._snapshot_due = self.on_rise == "retry" and watch.watching
+            if record.step == 0 and not watch.watching:
+                rank_zero_warn(UNJUDGED_AT_FIRST_STEP)
         elif watch.watching and record.step > self.unfreezer.history[0].step:
             self._judged(trainer, watch.judge(), may_retry=False)
 
