@@ -23,7 +23,7 @@ from lightning_bnfreeze.triggers import At, Every, Moment, Plateau, Trigger
 if TYPE_CHECKING:
     from lightning_bnfreeze.callbacks import BNFreezeCallback, GradualUnfreeze, ReleasingEarlyStopping
 
-__version__ = "0.14.1"
+__version__ = "0.15.0"
 
 __all__ = [
     "AdaBN",

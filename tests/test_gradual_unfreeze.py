@@ -698,7 +698,7 @@ def test_dry_run_says_what_a_loss_rise_after_the_first_release_or_a_divergence_c
         [
             "on_loss_rise='retry': if the training loss rises after the first release (1.1x over its first epoch, at"
             " most 50 batches), it is undone and retried at 0.1 x the lr above, as every later release; if, after a"
-            " release, the loss over an epoch's last batches ends 1.2x above the fit's first, the fit goes back to"
+            " release, the loss over an epoch's last batches ends 1.1x above the fit's first, the fit goes back to"
             " its lowest epoch and every release trains on at 0.1 x." + (unjudged if first == 0 else "")
         ]
         if on_loss_rise == "retry"

@@ -142,7 +142,7 @@ class GradualUnfreeze(NormFreezingCallback):
             watched, nor a first release at the fit's first step (no loss before it: one warning says so). Later
             releases are not judged so: after them the loss also rose in runs that ended well (README;
             the line is :data:`~lightning_bnfreeze.loss_rise.LOSS_RISE`). The fit is, at every epoch's end once a
-            release trained: when the mean loss over the epoch's last batches (at most 50) is 1.2 times the mean over
+            release trained: when the mean loss over the epoch's last batches (at most 50) is 1.1 times the mean over
             the fit's first as many or more (:data:`~lightning_bnfreeze.divergence.DIVERGED`), it diverged:
             ``"retry"`` puts every weight and buffer back as they were at the end of the lowest epoch (but the
             statistics of the norm layers frozen now), restarts the optimizer state, and trains every release on at
