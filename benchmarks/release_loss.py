@@ -3,7 +3,8 @@
 
 Each setting of ``benchmarks.transfer``'s rows (bench, task, K, optimizer, head learning rate), seeds 0-2: the default
 ``GradualUnfreeze(on_loss_rise="warn")`` fits as a transfer run does (the fit ``on_loss_rise="retry"``, the default,
-runs until its first release's loss rises), every training batch's loss recorded. For each release, the mean loss
+runs until its first release's loss rises), every training batch's loss recorded (``--recipe``: a variant of the
+default, a transfer recipe ``ours:<options>``, instead). For each release, the mean loss
 over its first batches (an epoch's, at most
 :data:`~lightning_bnfreeze.loss_rise.LOSS_WINDOW`, fewer if the next release comes first) is divided by
 the mean over as many batches before it (:class:`~lightning_bnfreeze.loss_rise.LossRise`, as the callback computes
@@ -16,6 +17,8 @@ Run from the repository root (about 20 minutes on 2 cores; the ``bench`` extra):
     OMP_NUM_THREADS=1 python -m benchmarks.release_loss --jobs 2
     python -m benchmarks.release_loss --rows benchmarks/raw/release_loss.json  # the report again
     python -m benchmarks.release_loss --quick   # CI smoke test: the cnn bench, one rate, one seed
+    OMP_NUM_THREADS=1 python -m benchmarks.release_loss --benches minilm --recipe ours:warmup_steps=5 \\
+        --json benchmarks/raw/release_loss_warmup.json --markdown benchmarks/release_loss_warmup.md
 
 The report goes to ``benchmarks/release_loss.md``, the rows (every batch's loss) to ``benchmarks/raw/release_loss.json``
 (both committed).
@@ -49,7 +52,7 @@ SETTINGS: dict[str, tuple[tuple[int, ...], tuple[tuple[str, float], ...]]] = {
 """Each bench's K and (optimizer, head learning rate) in its transfer rows."""
 TASKS = {"lite2": ("digits",)}
 """Benches whose transfer rows cover fewer tasks than ``BENCHES`` names."""
-WARN, RETRY = "ours:on_loss_rise='warn'", "ours"
+DEFAULT = "ours"
 HEADER = [
     "bench",
     "task",
@@ -121,6 +124,11 @@ def _plain(rise: Rise | None) -> dict[str, Any] | None:
     return None if rise is None else {**asdict(rise), "ratio": rise.ratio}
 
 
+def warned(recipe: str) -> str:
+    """The transfer recipe of ``recipe`` (``ours`` or ``ours:<options>``) with ``on_loss_rise="warn"``."""
+    return f"{recipe}{',' if ':' in recipe else ':'}on_loss_rise='warn'"
+
+
 def settings_of(settings: dict[str, Any], seeds: Sequence[int], recipe: str) -> list[dict[str, Any]]:
     from benchmarks.transfer import EPOCHS, fingerprint
 
@@ -132,15 +140,15 @@ def settings_of(settings: dict[str, Any], seeds: Sequence[int], recipe: str) -> 
     ]  # fmt: skip
 
 
-def measure(settings: dict[str, Any], seeds: Sequence[int], jobs: int) -> list[dict[str, Any]]:
-    """The ``"warn"`` fits of every setting and seed; then the ``"retry"`` fits of those whose first release's loss
-    rose or that diverged."""
+def measure(settings: dict[str, Any], seeds: Sequence[int], jobs: int, recipe: str = DEFAULT) -> list[dict[str, Any]]:
+    """The ``"warn"`` fits of ``recipe`` in every setting and seed; then its ``"retry"`` fits of those whose first
+    release's loss rose or that diverged."""
     from benchmarks.transfer import _init_worker, fingerprint
 
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        rows = list(pool.map(fit, settings_of(settings, seeds, WARN)))
+        rows = list(pool.map(fit, settings_of(settings, seeds, warned(recipe))))
         retried = [
-            {**_setting(row), "recipe": RETRY, "fingerprint": fingerprint(RETRY)}
+            {**_setting(row), "recipe": recipe, "fingerprint": fingerprint(recipe)}
             for row in rows
             if _first_rose(row) or _diverged(row)
         ]
@@ -177,14 +185,15 @@ def probes(benches: set[str]) -> dict[tuple[Any, ...], float]:
     return found
 
 
-def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]) -> str:
+def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int], recipe: str = DEFAULT) -> str:
     probe = probes({row["bench"] for row in rows})
-    warned = [row for row in rows if row["recipe"] == WARN]
-    retried = {_key(row): row for row in rows if row["recipe"] == RETRY}
+    watched = [row for row in rows if row["recipe"] == warned(recipe)]
+    name, command = ("default", "") if recipe == DEFAULT else (f"`{recipe}`", f" --recipe {recipe}")
+    retried = {_key(row): row for row in rows if row["recipe"] == recipe}
     # the ratios by whether the run collapsed
     table, firsts, laters, epochs = [], {True: [], False: []}, {True: [], False: []}, {True: [], False: []}
     by_setting: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in warned:
+    for row in watched:
         by_setting.setdefault(_key(row)[:-1], []).append(row)
     for key, runs in by_setting.items():
         runs.sort(key=lambda row: row["seed"])
@@ -212,20 +221,20 @@ def report(env: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int]
                       _ratios(largest), ", ".join(accuracy),
                       f"{sum(collapsed)} of {len(collapsed)}" if collapsed else "-"])  # fmt: skip
     changes = [
-        (100 * (retried[_key(row)]["test_acc"] - row["test_acc"]), row) for row in warned if _key(row) in retried
+        (100 * (retried[_key(row)]["test_acc"] - row["test_acc"]), row) for row in watched if _key(row) in retried
     ]
     return (
         "# The training loss around every release and at every epoch's end: what `GradualUnfreeze`'s loss checks"
         " judge, and their retries\n\n"
-        f"The default fit of each setting (`on_loss_rise='warn'`), seeds {', '.join(map(str, seeds))}: for each"
+        f"The {name} fit of each setting (`on_loss_rise='warn'`), seeds {', '.join(map(str, seeds))}: for each"
         " release, the mean training loss over its first batches (an epoch's, at most 50) against as many batches"
-        " before it (`python -m benchmarks.release_loss`, method in its docstring). *Collapsed*: on how many seeds the"
-        " run ended at or below the linear probe of its setting and seed in the committed transfer rows (`-`: none"
-        " there; for the benches other than minilm the probe ran on an Intel Xeon). *Epochs*: from the first epoch the"
-        " first release trained in on, the mean loss over each epoch's last batches (an epoch's, at most 50) against"
-        " the fit's first as many (the divergence check, `lightning_bnfreeze/divergence.py`). Where the first"
-        f" release's ratio reached {LOSS_RISE:g} (`LOSS_RISE`) or an epoch's {DIVERGED:g} (`DIVERGED`), the default fit"
-        " (`on_loss_rise='retry'`) ran too: its accuracy follows the arrow.\n\n"
+        f" before it (`python -m benchmarks.release_loss{command}`, method in its docstring). *Collapsed*: on how"
+        " many seeds the run ended at or below the linear probe of its setting and seed in the committed transfer"
+        " rows (`-`: none there; for the benches other than minilm the probe ran on an Intel Xeon). *Epochs*: from"
+        " the first epoch the first release trained in on, the mean loss over each epoch's last batches (an epoch's,"
+        " at most 50) against the fit's first as many (the divergence check, `lightning_bnfreeze/divergence.py`)."
+        f" Where the first release's ratio reached {LOSS_RISE:g} (`LOSS_RISE`) or an epoch's {DIVERGED:g}"
+        " (`DIVERGED`), the fit with `on_loss_rise='retry'` (the default) ran too: its accuracy follows the arrow.\n\n"
         + _summary(firsts, laters, epochs, changes)
         + f"{markdown_table(HEADER, table)}\n\n{common.machine_line(env)}"
     )
@@ -274,16 +283,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             "--rows", type=Path, help="report the rows of an earlier run (its --json), measuring nothing"
         )
         parser.add_argument("--jobs", type=int, default=2, help="parallel single-thread processes")
+        parser.add_argument("--benches", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS))
+        parser.add_argument("--recipe", default=DEFAULT, help="a transfer recipe, ours:<options> (default: ours)")
 
     args = common.benchmark_arguments(__doc__, "release_loss", argv, add=add)
     seeds = (0,) if args.quick else (0, 1, 2)
-    settings = {"cnn": ((10,), (("adamw", 1e-3),))} if args.quick else SETTINGS
+    settings = (
+        {"cnn": ((10,), (("adamw", 1e-3),))} if args.quick else {bench: SETTINGS[bench] for bench in args.benches}
+    )
     rows = (
         (lambda: json.loads(args.rows.read_text())["rows"])
         if args.rows
-        else (lambda: measure(settings, seeds, args.jobs))
+        else (lambda: measure(settings, seeds, args.jobs, args.recipe))
     )
-    common.measure_and_report(args, "release_loss", rows, lambda env, rows: report(env, rows, seeds))
+    common.measure_and_report(args, "release_loss", rows, lambda env, rows: report(env, rows, seeds, args.recipe))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,13 @@ def test_the_release_loss_replay_judges_each_release_as_the_callback_would() -> 
     ]
 
 
+@pytest.mark.parametrize("recipe", ["ours", "ours:warmup_steps=5", "ours:max_step='released',decay=0.3"])
+def test_the_release_loss_replay_watches_a_recipe_with_warnings_only(recipe: str) -> None:
+    from benchmarks.release_loss import warned
+
+    assert fingerprint(warned(recipe)) == fingerprint(recipe)[:-1] + ", 'warn')"  # the same fit, but the retry
+
+
 def test_the_processors_the_rows_ran_on_are_counted() -> None:
     rows = [{"cpu": "Intel Xeon"}, {"cpu": "AMD EPYC"}, {"cpu": "Intel Xeon"}, {}]
 
