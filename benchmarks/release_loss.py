@@ -17,7 +17,7 @@ Run from the repository root (about 20 minutes on 2 cores; the ``bench`` extra):
     OMP_NUM_THREADS=1 python -m benchmarks.release_loss --jobs 2
     python -m benchmarks.release_loss --rows benchmarks/raw/release_loss.json  # the report again
     python -m benchmarks.release_loss --quick   # CI smoke test: the cnn bench, one rate, one seed
-    OMP_NUM_THREADS=1 python -m benchmarks.release_loss --benches minilm --recipe ours:warmup_steps=5 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.release_loss --recipe ours:warmup_steps=5 \\
         --json benchmarks/raw/release_loss_warmup.json --markdown benchmarks/release_loss_warmup.md
 
 The report goes to ``benchmarks/release_loss.md``, the rows (every batch's loss) to ``benchmarks/raw/release_loss.json``
