@@ -253,7 +253,9 @@ def _summary(
     lines = [
         f"- First release: at most {max(firsts[False], default=float('nan')):.2f}x in the {len(firsts[False])} runs"
         f" that did not collapse; in the {len(firsts[True])} that did, {span(firsts[True])} ({len(caught)} at"
-        f" {LOSS_RISE:g}x or more).",
+        f" {LOSS_RISE:g}x or more)."
+        if firsts[False] or firsts[True]
+        else "- First release: in no run (it came at the fit's first step, with no batches before it).",
         f"- Later releases (the largest per run): {span(laters[False])} in the runs that did not collapse,"
         f" {span(laters[True])} in those that did.",
         f"- Epochs (the largest per run): at most {max(epochs[False], default=float('nan')):.2f}x in the"
