@@ -120,9 +120,10 @@ class FirstStep:
 
         A collective under FSDP2 (sharded weights): call it on every rank alike.
         """
-        # one difference at a time, each weight before the step back on its device only for it
+        # one difference at a time, each weight before the step back on its device only for it; the sizes from the
+        # copies where they are kept
         moved = squared_norm(w - before.tensor(copy=False) for w, before in self._before) ** 0.5
-        size = squared_norm(before.tensor(copy=False) for _, before in self._before) ** 0.5
+        size = squared_norm(before.values for _, before in self._before) ** 0.5
         return moved / size / (1.0 - momentum) if size > 0 else 0.0
 
 
