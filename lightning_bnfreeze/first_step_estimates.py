@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_bnfreeze.fsdp import is_sharded
 from lightning_bnfreeze.step_size import adam_step_bound, momentum_of, normalises_first_step, step_now
 
 __all__ = ["GradientProbe", "RatedPart", "first_step_bound", "largest_lr"]
@@ -80,8 +81,7 @@ class GradientProbe:
         for weights, _ in self._parts:
             for weight in weights:
                 grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-                local = getattr(grad, "placements", None) is None
-                weight.grad = (reduce(grad) if local else grad) / scale
+                weight.grad = (grad if is_sharded(grad) else reduce(grad)) / scale
         steps = [step_now([({**options, "params": weights}, lr)]) for weights, lr in self._parts]
         return max(steps, default=0.0) / (1.0 - momentum_of(options)) if all(map(math.isfinite, steps)) else math.nan
 

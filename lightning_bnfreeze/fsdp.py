@@ -18,7 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BackwardOnEveryRank", "reduce_unused_gradients", "register_sharded_parameters", "squared_norm"]
+__all__ = [
+    "BackwardOnEveryRank",
+    "is_sharded",
+    "reduce_unused_gradients",
+    "register_sharded_parameters",
+    "squared_norm",
+]
 
 
 def register_sharded_parameters(module: nn.Module) -> None:
@@ -121,6 +127,12 @@ def _own_parameters(unit: nn.Module, kind: type) -> Iterator[nn.Parameter]:
             yield from _own_parameters(child, kind)
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a sharded tensor (a ``DTensor``: its ``device_mesh`` and ``placements`` say where its
+    shards are)."""
+    return getattr(tensor, "device_mesh", None) is not None
+
+
 def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
     """The sum of squares of ``tensors``' elements, whole: a sharded tensor's (DTensor) over its shards. One tensor
     at a time (a generator of them keeps one in memory), in double precision.
@@ -129,13 +141,12 @@ def squared_norm(tensors: Iterable[torch.Tensor]) -> float:
     """
     total = torch.zeros((), dtype=torch.float64)
     for tensor in tensors:
-        placements = getattr(tensor, "placements", None)
-        if placements is None:
+        if not is_sharded(tensor):
             total += _squares(tensor).cpu()
             continue
         mesh = tensor.device_mesh  # type: ignore[attr-defined]
         local = _squares(tensor.to_local())  # type: ignore[attr-defined]
-        for dim, placement in enumerate(placements):
+        for dim, placement in enumerate(tensor.placements):  # type: ignore[attr-defined]
             if placement.is_shard():
                 dist.all_reduce(local, group=mesh.get_group(dim))
         total += local.cpu()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_bnfreeze.fsdp import is_sharded
 from lightning_bnfreeze.tensor_copy import TensorCopy
 
 __all__ = ["TrainingSnapshot"]
@@ -167,16 +168,15 @@ def _state_like(state: Mapping[str, Any], param: Tensor, optimizer: Optimizer) -
 
 
 def _device_of(tensor: Tensor) -> torch.device:
-    mesh = getattr(tensor, "device_mesh", None)
-    return torch.device(mesh.device_type) if mesh is not None else tensor.device
+    return torch.device(tensor.device_mesh.device_type) if is_sharded(tensor) else tensor.device  # type: ignore[attr-defined]
 
 
 def _like(saved: Tensor, tensor: Tensor) -> Tensor:
     """``saved`` (of ``tensor``'s shape) laid out as ``tensor``: on its device, sharded as it is (a DTensor's mesh and
     placements)."""
-    mesh = getattr(tensor, "device_mesh", None)
-    if mesh is None:
+    if not is_sharded(tensor):
         return saved.to(tensor.device)
     from torch.distributed.tensor import distribute_tensor
 
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
     return distribute_tensor(saved.to(mesh.device_type), mesh, tensor.placements)  # type: ignore[attr-defined]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_bnfreeze.fsdp import is_sharded
+
 __all__ = ["COPIES_DEVICE", "TensorCopy"]
 
 COPIES_DEVICE = "cpu"
@@ -45,14 +47,14 @@ class TensorCopy:
     def of(cls, tensor: Tensor, device: torch.device | str | None = None) -> TensorCopy:
         """``tensor``'s values copied to ``device`` (``None``, a sharded or a meta tensor: beside the tensor)."""
         values = tensor.detach()
-        if device is None or values.is_meta or _sharded(values):
+        if device is None or values.is_meta or is_sharded(values):
             return cls(values.clone(), values.device)
         return cls(values.to(device, copy=True), values.device)
 
     def tensor(self, copy: bool = True) -> Tensor:
         """The values on the copied tensor's device, sharded as it was; with ``copy=False`` the kept values
         themselves where they are there already (to read, not to change)."""
-        if _sharded(self.values):
+        if is_sharded(self.values):
             return self.values.clone() if copy else self.values
         return self.values.to(self.device, copy=copy)
 
@@ -63,12 +65,7 @@ class TensorCopy:
 
     def whole(self) -> Tensor:
         """The values whole (gathered if sharded: a collective under FSDP2, call it on every rank alike), on the CPU."""
-        if _sharded(self.values):
+        if is_sharded(self.values):
             gathered: Tensor = self.values.full_tensor()  # type: ignore[attr-defined]
             return gathered.cpu().clone()
         return self.values.to("cpu", copy=True)
-
-
-def _sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a sharded tensor (a ``DTensor``: its mesh and placements say where its shards are)."""
-    return getattr(tensor, "device_mesh", None) is not None
